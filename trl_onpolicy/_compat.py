@@ -1,0 +1,35 @@
+"""Version-sensitive imports, in one place.
+
+TRL exposes these helpers only from internal modules, which move between releases; each import has a fallback that
+does the same job in the simple (single-process, unsharded) case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+try:  # routes a method call through a DDP/FSDP/DeepSpeed wrapper's forward, so sharded weights are gathered
+    from trl.models.utils import _ForwardRedirection as ForwardRedirection
+except ImportError:  # pragma: no cover - older/newer TRL
+
+    class ForwardRedirection:
+        def __call__(self, wrapper_module, original_module, method, *args, **kwargs):
+            return method(*args, **kwargs)
+
+
+try:  # gathers ZeRO-3 / FSDP parameters for generation
+    from trl.models.utils import unwrap_model_for_generation
+except ImportError:  # pragma: no cover
+
+    @contextlib.contextmanager
+    def unwrap_model_for_generation(model, accelerator, **kwargs):
+        yield accelerator.unwrap_model(model)
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)

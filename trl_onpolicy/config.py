@@ -1,0 +1,260 @@
+"""`OnPolicyDistillConfig`: the settings of on-policy distillation, on top of everything `trl.SFTConfig` holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import SFTConfig
+
+from .temperature import SCHEDULES
+
+
+LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
+
+
+@dataclass
+class OnPolicyDistillConfig(SFTConfig):
+    r"""
+    Configuration class for the [`OnPolicyDistillTrainer`].
+
+    A subclass of [`~trl.SFTConfig`]: every SFT setting keeps its meaning, so an SFT script becomes a distillation
+    script by swapping the class names. Where a concept already has a name in TRL's `DistillationConfig` or
+    `GKDConfig`, the same name and meaning are used here (`teacher_model_name_or_path`, `lmbda`, `beta`, `seq_kd`,
+    `temperature`, `max_completion_length`, ...).
+
+    Parameters:
+        > Parameters that control the teacher
+
+        teacher_model_name_or_path (`str`, *optional*):
+            Hub id or local path of the teacher, used when the trainer is given no `teacher_model`.
+        teacher_model_revision (`str`, *optional*):
+            Revision of the teacher (branch, tag or commit).
+        teacher_model_init_kwargs (`dict[str, Any]`, *optional*):
+            Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the teacher is loaded from a string.
+            `trust_remote_code` follows the config's `trust_remote_code` (off unless you turn it on).
+        teacher_top_k (`int`, *optional*):
+            Keep only the teacher's top-k log-probs per position plus one tail bucket holding the rest of the mass, the
+            form a remote or cached teacher returns. `None` uses the full vocabulary.
+
+        > Parameters that control where completions come from
+
+        lmbda (`float`, *optional*, defaults to `1.0`):
+            Probability, drawn per generation batch, that the student samples the completions (on-policy). Otherwise
+            the teacher samples them (`seq_kd=True`) or the dataset's completions are used (supervised KD). GKD's
+            name; its default there is 0.5, ours is fully on-policy.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            When the batch is not on-policy, let the teacher write the completions (sequence-level KD).
+        num_generations (`int`, *optional*, defaults to `1`):
+            Completions sampled per prompt.
+        max_completion_length (`int`, *optional*, defaults to `256`):
+            Maximum number of generated tokens. Prompts are cut from the left to `max_length - max_completion_length`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the rollouts (only the rollouts; the loss has its own temperature below).
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling for the rollouts.
+        top_k (`int`, *optional*, defaults to `0`):
+            Top-k sampling for the rollouts; `0` disables it.
+        min_p (`float`, *optional*):
+            Min-p sampling for the rollouts.
+        repetition_penalty (`float`, *optional*, defaults to `1.0`):
+            Repetition penalty for the rollouts.
+        generation_kwargs (`dict[str, Any]`, *optional*):
+            Extra `GenerationConfig` fields; they override the ones above. The KV cache is always on.
+        stop_strings (`list[str]`, *optional*):
+            Generation stops at any of these strings; the completion keeps the stop string.
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Generate with vLLM (requires the `vllm` extra).
+
+        > Parameters that control the loss
+
+        loss_type (`str`, *optional*, defaults to `"jsd"`):
+            Divergence between teacher and student over completion tokens: `"jsd"` (generalized JSD with `beta`),
+            `"forward_kl"`, `"reverse_kl"`, `"skew_forward_kl"`, `"skew_reverse_kl"` (DistiLLM, with `skew_alpha`), or
+            `"sampled_reverse_kl"` (the sampled token's reverse KL as a policy-gradient advantage; the teacher only
+            needs the sampled token's log-prob). This replaces SFT's `loss_type` (`"nll"`/`"dft"`).
+        beta (`float`, *optional*, defaults to `0.5`):
+            Generalized JSD interpolation: `0.0` is forward KL, `1.0` reverse KL.
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            Skew of the skewed KL losses, in `[0, 1)`; `0` is the plain KL.
+        reward_scale (`float`, *optional*, defaults to `1.0`):
+            The lambda of Generalized On-Policy Distillation for `"sampled_reverse_kl"`: the weight of
+            `log(teacher / reference)` in the per-token reward. `1.0` with no reference model is standard OPD.
+        reference_model_name_or_path (`str`, *optional*):
+            Reference model of Generalized On-Policy Distillation; `None` uses the student itself (detached).
+        loss_chunk_size (`int`, *optional*, defaults to `1024`):
+            Completion tokens projected to the vocabulary at once. Peak memory of the loss grows with this, not with
+            the sequence length.
+
+        > Parameters that control the loss temperature
+
+        loss_temperature_schedule (`str`, *optional*, defaults to `"constant"`):
+            One of `"constant"`, `"linear"`, `"cosine"`, `"exponential"` (anneal from `temperature_start` to
+            `temperature_end` over training) or `"adaptive"` (move toward `target_teacher_entropy`).
+        temperature_start (`float`, *optional*, defaults to `1.0`):
+            Loss temperature at the first step.
+        temperature_end (`float`, *optional*):
+            Loss temperature at the last step; defaults to `temperature_start`.
+        target_teacher_entropy (`float`, *optional*):
+            Target mean teacher entropy per token (nats) of the adaptive schedule.
+        temperature_min (`float`, *optional*, defaults to `0.5`):
+            Lower clamp of the adaptive schedule.
+        temperature_max (`float`, *optional*, defaults to `10.0`):
+            Upper clamp of the adaptive schedule.
+        temperature_adapt_rate (`float`, *optional*, defaults to `0.1`):
+            Step size of the adaptive controller on `log T`.
+        temperature_grad_scale (`bool`, *optional*, defaults to `True`):
+            Multiply the loss by `T**2` so gradient magnitudes do not shrink with the temperature (Hinton et al.).
+
+        > Parameters that control rounds and robustness
+
+        num_rounds (`int`, *optional*, defaults to `1`):
+            Split training into this many rounds of equal steps. At each round end the callbacks' `on_round_end` fires
+            on every process (the eval hook scores the student there) and a checkpoint is written.
+        max_nonfinite_steps (`int`, *optional*, defaults to `5`):
+            A NaN or inf loss or gradient skips the update and is counted; this many in a row stop training with an
+            error that names what was seen.
+
+    > [!NOTE]
+    > Defaults that differ from [`~trl.SFTConfig`]: `gradient_checkpointing=False` and `bf16` only where a CUDA device
+    > supports it (nothing is forced on a CPU), `remove_unused_columns=False` (the trainer reads the raw columns).
+    """
+
+    # Overridden defaults
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (off unless set): trade compute for memory."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Defaults to True only on a CUDA device that supports it."},
+    )
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep the raw dataset columns: the trainer reads them."}
+    )
+
+    # Teacher
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path of the teacher, used when no `teacher_model` is passed."}
+    )
+    teacher_model_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for the teacher's `from_pretrained`."}
+    )
+    teacher_top_k: int | None = field(
+        default=None, metadata={"help": "Keep the teacher's top-k log-probs plus a tail bucket; None = full vocab."}
+    )
+
+    # Completions
+    lmbda: float = field(default=1.0, metadata={"help": "Probability that the student writes the completions."})
+    seq_kd: bool = field(default=False, metadata={"help": "Off-policy batches use teacher-written completions."})
+    num_generations: int = field(default=1, metadata={"help": "Completions sampled per prompt."})
+    max_completion_length: int = field(default=256, metadata={"help": "Maximum number of generated tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the rollouts."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of the rollouts; 0 disables it."})
+    min_p: float | None = field(default=None, metadata={"help": "Min-p sampling of the rollouts."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty of the rollouts."})
+    generation_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Extra GenerationConfig fields; they override the ones above."}
+    )
+    stop_strings: list[str] | None = field(default=None, metadata={"help": "Stop generation at these strings."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (needs the `vllm` extra)."})
+
+    # Loss
+    loss_type: str = field(
+        default="jsd",
+        metadata={"help": f"Divergence over completion tokens, one of {', '.join(LOSS_TYPES)}."},
+    )
+    beta: float = field(default=0.5, metadata={"help": "Generalized JSD: 0 = forward KL, 1 = reverse KL."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew of the skewed KL losses, in [0, 1)."})
+    reward_scale: float = field(default=1.0, metadata={"help": "Generalized OPD lambda for sampled_reverse_kl."})
+    reference_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model of Generalized OPD; None = the student, detached."}
+    )
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Completion tokens projected to the vocab at once."})
+
+    # Loss temperature
+    loss_temperature_schedule: str = field(
+        default="constant", metadata={"help": f"Loss temperature schedule, one of {', '.join(SCHEDULES)}."}
+    )
+    temperature_start: float = field(default=1.0, metadata={"help": "Loss temperature at the first step."})
+    temperature_end: float | None = field(default=None, metadata={"help": "Loss temperature at the last step."})
+    target_teacher_entropy: float | None = field(
+        default=None, metadata={"help": "Target teacher entropy per token (nats) of the adaptive schedule."}
+    )
+    temperature_min: float = field(default=0.5, metadata={"help": "Lower clamp of the adaptive schedule."})
+    temperature_max: float = field(default=10.0, metadata={"help": "Upper clamp of the adaptive schedule."})
+    temperature_adapt_rate: float = field(default=0.1, metadata={"help": "Adaptive controller step on log T."})
+    temperature_grad_scale: bool = field(default=True, metadata={"help": "Multiply the loss by T**2."})
+
+    # Rounds and robustness
+    num_rounds: int = field(default=1, metadata={"help": "Split training into this many rounds."})
+    max_nonfinite_steps: int = field(
+        default=5, metadata={"help": "Stop after this many NaN/inf updates in a row (each one is skipped)."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        # SFTConfig validates its own `loss_type` ("nll"/"dft"); ours names a divergence and is checked below.
+        loss_type, self.loss_type = self.loss_type, "nll"
+        super().__post_init__()
+        self.loss_type = loss_type
+        if self.temperature_end is None:
+            self.temperature_end = self.temperature_start
+        self._validate()
+
+    def _validate(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        check(self.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        check(0.0 <= self.beta <= 1.0, f"`beta` must be in [0.0, 1.0] (0 = forward KL, 1 = reverse KL), got {self.beta}.")
+        check(0.0 <= self.lmbda <= 1.0, f"`lmbda` must be a probability in [0.0, 1.0], got {self.lmbda}.")
+        check(0.0 <= self.skew_alpha < 1.0, f"`skew_alpha` must be in [0.0, 1.0), got {self.skew_alpha}.")
+        check(self.temperature > 0.0, f"`temperature` (sampling) must be > 0, got {self.temperature}.")
+        check(0.0 < self.top_p <= 1.0, f"`top_p` must be in (0.0, 1.0], got {self.top_p}.")
+        check(self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}.")
+        check(self.num_generations >= 1, f"`num_generations` must be >= 1, got {self.num_generations}.")
+        check(self.max_completion_length >= 1, f"`max_completion_length` must be >= 1, got {self.max_completion_length}.")
+        check(
+            self.teacher_top_k is None or self.teacher_top_k >= 1,
+            f"`teacher_top_k` must be None (full vocabulary) or >= 1, got {self.teacher_top_k}.",
+        )
+        check(self.loss_chunk_size >= 1, f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}.")
+        check(self.num_rounds >= 1, f"`num_rounds` must be >= 1, got {self.num_rounds}.")
+        check(self.max_nonfinite_steps >= 1, f"`max_nonfinite_steps` must be >= 1, got {self.max_nonfinite_steps}.")
+        check(
+            self.loss_temperature_schedule in SCHEDULES,
+            f"`loss_temperature_schedule` must be one of {SCHEDULES}, got {self.loss_temperature_schedule!r}.",
+        )
+        check(
+            self.temperature_start > 0 and self.temperature_end > 0,
+            "Loss temperatures must be > 0, got "
+            f"`temperature_start`={self.temperature_start} and `temperature_end`={self.temperature_end}.",
+        )
+        check(
+            self.loss_temperature_schedule != "adaptive" or (self.target_teacher_entropy or 0) > 0,
+            "`loss_temperature_schedule='adaptive'` needs `target_teacher_entropy` > 0 (nats per token), got "
+            f"{self.target_teacher_entropy}.",
+        )
+        check(
+            self.max_length is None or self.max_length > self.max_completion_length,
+            f"`max_length` ({self.max_length}) must exceed `max_completion_length` ({self.max_completion_length}): "
+            "the prompt gets `max_length - max_completion_length` tokens.",
+        )
+        check(
+            not (self.packing or self.padding_free),
+            "`packing` and `padding_free` do not apply to on-policy distillation: completions are generated per step. "
+            "Set `packing=False` and `padding_free=False`.",
+        )
+
+    @property
+    def max_prompt_length(self) -> int | None:
+        """Tokens left for the prompt: `max_length - max_completion_length` (None when `max_length` is None)."""
+        return None if self.max_length is None else self.max_length - self.max_completion_length

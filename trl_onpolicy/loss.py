@@ -1,0 +1,157 @@
+"""The distillation loss over completion tokens, computed in chunks of tokens.
+
+The student's final hidden states at the `N` completion positions are projected to the vocabulary `chunk_size`
+tokens at a time. Each chunk runs under activation checkpointing when there is more than one, so autograd keeps only
+the `(n, H)` hidden states and recomputes a chunk's `(n, V)` logits in the backward pass: the peak memory of the loss
+grows with `chunk_size`, not with the number of completion tokens, and the `(B, C, V)` logits of the student and the
+teacher never exist at the same time (or at all).
+
+Normalisation: the per-token losses are summed and divided by `num_items`, the number of completion tokens of the
+whole optimizer step on all processes, then multiplied by the number of processes (DDP averages gradients). So
+gradient accumulation and multi-process runs give the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import divergences as D
+from .teachers.base import TeacherScores
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """
+    Logits from final hidden states through the model's output head, with the config's `logit_scale` and
+    `final_logit_softcapping` where the architecture has them.
+
+    Args:
+        model: A causal LM (`get_output_embeddings()` must return its head).
+        hidden: `(n, H)` final hidden states.
+
+    Returns:
+        `(n, V)` logits in the head's dtype.
+    """
+    logits = model.get_output_embeddings()(hidden)  # (n, V)
+    config = model.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass
+class LossSums:
+    """Sums over the local completion tokens (detached, for logging) and the differentiable loss."""
+
+    loss: torch.Tensor
+    divergence: float = 0.0
+    student_entropy: float = 0.0
+    teacher_entropy: float = 0.0
+    teacher_entropy_tokens: int = 0
+    tokens: int = 0
+    student_token_logps: torch.Tensor | None = None  # (N,) detached, for completion logs
+    teacher_token_logps: torch.Tensor | None = None  # (N,) detached; NaN where the teacher gave no distribution
+
+
+def _chunk_terms(
+    student_hidden: torch.Tensor,
+    start: int,
+    end: int,
+    student_head,
+    teacher: TeacherScores,
+    targets: torch.Tensor,
+    loss_type: str,
+    beta: float,
+    skew_alpha: float,
+    reward_scale: float,
+    ref_token_logps: torch.Tensor | None,
+    vocab_size: int,
+) -> tuple[torch.Tensor, ...]:
+    """Per-token loss `(n,)` (differentiable); student and teacher entropy and sampled-token log-probs `(n,)`."""
+    temperature = teacher.temperature
+    s_logps = torch.log_softmax(student_head(student_hidden).float()[:, :vocab_size] / temperature, -1)  # (n, V)
+    with torch.no_grad():
+        s_entropy = D.entropy(s_logps.detach())  # (n,)
+        if teacher.form == "full":
+            t_logps = torch.log_softmax(teacher.logits(start, end) / temperature, -1)  # (n, V)
+        elif teacher.form == "topk":
+            t_logps = D.append_tail(teacher.topk_logps[start:end])  # (n, K + 1)
+        else:
+            t_logps = None
+        t_entropy = D.entropy(t_logps) if t_logps is not None else torch.full_like(s_entropy, float("nan"))  # (n,)
+        if teacher.token_logps is not None:
+            t_token = teacher.token_logps[start:end]  # (n,)
+        elif teacher.form == "full":
+            t_token = t_logps.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+        else:
+            t_token = torch.full_like(s_entropy, float("nan"))  # (n,)
+    s_token = s_logps.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    if loss_type == "sampled_reverse_kl":
+        ref = None if ref_token_logps is None else ref_token_logps[start:end]
+        per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref)  # (n,)
+    else:
+        if teacher.form == "topk":
+            s_logps = D.topk_buckets(s_logps, teacher.topk_ids[start:end])  # (n, K + 1)
+        per_token = D.divergence(s_logps, t_logps, loss_type, beta=beta, skew_alpha=skew_alpha)  # (n,)
+    return per_token, s_entropy, t_entropy, s_token.detach(), t_token
+
+
+def distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head,
+    teacher: TeacherScores,
+    targets: torch.Tensor,
+    *,
+    loss_type: str,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    reward_scale: float = 1.0,
+    ref_token_logps: torch.Tensor | None = None,
+    vocab_size: int,
+    num_items: float,
+    scale: float = 1.0,
+    chunk_size: int = 1024,
+) -> LossSums:
+    """
+    Sum of per-token divergences over the completion tokens, normalised by the global token count.
+
+    Args:
+        student_hidden: `(N, H)` student final hidden states predicting the `N` completion tokens.
+        student_head: Maps `(n, H)` -> `(n, V_s)` logits (see [`output_logits`]).
+        teacher: Flattened [`TeacherScores`] `(N, ...)` at the loss temperature.
+        targets: `(N,)` the completion tokens.
+        loss_type: A divergence of [`~trl_onpolicy.divergences`] or `"sampled_reverse_kl"`.
+        vocab_size: Logit columns compared (the tokenizer's real vocabulary when embeddings are padded).
+        num_items: Divisor: completion tokens of the optimizer step, all processes (times 1/processes for DDP).
+        scale: Multiplier of the loss (`T**2` gradient scaling).
+        chunk_size: Tokens projected to the vocabulary at once.
+    """
+    n_tokens = student_hidden.shape[0]
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    div_sum, s_ent_sum, t_ent_sum, t_ent_n = 0.0, 0.0, 0.0, 0
+    s_tokens, t_tokens = [], []
+    use_checkpoint = n_tokens > chunk_size and torch.is_grad_enabled()
+    for start in range(0, n_tokens, chunk_size):
+        end = min(start + chunk_size, n_tokens)
+        args = (student_hidden[start:end], start, end, student_head, teacher, targets[start:end], loss_type, beta,
+                skew_alpha, reward_scale, ref_token_logps, vocab_size)  # fmt: skip
+        if use_checkpoint:
+            per_token, s_ent, t_ent, s_tok, t_tok = checkpoint(_chunk_terms, *args, use_reentrant=False)
+        else:
+            per_token, s_ent, t_ent, s_tok, t_tok = _chunk_terms(*args)
+        s_tokens.append(s_tok)
+        t_tokens.append(t_tok)
+        total = total + per_token.sum()
+        div_sum += per_token.detach().sum().item()
+        s_ent_sum += s_ent.sum().item()
+        finite = ~torch.isnan(t_ent)
+        t_ent_sum += t_ent[finite].sum().item()
+        t_ent_n += int(finite.sum().item())
+    loss = total * scale / max(float(num_items), 1e-8)
+    return LossSums(loss, div_sum, s_ent_sum, t_ent_sum, t_ent_n, n_tokens, torch.cat(s_tokens), torch.cat(t_tokens))

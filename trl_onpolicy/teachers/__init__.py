@@ -1,0 +1,95 @@
+"""Teacher backends behind one small interface ([`Teacher`]), and the one function that picks a backend."""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .._compat import is_peft_model
+from .base import Teacher, TeacherScores
+from .local import LocalTeacher
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LocalTeacher", "Teacher", "TeacherScores", "build_teacher", "compared_vocab_size"]
+
+
+def compared_vocab_size(student_vocab: int, teacher_vocab: int | None, tokenizer_vocab: int) -> int:
+    """
+    The number of logit columns to compare. Equal sizes compare everything. Different sizes are fine when both cover
+    the tokenizer (embedding matrices padded to different sizes, as Qwen2.5's 151,936 vs 152,064): only the
+    tokenizer's real vocabulary is compared. Otherwise the models do not share a tokenizer and the error says so.
+    """
+    if teacher_vocab is None or teacher_vocab == student_vocab:
+        return student_vocab
+    if min(student_vocab, teacher_vocab) >= tokenizer_vocab:
+        return tokenizer_vocab
+    raise ValueError(
+        f"Vocabulary mismatch: the student's output layer has {student_vocab} tokens and the teacher's "
+        f"{teacher_vocab}, and the tokenizer has {tokenizer_vocab}. Distillation compares the two distributions token "
+        "by token, so the teacher and the student must share a tokenizer: pick a teacher from the student's model "
+        "family. (Cross-tokenizer distillation is not supported yet.)"
+    )
+
+
+def _check_tokenizer(path: str, tokenizer, revision: str | None, trust_remote_code: bool) -> None:
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError):  # no tokenizer saved beside the teacher: nothing to compare
+        return
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The teacher at {path!r} uses a different tokenizer than the student ({len(teacher_tokenizer)} vs "
+            f"{len(tokenizer)} tokens, or the same size with other token ids). Distillation compares the two "
+            "distributions token by token: pick a teacher that shares the student's tokenizer."
+        )
+
+
+def load_teacher_model(path: str, args, tokenizer) -> PreTrainedModel:
+    """Load a teacher from the Hub or a local path with `args.teacher_model_init_kwargs`."""
+    init_kwargs = dict(args.teacher_model_init_kwargs or {})
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    init_kwargs.setdefault("revision", args.teacher_model_revision)
+    _check_tokenizer(path, tokenizer, init_kwargs["revision"], init_kwargs["trust_remote_code"])
+    return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
+
+
+def build_teacher(teacher_model, args, student, tokenizer) -> Teacher:
+    """
+    The teacher backend for `teacher_model`:
+
+    - a [`Teacher`] is used as is;
+    - a model id or path (or `args.teacher_model_name_or_path` when `teacher_model` is None) is loaded locally;
+    - a [`~transformers.PreTrainedModel`] is wrapped in a [`LocalTeacher`];
+    - no teacher and a LoRA student: the student with its adapters disabled (self-distillation).
+    """
+    if teacher_model is None:
+        teacher_model = args.teacher_model_name_or_path
+    if isinstance(teacher_model, Teacher):
+        teacher = teacher_model
+    elif isinstance(teacher_model, str):
+        teacher = LocalTeacher(load_teacher_model(teacher_model, args, tokenizer), chunk_size=args.loss_chunk_size)
+    elif isinstance(teacher_model, PreTrainedModel) or is_peft_model(teacher_model):
+        teacher = LocalTeacher(teacher_model, chunk_size=args.loss_chunk_size)
+    elif teacher_model is None and is_peft_model(student):
+        logger.info("No teacher given: the LoRA student's base network (adapters disabled) is the teacher.")
+        teacher = LocalTeacher(student, disable_adapters=True, chunk_size=args.loss_chunk_size)
+    elif teacher_model is None:
+        raise ValueError(
+            "No teacher: pass `teacher_model=` to the trainer or set `teacher_model_name_or_path` in the config "
+            "(or train a LoRA student, whose base network can serve as its own teacher)."
+        )
+    else:
+        raise TypeError(
+            "`teacher_model` must be a model id or path, a `PreTrainedModel`, or a `trl_onpolicy.teachers.Teacher`, "
+            f"got {type(teacher_model).__name__}."
+        )
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    vocab = compared_vocab_size(student_vocab, teacher.vocab_size, len(tokenizer))
+    if isinstance(teacher, LocalTeacher):
+        teacher._vocab_size = vocab
+    return teacher

@@ -1,0 +1,118 @@
+"""The teacher's one job: log-probs for the completion tokens the student (or anyone) wrote.
+
+Every backend returns a [`TeacherScores`] in one of three forms, so the loss is the same for all of them:
+
+- full distribution: the teacher's final hidden states at the completion positions plus its output head, projected to
+  the vocabulary lazily, chunk by chunk, inside the loss (never a `(B, C, V)` tensor);
+- top-k: the teacher's `k` most likely tokens and their log-probs per position; the rest of the mass is one tail
+  bucket (the form a remote server or an offline cache returns);
+- sampled token only: the log-prob of each completion token (enough for `sampled_reverse_kl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class TeacherScores:
+    """
+    The teacher's view of a batch of completions. Tensors are `(B, C, ...)`, aligned with `completion_ids`, or, after
+    [`~TeacherScores.flatten`], `(N, ...)` over the `N` real completion tokens.
+
+    Args:
+        temperature (`float`): The loss temperature the scores were computed at (and the head is applied at).
+        token_logps (`torch.Tensor`, *optional*): `(B, C)` log-prob of each completion token.
+        hidden (`torch.Tensor`, *optional*): `(B, C, H_t)` final hidden states predicting each completion token.
+        head (`Callable`, *optional*): Maps `(n, H_t)` hidden states to `(n, V)` logits.
+        topk_ids (`torch.Tensor`, *optional*): `(B, C, K)` the teacher's top-k token ids.
+        topk_logps (`torch.Tensor`, *optional*): `(B, C, K)` their log-probs (tail mass is implied).
+        vocab_size (`int`, *optional*): Logits beyond this index are padding of the embedding matrix and are dropped.
+    """
+
+    temperature: float = 1.0
+    token_logps: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logps: torch.Tensor | None = None
+    vocab_size: int | None = None
+
+    _TENSORS = ("token_logps", "hidden", "topk_ids", "topk_logps")
+
+    @property
+    def form(self) -> str:
+        """`"full"`, `"topk"` or `"token"`."""
+        if self.hidden is not None:
+            return "full"
+        if self.topk_ids is not None:
+            return "topk"
+        return "token"
+
+    def _map(self, fn) -> TeacherScores:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self._TENSORS:
+            if values[name] is not None:
+                values[name] = fn(values[name])
+        return TeacherScores(**values)
+
+    def select(self, rows: torch.Tensor | list[int]) -> TeacherScores:
+        """Keep the batch rows `rows` (used to split a generation batch into micro-batches)."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return self._map(lambda t: t[index.to(t.device)])
+
+    def flatten(self, completion_mask: torch.Tensor) -> TeacherScores:
+        """Keep the real completion tokens only: `(B, C, ...)` -> `(N, ...)`."""
+        keep = completion_mask.bool()
+        return self._map(lambda t: t[keep.to(t.device)])
+
+    def to(self, device) -> TeacherScores:
+        return self._map(lambda t: t.to(device))
+
+    def logits(self, start: int, end: int) -> torch.Tensor:
+        """Full-form only: `(end - start, V)` float32 logits at temperature 1 of flattened positions `start:end`."""
+        logits = self.head(self.hidden[start:end]).float()  # (n, V_t)
+        return logits[:, : self.vocab_size] if self.vocab_size is not None else logits
+
+
+class Teacher:
+    """
+    Interface of a teacher backend. Subclasses implement [`~Teacher.score`]; [`~Teacher.generate`] is needed only for
+    `seq_kd=True` (teacher-written completions).
+    """
+
+    name: str = "teacher"
+
+    def score(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        need: str = "full",
+    ) -> TeacherScores:
+        """
+        Score the completion tokens of `batch` (as built by [`~trl_onpolicy.rollouts.collate`]).
+
+        Args:
+            batch (`dict[str, torch.Tensor]`): `input_ids`, `attention_mask` `(B, P + C)`, `completion_ids`,
+                `completion_mask` `(B, C)`.
+            temperature (`float`): Loss temperature the log-probs are computed at.
+            top_k (`int`, *optional*): Return the top-k form with this `k`.
+            need (`str`): `"full"` for a distribution (full or top-k), `"token"` when only the sampled tokens'
+                log-probs are used.
+        """
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: list[list[int]], generation_config, tokenizer=None):
+        raise NotImplementedError(
+            f"The {type(self).__name__} backend cannot write completions, so `seq_kd=True` is not available with it. "
+            "Use a local teacher model, or set `seq_kd=False`."
+        )
+
+    @property
+    def vocab_size(self) -> int | None:
+        return None

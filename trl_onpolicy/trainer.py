@@ -1,0 +1,516 @@
+"""`OnPolicyDistillTrainer`: the student writes, the teacher scores every token, the student moves toward the teacher.
+
+One optimizer step, in the order the data flows:
+
+1. `get_batch_samples` takes the prompts of the whole step (all gradient-accumulation micro-batches at once), decides
+   where the completions come from (student with probability `lmbda`, else teacher or dataset), samples them,
+   lets the callbacks see them (`on_rollouts`), and has the teacher score them once;
+2. `compute_loss` runs the student over prompt + completion and takes the divergence on completion tokens only,
+   chunk by chunk, normalised by the step's global completion-token count;
+3. `training_step` backpropagates and, on the step's last micro-batch, skips an update whose loss or gradients are
+   not finite (counted; too many in a row stop training with an error);
+4. at each round end the callbacks' `on_round_end` fires on every process and a checkpoint is written.
+
+How it departs from TRL's `GKDTrainer` / `DistillationTrainer`: the sampling temperature and the loss temperature are
+separate (the latter scheduled); the teacher is a backend that returns log-probs in one of three forms; the data loader
+is left as SFT's and the whole step's rollouts are made in `get_batch_samples`, so accumulation needs no repeat sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections import defaultdict
+
+import torch
+from transformers import AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from ._compat import ForwardRedirection, is_peft_model
+from .config import OnPolicyDistillConfig
+from .loss import distillation_loss, output_logits
+from .prompts import check_columns, prepare_dataset
+from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
+from .teachers import LocalTeacher, build_teacher, load_teacher_model
+from .temperature import LossTemperature, grad_scale
+
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "distill_state.json"
+
+
+def _rows_collator(rows: list[dict]) -> list[dict]:
+    """Keep the rows as they are: completions are made per step, so there is nothing to pad yet."""
+    return rows
+
+
+class _RoundsCallback(TrainerCallback):
+    """Ends rounds: fires `on_round_end` on every process and asks for a checkpoint."""
+
+    def __init__(self, trainer: OnPolicyDistillTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.loss_temperature.total_steps = max(int(state.max_steps), 1)  # known only once training starts
+
+    def on_step_end(self, args, state, control, **kwargs):
+        round_index = self.trainer.round_ending_at(state.global_step)
+        if round_index is not None:
+            self.trainer.end_round(round_index)
+            control.should_save = True
+        return control
+
+
+class OnPolicyDistillTrainer(SFTTrainer):
+    """
+    Trainer for on-policy knowledge distillation, a drop-in subclass of [`~trl.SFTTrainer`].
+
+    The student samples completions for the dataset's prompts (with probability `lmbda`; otherwise the teacher writes
+    them, `seq_kd=True`, or the dataset's completions are used), the teacher scores every completion token, and the
+    student is trained to match the teacher there under the divergence `args.loss_type` (Agarwal et al. 2024, GKD).
+
+    Example:
+
+    ```python
+    >>> from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
+
+    >>> trainer = OnPolicyDistillTrainer(
+    ...     model="Qwen/Qwen2.5-0.5B-Instruct",
+    ...     teacher_model="Qwen/Qwen2.5-1.5B-Instruct",
+    ...     args=OnPolicyDistillConfig(output_dir="out", loss_type="jsd", beta=0.5),
+    ...     train_dataset=dataset,  # prompt-only, prompt-completion or conversational
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The student, exactly as [`~trl.SFTTrainer`] takes it.
+        teacher_model (`str`, [`~transformers.PreTrainedModel`] or [`~trl_onpolicy.teachers.Teacher`], *optional*):
+            The teacher: a model id or path, a model, or a teacher backend. Defaults to
+            `args.teacher_model_name_or_path`; with neither and a LoRA student, the student's base network.
+            It must share the student's tokenizer.
+        args ([`OnPolicyDistillConfig`], *optional*):
+            The configuration; an [`~trl.SFTConfig`] or `TrainingArguments` is converted.
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Rows with a `prompt` (and optionally `completion`) column, or a `messages` column.
+        The remaining arguments are those of [`~trl.SFTTrainer`].
+    """
+
+    _tag_names = ["trl", "trl-onpolicy", "distillation"]
+    _name = "OnPolicyDistill"
+    loss_is_scaled_for_ga = True  # the loss is divided by the step's global token count
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: OnPolicyDistillConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        **kwargs,
+    ):
+        args = self._as_config(args, model)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: a dataset of prompts for the student to complete.")
+        check_columns(train_dataset, "train")
+        processing_class = self._ensure_pad_token(processing_class, model, args)
+        loss_type, args.loss_type = args.loss_type, "nll"  # SFTTrainer only knows "nll"/"dft"; ours is restored below
+        try:
+            super().__init__(
+                model,
+                args=args,
+                data_collator=data_collator or _rows_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+                **kwargs,
+            )
+        finally:
+            args.loss_type = loss_type
+        self._check_completion_sources(train_dataset)
+        student = self.accelerator.unwrap_model(self.model)
+        self.teacher = build_teacher(teacher_model, args, student, self._tokenizer)
+        if isinstance(self.teacher, LocalTeacher) and not self.teacher.disable_adapters:
+            self.teacher.model.to(self.accelerator.device)
+        self.vocab_size = self.teacher._vocab_size if isinstance(self.teacher, LocalTeacher) else None
+        self.vocab_size = self.vocab_size or student.get_output_embeddings().weight.shape[0]
+        self.reference = self._build_reference(args)
+        self.generation_config = build_generation_config(args, self._tokenizer)
+        self.loss_temperature = LossTemperature(
+            schedule=args.loss_temperature_schedule,
+            start=args.temperature_start,
+            end=args.temperature_end,
+            total_steps=max(args.max_steps, 1),
+            target_entropy=args.target_teacher_entropy,
+            min_temperature=args.temperature_min,
+            max_temperature=args.temperature_max,
+            adapt_rate=args.temperature_adapt_rate,
+        )
+        self._forward_redirection = ForwardRedirection()
+        self._step_stats = defaultdict(float)
+        self._micro_step = 0
+        self._window = 1
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_total = 0
+        self._last_teacher_entropy = None
+        self._round_ends: list[int] = []
+        self.add_callback(_RoundsCallback(self))
+        if args.use_vllm:
+            raise ImportError(
+                "`use_vllm=True`: vLLM generation is not available in this version of trl-onpolicy yet. Set "
+                "`use_vllm=False` to generate with transformers (KV cache on)."
+            )
+
+    # ----------------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _as_config(args, model) -> OnPolicyDistillConfig:
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or "model"
+            return OnPolicyDistillConfig(f"{name.split('/')[-1]}-OnPolicyDistill")
+        if isinstance(args, OnPolicyDistillConfig):
+            return args
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # to_dict hides it
+        if isinstance(args, SFTConfig) and values.get("loss_type") in ("nll", "dft"):
+            values.pop("loss_type")  # SFT's loss type has no meaning here; ours defaults to "jsd"
+        known = OnPolicyDistillConfig.__dataclass_fields__
+        return OnPolicyDistillConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
+
+    @staticmethod
+    def _ensure_pad_token(processing_class, model, args):
+        if processing_class is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            processing_class = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer.pad_token is None:
+            logger.warning("The tokenizer has no pad token: using its eos token %r for padding.", tokenizer.eos_token)
+            tokenizer.pad_token = tokenizer.eos_token
+        return processing_class
+
+    def _check_completion_sources(self, dataset) -> None:
+        """Off-policy batches need completions: from the teacher (`seq_kd`) or from the dataset."""
+        if self.args.lmbda >= 1.0 or self.args.seq_kd:
+            return
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if "completion" not in columns and "messages" not in columns:
+            raise ValueError(
+                f"`lmbda={self.args.lmbda}` makes some batches off-policy, which need completions, but the dataset "
+                f"has none (columns: {columns}). Set `seq_kd=True` to let the teacher write them, set `lmbda=1.0`, "
+                "or add a `completion` column."
+            )
+
+    def _build_reference(self, args):
+        if args.reference_model_name_or_path is None:
+            return None
+        reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer)
+        return LocalTeacher(reference.to(self.accelerator.device), vocab_size=self.vocab_size)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if formatting_func is not None:
+            raise ValueError(
+                "`formatting_func` is not supported: on-policy distillation needs the prompt separate from the "
+                "completion. Map your dataset to `prompt`/`completion` (or `messages`) columns instead."
+            )
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        return prepare_dataset(
+            dataset, tokenizer, args.max_prompt_length, args.max_completion_length, dataset_name, args.dataset_num_proc
+        )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "completion_ids"]
+
+    # ---------------------------------------------------------------------------------------------- rollouts
+    def _completion_source(self) -> str:
+        """Student with probability `lmbda` (the same draw on every process), else teacher (`seq_kd`) or dataset."""
+        draw = random.Random(f"{self.args.seed}-{self.state.global_step}").random()
+        if draw < self.args.lmbda:
+            return "student"
+        return "teacher" if self.args.seq_kd else "dataset"
+
+    def make_rollouts(self, rows: list[dict], source: str) -> Rollouts:
+        """Completions for `rows` (`num_generations` per row) written by `source`."""
+        n = self.args.num_generations if source != "dataset" else 1
+        rows = [row for row in rows for _ in range(n)]
+        prompt_ids = [list(row["prompt_ids"]) for row in rows]
+        extra = [{k: v for k, v in row.items() if k not in ("prompt_ids", "completion_ids")} for row in rows]
+        if source == "dataset":
+            completions = [list(row["completion_ids"]) for row in rows]
+            truncated = [False] * len(rows)
+        elif source == "student":
+            with self._unwrapped_for_generation() as student:
+                completions, truncated = sample(student, prompt_ids, self.generation_config, self._tokenizer)
+        else:
+            completions, truncated = self.teacher.generate(prompt_ids, self.generation_config, self._tokenizer)
+        return Rollouts(prompt_ids, completions, source, truncated, extra)
+
+    def _unwrapped_for_generation(self):
+        from ._compat import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
+
+    def _dispatch(self, event: str, **kwargs):
+        """Send a distillation event to the callbacks that define it; return the last non-None answer."""
+        answer = None
+        for callback in self.callback_handler.callbacks:
+            method = getattr(callback, event, None)
+            if method is not None:
+                result = method(self.args, self.state, self.control, **kwargs)
+                answer = result if result is not None else answer
+        return answer
+
+    def score(self, rollouts: Rollouts) -> dict:
+        """Collate rollouts and have the teacher (and the reference model, if any) score them."""
+        batch = collate(rollouts, self._tokenizer.pad_token_id, self.accelerator.device)
+        need = "token" if self.args.loss_type == "sampled_reverse_kl" else "full"
+        temperature = self.loss_temperature.value
+        batch["teacher"] = self.teacher.score(batch, temperature=temperature, top_k=self.args.teacher_top_k, need=need)
+        if self.reference is not None:
+            batch["reference"] = self.reference.score(batch, temperature=temperature, need="token").token_logps
+        return batch
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Prompts of a whole optimizer step -> rollouts -> teacher scores, split into its micro-batches."""
+        raw = []
+        for _ in range(num_batches):
+            try:
+                raw.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not raw:
+            return [], None
+        self.loss_temperature.step(self.state.global_step, self._last_teacher_entropy)
+        sizes = [len(rows) for rows in raw]
+        source = self._completion_source()
+        t0 = time.perf_counter()
+        rollouts = self.make_rollouts([row for rows in raw for row in rows], source)
+        edited = self._dispatch("on_rollouts", rollouts=rollouts)
+        rollouts = edited if edited is not None else rollouts
+        t1 = time.perf_counter()
+        batch = self.score(rollouts)
+        t2 = time.perf_counter()
+        self._record_rollout_stats(rollouts, batch, t1 - t0, t2 - t1)
+        micro = self._split(batch, len(rollouts), len(raw))
+        num_items = self.accelerator.gather(batch["completion_mask"].sum().reshape(1)).sum()
+        self._micro_step, self._window = 0, len(micro)
+        self._step_start = t0
+        return micro, num_items
+
+    def _split(self, batch: dict, n_rollouts: int, n_micro: int) -> list[dict]:
+        """Cut a scored generation batch into `n_micro` micro-batches of consecutive rollouts."""
+        bounds = [round(i * n_rollouts / n_micro) for i in range(n_micro + 1)]
+        micro = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            rows = list(range(lo, hi))
+            part = {k: v[lo:hi] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            part["teacher"] = batch["teacher"].select(rows)
+            micro.append(part)
+        return micro
+
+    def _record_rollout_stats(self, rollouts: Rollouts, batch: dict, gen_seconds: float, teacher_seconds: float):
+        lengths = batch["completion_mask"].sum(1).float()  # (B,)
+        truncated = torch.tensor(rollouts.truncated, dtype=torch.float32, device=lengths.device)  # (B,)
+        lengths, truncated = self.accelerator.gather_for_metrics((lengths, truncated))
+        metrics = self._metrics["train"]
+        metrics["completion_length"].append(lengths.mean().item())
+        metrics["truncated_fraction"].append(truncated.mean().item())
+        metrics["loss_temperature"].append(self.loss_temperature.value)
+        metrics["time/generation"].append(gen_seconds)
+        metrics["time/teacher"].append(teacher_seconds)
+        self._step_stats = defaultdict(float, tokens=lengths.sum().item())
+        wants_records = any(hasattr(c, "on_scored") for c in self.callback_handler.callbacks)
+        self._pending = {"rollouts": rollouts, "student": [], "teacher": []} if wants_records else None
+
+    # ------------------------------------------------------------------------------------------------------ loss
+    def _student_loss(self, student, inputs: dict, num_items: float):
+        """Runs inside the wrapper's forward (DDP/FSDP see the whole computation): student pass + chunked loss."""
+        n_completion = inputs["completion_ids"].shape[1]
+        causal_lm = student.get_base_model() if is_peft_model(student) else student
+        out = student(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            **position_kwargs(causal_lm, inputs["attention_mask"]),
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1][:, -n_completion - 1 : -1]  # (B, C, H)
+        mask = inputs["completion_mask"].bool()  # (B, C)
+        temperature = self.loss_temperature.value
+        sums = distillation_loss(
+            hidden[mask],  # (N, H)
+            lambda h: output_logits(causal_lm, h),
+            inputs["teacher"].flatten(mask),
+            inputs["completion_ids"][mask],  # (N,)
+            loss_type=self.args.loss_type,
+            beta=self.args.beta,
+            skew_alpha=self.args.skew_alpha,
+            reward_scale=self.args.reward_scale,
+            ref_token_logps=inputs["reference"][mask] if "reference" in inputs else None,
+            vocab_size=self.vocab_size,
+            num_items=num_items,
+            scale=grad_scale(temperature, self.args.temperature_grad_scale),
+            chunk_size=self.args.loss_chunk_size,
+        )
+        return sums.loss, sums
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Divergence on completion tokens, divided by the step's global token count (times processes for DDP)."""
+        if num_items_in_batch is None:  # evaluation: this batch alone
+            num_items_in_batch = self.accelerator.gather(inputs["completion_mask"].sum().reshape(1)).sum()
+        num_items = num_items_in_batch.clamp(min=1).item() / self.accelerator.num_processes
+        student = self.accelerator.unwrap_model(model)
+        loss, sums = self._forward_redirection(model, student, self._student_loss, student, inputs, num_items)
+        stats = self._step_stats
+        stats["divergence"] += sums.divergence
+        stats["student_entropy"] += sums.student_entropy
+        stats["teacher_entropy"] += sums.teacher_entropy
+        stats["teacher_entropy_tokens"] += sums.teacher_entropy_tokens
+        stats["local_tokens"] += sums.tokens
+        stats["nonfinite"] += float(not torch.isfinite(loss).item())
+        if getattr(self, "_pending", None) is not None and self.model.training:
+            self._pending["student"].append(sums.student_token_logps)
+            self._pending["teacher"].append(sums.teacher_token_logps)
+        return (loss, None) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._micro_step += 1
+        if self._micro_step == self._window:  # the step's last micro-batch: gradients are complete
+            self._finish_step(model)
+        return loss
+
+    def _finish_step(self, model):
+        """Gather the step's statistics, skip a non-finite update, and log the step's metrics."""
+        stats = self._step_stats
+        keys = ("divergence", "student_entropy", "teacher_entropy", "teacher_entropy_tokens", "local_tokens", "nonfinite")
+        local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        total = dict(zip(keys, self.accelerator.reduce(local, reduction="sum").tolist()))
+        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        if total["nonfinite"] > 0 or not grads_finite:
+            self._skip_update(model, "loss" if total["nonfinite"] > 0 else "gradients")
+        else:
+            self._nonfinite_in_a_row = 0
+        tokens = max(total["local_tokens"], 1.0)
+        if total["teacher_entropy_tokens"] > 0:
+            self._last_teacher_entropy = total["teacher_entropy"] / total["teacher_entropy_tokens"]
+        metrics = self._metrics["train"]
+        metrics["divergence"].append(total["divergence"] / tokens)
+        metrics["student_entropy"].append(total["student_entropy"] / tokens)
+        if self._last_teacher_entropy is not None:
+            metrics["teacher_entropy"].append(self._last_teacher_entropy)
+        seconds = time.perf_counter() - self._step_start
+        metrics["time/update"].append(seconds - metrics["time/generation"][-1] - metrics["time/teacher"][-1])
+        metrics["tokens_per_second"].append(stats["tokens"] / max(seconds, 1e-9))
+        metrics["nonfinite_skipped"] = [float(self._nonfinite_total)]
+        self._emit_records()
+
+    def _skip_update(self, model, what: str):
+        for p in model.parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_total += 1
+        step = self.state.global_step + 1
+        logger.warning("Step %d: non-finite %s; the update is skipped (%d in a row).", step, what, self._nonfinite_in_a_row)
+        if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"Training stopped at step {step}: {self._nonfinite_in_a_row} updates in a row had a non-finite "
+                f"{what} (NaN or inf) and were skipped. Likely causes: a learning rate too high "
+                f"({self.args.learning_rate}), a loss temperature too low ({self.loss_temperature.value:.3g}), or a "
+                "teacher returning -inf log-probs for tokens the student samples. The last checkpoint in "
+                f"{self.args.output_dir} is intact."
+            )
+
+    def _emit_records(self):
+        pending, self._pending = getattr(self, "_pending", None), None
+        if not pending or not pending["student"]:
+            return
+        rollouts = pending["rollouts"]
+        student, teacher = torch.cat(pending["student"]), torch.cat(pending["teacher"])  # (N,)
+        lengths = [len(c) for c in rollouts.completion_ids]
+        prompts, completions = rollouts.decode(self._tokenizer)
+        records, start = [], 0
+        for prompt, completion, n in zip(prompts, completions, lengths):
+            s, t = student[start : start + n], teacher[start : start + n]
+            start += n
+            records.append({
+                "source": rollouts.source, "prompt": prompt, "completion": completion, "tokens": n,
+                "student_mean_logp": s.mean().item() if n else None,
+                "teacher_mean_logp": t.mean().item() if n else None,
+                "mean_logp_gap": (s - t).mean().item() if n else None,
+            })  # fmt: skip
+        self._dispatch("on_scored", records=records)
+
+    # ---------------------------------------------------------------------------------------------------- rounds
+    def round_ends(self) -> list[int]:
+        """Global steps at which rounds end: `num_rounds` equal shares of `max_steps`."""
+        total, n = self.state.max_steps, self.args.num_rounds
+        return sorted({max(1, round(total * (r + 1) / n)) for r in range(n)})
+
+    def round_ending_at(self, step: int) -> int | None:
+        """The (1-based) round that ends at `step`, if any."""
+        ends = self.round_ends()
+        return ends.index(step) + 1 if step in ends else None
+
+    def end_round(self, round_index: int):
+        """Fire `on_round_end` on every process, then wait for all (the main process may be evaluating)."""
+        logger.info("Round %d of %d ended at step %d.", round_index, self.args.num_rounds, self.state.global_step)
+        self._dispatch(
+            "on_round_end",
+            round_index=round_index,
+            model=self.model,
+            processing_class=self.processing_class,
+            trainer=self,
+        )
+        self.accelerator.wait_for_everyone()
+
+    # ----------------------------------------------------------------------------------------- eval & checkpoints
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation loss: the student writes completions for the eval prompts and the teacher scores them."""
+        batch = self.score(self.make_rollouts(inputs, "student"))
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, batch)
+        return loss.detach(), None, None
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            state = {
+                "loss_temperature": self.loss_temperature.state_dict(),
+                "last_teacher_entropy": self._last_teacher_entropy,
+                "nonfinite_in_a_row": self._nonfinite_in_a_row,
+                "nonfinite_total": self._nonfinite_total,
+            }
+            tmp = os.path.join(folder, STATE_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, os.path.join(folder, STATE_FILE))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str):
+            path = os.path.join(resume_from_checkpoint, STATE_FILE)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    state = json.load(f)
+                self.loss_temperature.load_state_dict(state["loss_temperature"])
+                self._last_teacher_entropy = state["last_teacher_entropy"]
+                self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
+                self._nonfinite_total = state["nonfinite_total"]
+        return super().train(resume_from_checkpoint, *args, **kwargs)
