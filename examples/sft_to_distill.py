@@ -1,0 +1,38 @@
+"""An SFT script turned into an on-policy distillation script: two names swapped, `teacher_model` added.
+
+    python examples/sft_to_distill.py            # offline: the built-in toy teacher and a weak student, on a CPU
+
+The SFT version of this script would read `SFTConfig(...)` and `SFTTrainer(model=..., ...)`; everything else is the
+same. The dataset holds prompts only: the teacher is the only source of knowledge.
+"""
+
+import torch
+
+from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer  # was: from trl import SFTConfig, SFTTrainer
+from trl_onpolicy import toy
+
+
+torch.set_num_threads(1)  # tiny models generate fastest on one thread
+
+teacher, tokenizer, _ = toy.load_or_train_teacher()
+student, _, _ = toy.load_or_train_student()
+dataset = toy.make_dataset(640, split="train").select_columns(["prompt"])
+
+args = OnPolicyDistillConfig(  # was: SFTConfig(
+    output_dir="sft-to-distill-out",
+    max_steps=20,
+    per_device_train_batch_size=32,
+    learning_rate=1e-3,
+    max_completion_length=96,
+    logging_steps=5,
+    report_to=[],
+)
+trainer = OnPolicyDistillTrainer(  # was: SFTTrainer(
+    model=student,
+    teacher_model=teacher,  # added
+    args=args,
+    train_dataset=dataset,
+    processing_class=tokenizer,
+)
+trainer.train()
+trainer.save_model()
