@@ -1,0 +1,126 @@
+"""The per-round report: `report.json`, `report.md` and `scores.png` from the evaluation history; a model card section.
+
+Input is plain data, so this module needs no trainer: the `history` list that [`~trl_onpolicy.eval.LmEvalCallback`]
+fills (`{"round", "step", "kind", "scores": {task: value}, "seconds", ...}` per evaluation; round 0 is the student
+before training) and the teacher's scores on the same tasks (`{task: value}`, or `None` when not measured).
+
+Only round-level rows go into the report (`kind` "before" or "round"); evaluations made every `eval_steps` are
+plotted against steps elsewhere (the trainer log). A failed evaluation keeps its row with empty scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+def _rows(history: list[dict]) -> list[dict]:
+    return [e for e in history if e.get("kind", "round") != "step"]
+
+
+def _tasks(rows: list[dict], teacher_scores: dict | None) -> list[str]:
+    tasks: dict[str, None] = {}
+    for scores in [*(r.get("scores") or {} for r in rows), teacher_scores or {}]:
+        tasks.update(dict.fromkeys(scores))
+    return list(tasks)
+
+
+def build_report(history: list[dict], teacher_scores: dict[str, float] | None = None) -> dict[str, Any]:
+    """`{"teacher": {"scores": {task: value}}, "rounds": [{"round", "step", "scores", "seconds"}, ...]}`."""
+    return {
+        "teacher": {"scores": {t: float(v) for t, v in (teacher_scores or {}).items()}},
+        "rounds": [
+            {
+                "round": int(e["round"]),
+                "step": int(e["step"]),
+                "scores": {t: float(v) for t, v in (e.get("scores") or {}).items()},
+                "seconds": float(e.get("seconds", 0.0)),
+            }
+            for e in _rows(history)
+        ],
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def format_table(history: list[dict], teacher_scores: dict[str, float] | None = None) -> str:
+    """A Markdown table: one row per round (round 0: the student before training), the teacher, and the fraction of
+    the teacher's score that the last round reached."""
+    rows, teacher = _rows(history), teacher_scores or {}
+    tasks = _tasks(rows, teacher)
+    lines = [
+        "| " + " | ".join(["model", "step", *tasks, "eval seconds"]) + " |",
+        "|" + "---|" * (len(tasks) + 3),
+    ]
+    for r in rows:
+        label = "student, before training" if r["round"] == 0 else f"student, round {r['round']}"
+        cells = [_fmt(r["scores"].get(t)) if r.get("scores") else "failed" for t in tasks]
+        lines.append(f"| {label} | {r['step']} | " + " | ".join(cells) + f" | {r.get('seconds', 0.0):.1f} |")
+    if teacher:
+        lines.append("| teacher | | " + " | ".join(_fmt(teacher.get(t)) for t in tasks) + " | |")
+        last = next((r for r in reversed(rows) if r.get("scores")), None)
+        if last is not None:
+            cells = []
+            for t in tasks:
+                s, ref = last["scores"].get(t), teacher.get(t)
+                cells.append(f"{100 * s / ref:.0f}%" if s is not None and ref else "-")
+            lines.append(f"| fraction of teacher (round {last['round']}) | | " + " | ".join(cells) + " | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scores(history: list[dict], teacher_scores: dict[str, float] | None, path: str) -> str:
+    """Score per round for every task (solid, with markers) and the teacher's score (dashed, same colour)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, teacher = _rows(history), teacher_scores or {}
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)  # Agg without pyplot: leaves the user's matplotlib backend alone
+    ax = fig.add_subplot(1, 1, 1)
+    for i, task in enumerate(_tasks(rows, teacher)):
+        color = f"C{i % 10}"
+        points = [(r["round"], r["scores"][task]) for r in rows if task in (r.get("scores") or {})]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=color, label=task)
+        if task in teacher:
+            ax.axhline(teacher[task], color=color, linestyle="--", linewidth=1, label=f"{task} (teacher)")
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.02, 1.02)
+    if rows:
+        ax.set_xticks(sorted({r["round"] for r in rows}))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    ax.set_title("Student score per round of on-policy distillation")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def write_report(output_dir: str, history: list[dict], teacher_scores: dict[str, float] | None = None) -> dict:
+    """Write `report.json`, `report.md` and `scores.png` into `output_dir`; returns the report dict."""
+    os.makedirs(output_dir, exist_ok=True)
+    report = build_report(history, teacher_scores)
+    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("# On-policy distillation: scores per round\n\n" + format_table(history, teacher_scores))
+    plot_scores(history, teacher_scores, os.path.join(output_dir, "scores.png"))
+    return report
+
+
+def model_card_section(history: list[dict], teacher_scores: dict[str, float] | None = None) -> str:
+    """Markdown for the model card: the per-round table with a sentence on how it was measured."""
+    if not _rows(history):
+        return ""
+    return (
+        "## Evaluation\n\n"
+        "Scores measured with [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) on the "
+        "in-memory student after each round of on-policy distillation (round 0: the student before training), "
+        "next to the teacher's scores on the same tasks.\n\n" + format_table(history, teacher_scores)
+    )
