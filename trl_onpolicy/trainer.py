@@ -32,7 +32,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ._compat import ForwardRedirection, is_peft_model
 from .config import OnPolicyDistillConfig
-from .loss import distillation_loss, output_logits
+from .loss import LossSums, distillation_loss, output_logits
 from .prompts import check_columns, prepare_dataset
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
 from .teachers import LocalTeacher, build_teacher, load_teacher_model
@@ -169,6 +169,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._last_teacher_entropy = None
         self._round_ends: list[int] = []
         self.add_callback(_RoundsCallback(self))
+        for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
+            if getattr(callback, "trainer", False) is None:
+                callback.trainer = self
         if args.use_vllm:
             raise ImportError(
                 "`use_vllm=True`: vLLM generation is not available in this version of trl-onpolicy yet. Set "
@@ -300,6 +303,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         rollouts = self.make_rollouts([row for rows in raw for row in rows], source)
         edited = self._dispatch("on_rollouts", rollouts=rollouts)
         rollouts = edited if edited is not None else rollouts
+        if len(rollouts) == 0:
+            raise ValueError(
+                f"Step {self.state.global_step + 1}: `on_rollouts` returned no rollouts. A filter must keep at least "
+                "one completion per step; return `None` to keep the rollouts unchanged."
+            )
         t1 = time.perf_counter()
         batch = self.score(rollouts)
         t2 = time.perf_counter()
@@ -340,6 +348,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         """Runs inside the wrapper's forward (DDP/FSDP see the whole computation): student pass + chunked loss."""
         n_completion = inputs["completion_ids"].shape[1]
         causal_lm = student.get_base_model() if is_peft_model(student) else student
+        if inputs["input_ids"].shape[0] == 0:  # `on_rollouts` kept fewer rollouts than there are micro-batches
+            pad = torch.full((1, 1), self._tokenizer.pad_token_id, device=inputs["input_ids"].device)  # (1, 1)
+            zero = student(input_ids=pad, use_cache=False).logits.sum() * 0.0  # touches the weights (DDP reduces)
+            empty = zero.new_zeros(0)  # (0,)
+            return zero, LossSums(zero, student_token_logps=empty, teacher_token_logps=empty)
         out = student(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -479,6 +492,12 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
     # ----------------------------------------------------------------------------------------- eval & checkpoints
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training rows carry the step's metrics; a row of eval-hook scores (`eval/...`) goes out on its own."""
+        if "loss" not in logs and any(key.startswith("eval/") for key in logs):
+            return super(SFTTrainer, self).log(logs, start_time)
+        return super().log(logs, start_time)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss: the student writes completions for the eval prompts and the teacher scores them."""
         batch = self.score(self.make_rollouts(inputs, "student"))
