@@ -118,7 +118,8 @@ class OnPolicyDistillConfig(SFTConfig):
 
     > [!NOTE]
     > Defaults that differ from [`~trl.SFTConfig`]: `gradient_checkpointing=False` and `bf16` only where a CUDA device
-    > supports it (nothing is forced on a CPU), `remove_unused_columns=False` (the trainer reads the raw columns).
+    > supports it (nothing is forced on a CPU), `remove_unused_columns=False` (the trainer reads the raw columns),
+    > `ddp_find_unused_parameters=False` (every trainable weight is used at every step).
     """
 
     # Overridden defaults
@@ -198,6 +199,8 @@ class OnPolicyDistillConfig(SFTConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False  # every trainable weight is used each step: skip DDP's extra pass
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         # SFTConfig validates its own `loss_type` ("nll"/"dft"); ours names a divergence and is checked below.

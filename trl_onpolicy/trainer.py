@@ -297,7 +297,6 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if not raw:
             return [], None
         self.loss_temperature.step(self.state.global_step, self._last_teacher_entropy)
-        sizes = [len(rows) for rows in raw]
         source = self._completion_source()
         t0 = time.perf_counter()
         rollouts = self.make_rollouts([row for rows in raw for row in rows], source)
