@@ -1,0 +1,57 @@
+"""The embedded default: a synthetic GSM8K-format task, a local tokenizer, and a tiny teacher recipe.
+
+Everything here runs offline on a CPU in minutes, so that the whole method can be seen working before it is
+pointed at real models. See `task.py` (problems and scoring), `tokenizer.py`, `models.py` and `recipe.py`.
+"""
+
+from .models import build_model, completion_nll, evaluate_exact_match, generate_completions, num_parameters
+from .recipe import (
+    RECIPE_VERSION,
+    STUDENT_HIDDEN,
+    STUDENT_LAYERS,
+    STUDENT_SFT_STEPS,
+    TEACHER_RECIPE,
+    Recipe,
+    cache_dir,
+    load_or_train_student,
+    load_or_train_teacher,
+    train_on_task,
+)
+from .task import (
+    equations,
+    final_answer,
+    generate_problems,
+    is_correct,
+    make_dataset,
+    prompt_text,
+    to_multiple_choice,
+    to_prompt_completion,
+)
+from .tokenizer import build_tokenizer
+
+__all__ = [
+    "RECIPE_VERSION",
+    "STUDENT_HIDDEN",
+    "STUDENT_LAYERS",
+    "STUDENT_SFT_STEPS",
+    "TEACHER_RECIPE",
+    "Recipe",
+    "build_model",
+    "build_tokenizer",
+    "cache_dir",
+    "completion_nll",
+    "equations",
+    "evaluate_exact_match",
+    "final_answer",
+    "generate_completions",
+    "generate_problems",
+    "is_correct",
+    "load_or_train_student",
+    "load_or_train_teacher",
+    "make_dataset",
+    "num_parameters",
+    "prompt_text",
+    "to_multiple_choice",
+    "to_prompt_completion",
+    "train_on_task",
+]

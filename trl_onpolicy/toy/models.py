@@ -1,0 +1,126 @@
+"""Tiny Llama-style models for the toy task: construction, batching, and the two measures the recipe reports.
+
+`build_model` makes a `LlamaForCausalLM` from a `LlamaConfig` sized by two numbers (layers, width): heads of 32
+dimensions, an MLP 4x as wide (SwiGLU), tied embeddings. `evaluate_exact_match` is greedy generation with left
+padding and the KV cache, scored like lm-eval's GSM8K strict match; `completion_nll` is the mean negative
+log-likelihood per completion token, the quantity the teacher recipe minimises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .task import is_correct, prompt_text
+
+
+def build_model(num_layers: int, hidden_size: int, tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama of `num_layers` x `hidden_size` for `tokenizer` (deterministic in `seed`)."""
+    if hidden_size % 16 != 0:
+        raise ValueError(f"hidden_size must be a multiple of 16, got {hidden_size}")
+    head_dim = 32 if hidden_size >= 64 else 16
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // head_dim,
+        num_key_value_heads=hidden_size // head_dim,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def num_parameters(model) -> int:
+    """Parameters counted once (tied embeddings are one tensor)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def encode_batch(tokenizer, problems: list[dict]) -> dict[str, torch.Tensor]:
+    """Prompt + " " + answer + EOS, right-padded; labels are -100 outside the completion (completion-only NLL)."""
+    rows, labels = [], []
+    for problem in problems:
+        prompt = tokenizer(prompt_text(problem["question"]), add_special_tokens=False)["input_ids"]
+        completion = tokenizer(" " + problem["answer"], add_special_tokens=False)["input_ids"]
+        completion = completion + [tokenizer.eos_token_id]
+        rows.append(prompt + completion)
+        labels.append([-100] * len(prompt) + completion)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, T)
+    label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, problems: list[dict], batch_size: int = 64) -> float:
+    """Mean negative log-likelihood (nats) per completion token, EOS included, over `problems`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(problems), batch_size):
+        batch = encode_batch(tokenizer, problems[start : start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        targets = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        mask = targets != -100  # (B, T-1)
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        total += -(picked * mask).sum().item()
+        count += mask.sum().item()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: list[str], batch_size: int = 64, max_new_tokens: int = 64):
+    """Greedy completions of `prompts` (left padding, KV cache), decoded without special tokens."""
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            out = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )  # (B, T_prompt + T_new)
+            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
+    return outputs
+
+
+def default_max_new_tokens(tokenizer, problems: list[dict]) -> int:
+    """Room for the longest reference answer plus slack (a wrong chain may be a little longer)."""
+    longest = max(len(tokenizer(" " + p["answer"], add_special_tokens=False)["input_ids"]) for p in problems)
+    return math.ceil(longest * 1.25) + 4
+
+
+def evaluate_exact_match(model, tokenizer, problems: list[dict], batch_size: int = 64,
+                         max_new_tokens: int | None = None) -> float:
+    """Fraction of `problems` whose greedy completion ends in the right `#### <int>`."""
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(tokenizer, problems)
+    prompts = [prompt_text(p["question"]) for p in problems]
+    completions = generate_completions(model, tokenizer, prompts, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens)
+    return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
