@@ -49,15 +49,15 @@ import torch
 import transformers
 import trl
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 import trl_onpolicy
 from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
 from trl_onpolicy.loss import distillation_loss, output_logits
 from trl_onpolicy.rollouts import Rollouts
+from trl_onpolicy.toy.tokenizer import CHARS, char_tokenizer
 
 # -------------------------------------------------------------------------------------------------------- config
 VOCAB = 32_000
@@ -67,20 +67,9 @@ COMPLETION_TOKENS = 128  # including the EOS
 CHUNKED, UNCHUNKED = 64, 4096  # UNCHUNKED >= BATCH * COMPLETION_TOKENS: one chunk holds every token
 MiB = 2**20
 RESULTS = Path(__file__).parent / "results" / "chunking.json"
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?:+-*=#\n")
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 def llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -94,7 +83,7 @@ def llama(seed: int) -> LlamaForCausalLM:
 def dataset(n_rows: int) -> Dataset:
     """Prompts of 10-30 characters; completions of exactly COMPLETION_TOKENS - 1 characters (+ EOS)."""
     rng = random.Random(0)
-    text = lambda n: "".join(rng.choice(CHARS[:36] + [" "]) for _ in range(n))
+    text = lambda n: "".join(rng.choice(list(CHARS[:36]) + [" "]) for _ in range(n))
     return Dataset.from_dict({
         "prompt": [text(rng.randint(10, 30)) for _ in range(n_rows)],
         "completion": [text(COMPLETION_TOKENS - 1) for _ in range(n_rows)],

@@ -29,26 +29,15 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from trl_onpolicy.toy import char_tokenizer
 from trl_onpolicy import DistillCallback, OnPolicyDistillConfig, OnPolicyDistillTrainer
 
 torch.set_num_threads(1)
 
 PROMPTS = ["what is 1+2?", "say hi", "count 123", "abc", "2*3=", "spell cat", "is 7 odd?", "end"]
 COMPLETIONS = [" 3", " hi there", " 4 5", " d", " 6", " c a t", " yes", " ok."]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?:+-*=#\n")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 def tiny_model(tok, arch: str = "llama", seed: int = 0, hidden: int = 32):

@@ -14,25 +14,14 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from trl_onpolicy.toy import char_tokenizer
 from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
 from trl_onpolicy.rollouts import Rollouts, collate
 
 
 # ------------------------------------------------------------------------------------------------- tiny models
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?:+-*=#\n")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 def tiny_llama(tok, seed: int = 0, layers: int = 1, hidden: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
+from trl_onpolicy.toy import char_tokenizer
 
 
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?:+-*=#\n")
-SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
 # One line per turn, "#u:" / "#a:" / "#s:" + content; the generation prompt opens an assistant turn.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '#' + m['role'][0] + ':' + m['content'] + '\n' }}{% endfor %}"
@@ -25,22 +23,7 @@ CHAT_TEMPLATE = (
 
 def tokenizer(pad: bool = True, chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: 4 special tokens + 47 characters = 51 ids; no BOS/EOS added on encode."""
-    vocab = dict(SPECIALS)
-    for c in CHARS:
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>" if pad else None,
-        unk_token="<unk>",
-    )
-    if chat_template:
-        out.chat_template = CHAT_TEMPLATE
-    return out
+    return char_tokenizer(pad=pad, chat_template=CHAT_TEMPLATE if chat_template else None)
 
 
 def model(tok, layers: int = 1, hidden: int = 16, seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:

@@ -27,7 +27,7 @@ from .task import (
     to_multiple_choice,
     to_prompt_completion,
 )
-from .tokenizer import build_tokenizer
+from .tokenizer import build_tokenizer, char_tokenizer
 
 __all__ = [
     "RECIPE_VERSION",
@@ -38,6 +38,7 @@ __all__ = [
     "Recipe",
     "build_model",
     "build_tokenizer",
+    "char_tokenizer",
     "cache_dir",
     "completion_nll",
     "equations",

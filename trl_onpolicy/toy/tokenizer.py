@@ -85,3 +85,27 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?:+-*=#\n"
+
+
+def char_tokenizer(pad: bool = True, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """
+    A character-level tokenizer for tests and benchmarks: `<pad>`, `<s>`, `</s>`, `<unk>` then one id per character of
+    `CHARS` (51 ids); nothing is added on encode. Built in memory, instantly, with no training.
+
+    Args:
+        pad (`bool`, *optional*, defaults to `True`): Whether to set `<pad>` as the pad token.
+        chat_template (`str`, *optional*): A Jinja chat template to attach.
+    """
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>" if pad else None, unk_token="<unk>"
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
