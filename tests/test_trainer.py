@@ -339,3 +339,31 @@ def test_adaptive_temperature_resumes_exactly(tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4]  # steps 1-2 come from the checkpoint's log history
     assert resumed[3] == pytest.approx(straight[3], rel=1e-9)
     assert resumed[4] == pytest.approx(straight[4], rel=1e-9)
+
+
+def test_reference_model_changes_the_sampled_reverse_kl_advantage(tmp_path):
+    """Generalized OPD: with a reference model the per-token reward is lambda*log(p/ref) - log(q/ref)."""
+    tok = tm.tokenizer()
+    reference_dir = tmp_path / "reference"
+    tm.model(tok, seed=2).save_pretrained(reference_dir)
+    tok.save_pretrained(reference_dir)
+    plain = tm.trainer(tmp_path / "plain", tok=tok, loss_type="sampled_reverse_kl", lmbda=0.0, per_device_train_batch_size=8)
+    plain.train()
+    with_ref = tm.trainer(
+        tmp_path / "ref", tok=tok, loss_type="sampled_reverse_kl", lmbda=0.0, per_device_train_batch_size=8,
+        reference_model_name_or_path=str(reference_dir), reward_scale=2.0,
+    )  # fmt: skip
+    with_ref.train()
+    batch = with_ref.score(with_ref.make_rollouts([with_ref.train_dataset[i] for i in range(8)], "dataset"))
+    mask = batch["completion_mask"].bool()
+    student = tm.model(tok, seed=0)  # the student before its update
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    n = batch["completion_ids"].shape[1]
+    log_q = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1).gather(-1, batch["completion_ids"][..., None])[..., 0]
+    log_p = batch["teacher"].token_logps[mask]  # sampled-token form: the loss needs nothing else
+    log_ref = batch["reference"][mask]
+    expected = -(2.0 * (log_p - log_ref) - (log_q[mask] - log_ref)).mean()
+    first = tm.step_logs(with_ref)[0]
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert first["loss"] != pytest.approx(tm.step_logs(plain)[0]["loss"], rel=1e-3)
