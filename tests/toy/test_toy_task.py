@@ -10,7 +10,9 @@ from trl_onpolicy.toy.task import (
     generate_problems,
     is_correct,
     make_dataset,
+    mc_prompt_text,
     prompt_text,
+    to_mc_prompt_completion,
     to_multiple_choice,
     to_prompt_completion,
 )
@@ -123,3 +125,48 @@ def test_prompt_formats_and_dataset():
     ds = make_dataset(20, "eval", seed=5, max_steps=6)
     assert len(ds) == 20 and {"prompt", "completion", "question", "answer"} <= set(ds.column_names)
     assert ds[0]["question"] == generate_problems(20, "eval", seed=5, max_steps=6)[0]["question"]
+
+
+def test_mc_prompt_format():
+    mc = {"question": " Q? ", "choices": ["12", "3", "40", "7"], "answer": 2, "subject": "arithmetic"}
+    assert mc_prompt_text(mc) == "Q?\nA. 12\nB. 3\nC. 40\nD. 7\nAnswer:"
+    problem = generate_problems(1, seed=4)[0]
+    row = to_mc_prompt_completion(problem, seed=1)
+    mc = to_multiple_choice(problem, seed=1)
+    assert row == {"prompt": mc_prompt_text(mc), "completion": " " + "ABCD"[mc["answer"]]}
+
+
+def test_mc_prompt_is_what_lm_eval_shows_for_toy_mmlu(tmp_path):
+    """The prompt and the scored continuations, taken from lm-eval's own `toy_mmlu` task object."""
+    pytest.importorskip("lm_eval")
+    from trl_onpolicy.tasks import prepare_tasks
+
+    prepared = prepare_tasks(["toy_mmlu"], tmp_path, toy_eval_size=12, toy_seed=3)
+    task = prepared.task_manager().load(prepared.names)["tasks"]["toy_mmlu"]
+    docs = list(task.test_docs())
+    problems = generate_problems(12, "eval", seed=3)
+    assert len(docs) == len(problems) == 12
+    for doc, problem in zip(docs, problems):
+        row = to_mc_prompt_completion(problem, seed=3)
+        assert row["prompt"] == task.doc_to_text(doc)
+        choices = [task.config.target_delimiter + c for c in task.doc_to_choice(doc)]
+        assert choices == [" A", " B", " C", " D"]
+        assert row["completion"] == choices[task.doc_to_target(doc)]
+
+
+@pytest.mark.parametrize("n,mc_fraction", [(40, 0.25), (40, 0.0), (7, 0.5), (10, 1.0)])
+def test_mixed_dataset_has_the_requested_fraction(n, mc_fraction):
+    ds = make_dataset(n, "train", seed=2, mc_fraction=mc_fraction)
+    problems = generate_problems(n, "train", seed=2)
+    is_mc = [not row["prompt"].startswith("Question: ") for row in ds]
+    assert sum(is_mc) == round(n * mc_fraction)
+    assert ds.column_names == ["prompt", "completion", "question", "answer"]
+    for row, mc, problem in zip(ds, is_mc, problems):
+        assert (row["question"], row["answer"]) == (problem["question"], problem["answer"])
+        expected = to_mc_prompt_completion(problem, seed=2) if mc else to_prompt_completion(problem)
+        assert {"prompt": row["prompt"], "completion": row["completion"]} == expected
+    if n == 40 and mc_fraction == 0.25:  # spread through the rows, not one block
+        assert 0 < sum(is_mc[: n // 2]) < n // 2
+    assert make_dataset(n, "train", seed=2, mc_fraction=mc_fraction)["prompt"] == ds["prompt"]
+    with pytest.raises(ValueError, match="mc_fraction must be in \\[0, 1\\], got 1.5"):
+        make_dataset(4, mc_fraction=1.5)

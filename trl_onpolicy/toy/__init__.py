@@ -4,7 +4,14 @@ Everything here runs offline on a CPU in minutes, so that the whole method can b
 pointed at real models. See `task.py` (problems and scoring), `tokenizer.py`, `models.py` and `recipe.py`.
 """
 
-from .models import build_model, completion_nll, evaluate_exact_match, generate_completions, num_parameters
+from .models import (
+    build_model,
+    completion_nll,
+    evaluate_exact_match,
+    evaluate_multiple_choice,
+    generate_completions,
+    num_parameters,
+)
 from .recipe import (
     RECIPE_VERSION,
     STUDENT_HIDDEN,
@@ -23,7 +30,9 @@ from .task import (
     generate_problems,
     is_correct,
     make_dataset,
+    mc_prompt_text,
     prompt_text,
+    to_mc_prompt_completion,
     to_multiple_choice,
     to_prompt_completion,
 )
@@ -43,6 +52,7 @@ __all__ = [
     "completion_nll",
     "equations",
     "evaluate_exact_match",
+    "evaluate_multiple_choice",
     "final_answer",
     "generate_completions",
     "generate_problems",
@@ -50,8 +60,10 @@ __all__ = [
     "load_or_train_student",
     "load_or_train_teacher",
     "make_dataset",
+    "mc_prompt_text",
     "num_parameters",
     "prompt_text",
+    "to_mc_prompt_completion",
     "to_multiple_choice",
     "to_prompt_completion",
     "train_on_task",

@@ -3,7 +3,8 @@
 `build_model` makes a `LlamaForCausalLM` from a `LlamaConfig` sized by two numbers (layers, width): heads of 32
 dimensions, an MLP 4x as wide (SwiGLU), tied embeddings. `evaluate_exact_match` is greedy generation with left
 padding and the KV cache, scored like lm-eval's GSM8K strict match; `completion_nll` is the mean negative
-log-likelihood per completion token, the quantity the teacher recipe minimises.
+log-likelihood per completion token, the quantity the teacher recipe minimises; `evaluate_multiple_choice` is
+the toy MMLU score (argmax of the log-likelihood of " A" .. " D" after `mc_prompt_text`, as lm-eval's `acc`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .task import is_correct, prompt_text
+from .task import MC_LETTERS, is_correct, mc_prompt_text, prompt_text, to_multiple_choice, to_prompt_completion
 
 
 def build_model(num_layers: int, hidden_size: int, tokenizer, seed: int = 0) -> LlamaForCausalLM:
@@ -48,18 +49,24 @@ def num_parameters(model) -> int:
 
 
 def encode_batch(tokenizer, problems: list[dict]) -> dict[str, torch.Tensor]:
-    """Prompt + " " + answer + EOS, right-padded; labels are -100 outside the completion (completion-only NLL)."""
-    rows, labels = [], []
-    for problem in problems:
-        prompt = tokenizer(prompt_text(problem["question"]), add_special_tokens=False)["input_ids"]
-        completion = tokenizer(" " + problem["answer"], add_special_tokens=False)["input_ids"]
-        completion = completion + [tokenizer.eos_token_id]
-        rows.append(prompt + completion)
+    """Prompt + " " + answer + EOS in GSM8K's format, right-padded, labels on the completion (see `encode_rows`)."""
+    return encode_rows(tokenizer, [to_prompt_completion(p) for p in problems])
+
+
+def encode_rows(tokenizer, rows: list[dict], add_eos: bool = True) -> dict[str, torch.Tensor]:
+    """Prompt-completion rows (`{"prompt", "completion"}`, any format) as prompt + completion (+ EOS), right-padded;
+    prompt and completion are tokenized separately; labels are -100 outside the completion (completion-only NLL)."""
+    ids, labels = [], []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        completion = completion + ([tokenizer.eos_token_id] if add_eos else [])
+        ids.append(prompt + completion)
         labels.append([-100] * len(prompt) + completion)
-    width = max(len(r) for r in rows)
+    width = max(len(r) for r in ids)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
-    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, T)
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in ids])  # (B, T)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])  # (B, T)
     label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])  # (B, T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
@@ -124,3 +131,28 @@ def evaluate_exact_match(model, tokenizer, problems: list[dict], batch_size: int
     completions = generate_completions(model, tokenizer, prompts, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens)
     return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
+
+
+@torch.no_grad()
+def evaluate_multiple_choice(model, tokenizer, problems: list[dict], seed: int = 0, batch_size: int = 64) -> float:
+    """Toy MMLU accuracy: for each problem in MMLU's format (`to_multiple_choice(problem, seed)`), the summed
+    log-likelihood of each continuation " A" .. " D" after `mc_prompt_text`; correct when the argmax is the gold
+    letter (lm-eval's `acc` on `toy_mmlu`, which renders the eval split with the same seed)."""
+    was_training = model.training
+    model.eval()
+    mcs = [to_multiple_choice(p, seed=seed) for p in problems]
+    rows = [{"prompt": mc_prompt_text(mc), "completion": " " + letter} for mc in mcs for letter in MC_LETTERS]
+    scores = []
+    try:
+        for start in range(0, len(rows), batch_size * len(MC_LETTERS)):
+            batch = encode_rows(tokenizer, rows[start : start + batch_size * len(MC_LETTERS)], add_eos=False)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            targets = batch["labels"][:, 1:]  # (B, T-1)
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+            picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            scores += (picked * (targets != -100)).sum(-1).tolist()  # (B,) log-likelihood of the continuation
+    finally:
+        model.train(was_training)
+    per_problem = torch.tensor(scores).view(len(mcs), len(MC_LETTERS))  # (N, 4)
+    gold = torch.tensor([mc["answer"] for mc in mcs])  # (N,)
+    return (per_problem.argmax(-1) == gold).float().mean().item()

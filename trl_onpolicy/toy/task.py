@@ -221,6 +221,23 @@ def to_multiple_choice(problem: dict, seed: int = 0) -> dict:
     }
 
 
+MC_LETTERS = "ABCD"
+
+
+def mc_prompt_text(mc: dict) -> str:
+    """MMLU's prompt for a `to_multiple_choice` row, character for character what lm-eval renders from
+    `toy_mmlu.yaml`'s `doc_to_text` ("question\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:"); the scored continuations are
+    " A" .. " D" (lm-eval's default target delimiter " " + the letter)."""
+    lines = [mc["question"].strip()] + [f"{MC_LETTERS[j]}. {c}" for j, c in enumerate(mc["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def to_mc_prompt_completion(problem: dict, seed: int = 0) -> dict:
+    """TRL's prompt-completion format in MMLU's rendering: the completion is the gold letter after a space (" B")."""
+    mc = to_multiple_choice(problem, seed=seed)
+    return {"prompt": mc_prompt_text(mc), "completion": " " + MC_LETTERS[mc["answer"]]}
+
+
 def prompt_text(question: str) -> str:
     """GSM8K's lm-eval prompt."""
     return f"Question: {question}\nAnswer:"
@@ -231,7 +248,23 @@ def to_prompt_completion(problem: dict) -> dict:
     return {"prompt": prompt_text(problem["question"]), "completion": " " + problem["answer"]}
 
 
-def make_dataset(n: int, split: str = "train", seed: int = 0, **kw) -> datasets.Dataset:
-    """A `datasets.Dataset` with columns prompt, completion, question, answer (kw: min_steps, max_steps)."""
-    rows = [{**to_prompt_completion(p), **p} for p in generate_problems(n, split=split, seed=seed, **kw)]
+def mc_rows(n: int, mc_fraction: float, seed: int = 0) -> set[int]:
+    """Which of `n` rows are in MMLU's format: exactly `round(n * mc_fraction)` of them, at positions drawn from
+    `seed` (spread through the rows, so that any stretch of them mixes both formats)."""
+    if not 0.0 <= mc_fraction <= 1.0:
+        raise ValueError(f"mc_fraction must be in [0, 1], got {mc_fraction}")
+    return set(random.Random(seed * 1_000_003 + 31).sample(range(n), round(n * mc_fraction)))
+
+
+def make_dataset(n: int, split: str = "train", seed: int = 0, mc_fraction: float = 0.0, **kw) -> datasets.Dataset:
+    """A `datasets.Dataset` with columns prompt, completion, question, answer (kw: min_steps, max_steps).
+
+    `mc_fraction` of the rows (exactly `round(n * mc_fraction)`, see `mc_rows`) have prompt/completion in MMLU's
+    format (`to_mc_prompt_completion`, choices placed with `seed`); question and answer are always the underlying
+    GSM8K-format problem, so `final_answer(row["answer"])` is the gold value in either format."""
+    mc = mc_rows(n, mc_fraction, seed)
+    rows = [
+        {**(to_mc_prompt_completion(p, seed=seed) if i in mc else to_prompt_completion(p)), **p}
+        for i, p in enumerate(generate_problems(n, split=split, seed=seed, **kw))
+    ]
     return datasets.Dataset.from_list(rows)
