@@ -66,27 +66,16 @@ class Rollouts:
         return prompts, completions
 
 
-def pad_left(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad to the longest: ids and attention mask, both `(B, P)`."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, P)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, P)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_right(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest (at least 1 column): ids and mask, both `(B, C)`."""
+def pad(sequences: list[list[int]], pad_id: int, side: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest (at least 1 column) on `side` (`"left"` or `"right"`): ids and mask, both `(B, L)`."""
     width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, C)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, C)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, L)
     for i, s in enumerate(sequences):
         if s:
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
+            columns = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[i, columns] = torch.tensor(s, dtype=torch.long)
+            mask[i, columns] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -110,8 +99,8 @@ def collate(rollouts: Rollouts, pad_id: int, device=None) -> dict[str, torch.Ten
     Returns:
         `dict` with `input_ids` and `attention_mask` `(B, P + C)`, `completion_ids` and `completion_mask` `(B, C)`.
     """
-    prompt_ids, prompt_mask = pad_left(rollouts.prompt_ids, pad_id, device)  # (B, P)
-    completion_ids, completion_mask = pad_right(rollouts.completion_ids, pad_id, device)  # (B, C)
+    prompt_ids, prompt_mask = pad(rollouts.prompt_ids, pad_id, "left", device)  # (B, P)
+    completion_ids, completion_mask = pad(rollouts.completion_ids, pad_id, "right", device)  # (B, C)
     return {
         "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),  # (B, P + C)
         "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),  # (B, P + C)
@@ -164,7 +153,7 @@ def sample(
     """
     device = next(model.parameters()).device
     pad_id = generation_config.pad_token_id
-    input_ids, attention_mask = pad_left(prompt_ids, pad_id if pad_id is not None else 0, device)  # (B, P)
+    input_ids, attention_mask = pad(prompt_ids, pad_id if pad_id is not None else 0, "left", device)  # (B, P)
     was_training = model.training
     model.eval()
     try:
