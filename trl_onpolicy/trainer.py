@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from ._compat import ForwardRedirection, is_peft_model
+from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
 from .config import OnPolicyDistillConfig
 from .loss import LossSums, distillation_loss, output_logits
 from .prompts import check_columns, prepare_dataset
@@ -143,11 +143,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
             args.loss_type = loss_type
         self._check_completion_sources(train_dataset)
         student = self.accelerator.unwrap_model(self.model)
-        self.teacher = build_teacher(teacher_model, args, student, self._tokenizer)
+        self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
         if isinstance(self.teacher, LocalTeacher) and not self.teacher.disable_adapters:
             self.teacher.model.to(self.accelerator.device)
-        self.vocab_size = self.teacher._vocab_size if isinstance(self.teacher, LocalTeacher) else None
-        self.vocab_size = self.vocab_size or student.get_output_embeddings().weight.shape[0]
         self.reference = self._build_reference(args)
         self.generation_config = build_generation_config(args, self._tokenizer)
         self.loss_temperature = LossTemperature(
@@ -167,7 +165,6 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
         self._last_teacher_entropy = None
-        self._round_ends: list[int] = []
         self.add_callback(_RoundsCallback(self))
         for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
             if getattr(callback, "trainer", False) is None:
@@ -262,8 +259,6 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return Rollouts(prompt_ids, completions, source, truncated, extra)
 
     def _unwrapped_for_generation(self):
-        from ._compat import unwrap_model_for_generation
-
         return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
 
     def _dispatch(self, event: str, **kwargs):

@@ -58,7 +58,7 @@ def load_teacher_model(path: str, args, tokenizer) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
 
 
-def build_teacher(teacher_model, args, student, tokenizer) -> Teacher:
+def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int]:
     """
     The teacher backend for `teacher_model`:
 
@@ -66,6 +66,8 @@ def build_teacher(teacher_model, args, student, tokenizer) -> Teacher:
     - a model id or path (or `args.teacher_model_name_or_path` when `teacher_model` is None) is loaded locally;
     - a [`~transformers.PreTrainedModel`] is wrapped in a [`LocalTeacher`];
     - no teacher and a LoRA student: the student with its adapters disabled (self-distillation).
+
+    Returns the teacher and the number of logit columns the loss compares (see [`compared_vocab_size`]).
     """
     if teacher_model is None:
         teacher_model = args.teacher_model_name_or_path
@@ -91,5 +93,5 @@ def build_teacher(teacher_model, args, student, tokenizer) -> Teacher:
     student_vocab = student.get_output_embeddings().weight.shape[0]
     vocab = compared_vocab_size(student_vocab, teacher.vocab_size, len(tokenizer))
     if isinstance(teacher, LocalTeacher):
-        teacher._vocab_size = vocab
-    return teacher
+        teacher.compare_vocab = vocab
+    return teacher, vocab

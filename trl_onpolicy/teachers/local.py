@@ -32,7 +32,7 @@ class LocalTeacher(Teacher):
     def __init__(self, model, disable_adapters: bool = False, vocab_size: int | None = None, chunk_size: int = 1024):
         self.model = model
         self.disable_adapters = disable_adapters
-        self._vocab_size = vocab_size
+        self.compare_vocab = vocab_size
         self.chunk_size = chunk_size
         if not disable_adapters:
             model.eval()
@@ -78,15 +78,15 @@ class LocalTeacher(Teacher):
                 return output_logits(lm, h)
 
         if need == "full" and top_k is None:
-            return TeacherScores(temperature, hidden=hidden, head=head, vocab_size=self._vocab_size)
+            return TeacherScores(temperature, hidden=hidden, head=head, vocab_size=self.compare_vocab)
         batch_size, n_completion = hidden.shape[:2]
         flat = hidden.reshape(batch_size * n_completion, -1)  # (B*C, H_t)
         targets = batch["completion_ids"].reshape(-1)  # (B*C,)
         token_logps, topk_ids, topk_logps = [], [], []
         for start in range(0, flat.shape[0], self.chunk_size):
             logits = head(flat[start : start + self.chunk_size]).float()  # (n, V)
-            if self._vocab_size is not None:
-                logits = logits[:, : self._vocab_size]
+            if self.compare_vocab is not None:
+                logits = logits[:, : self.compare_vocab]
             logps = torch.log_softmax(logits / temperature, -1)  # (n, V)
             token_logps.append(logps.gather(-1, targets[start : start + self.chunk_size, None]).squeeze(-1))
             if top_k is not None:
@@ -94,7 +94,7 @@ class LocalTeacher(Teacher):
                 topk_logps.append(values)
                 topk_ids.append(ids)
         scores = TeacherScores(
-            temperature, token_logps=torch.cat(token_logps).view(batch_size, n_completion), vocab_size=self._vocab_size
+            temperature, token_logps=torch.cat(token_logps).view(batch_size, n_completion), vocab_size=self.compare_vocab
         )
         if top_k is not None:
             scores.topk_ids = torch.cat(topk_ids).view(batch_size, n_completion, -1)  # (B, C, K)
