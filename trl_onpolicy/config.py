@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,7 @@ from trl import SFTConfig
 from .temperature import SCHEDULES
 
 
+MIXTURES = ("route", "weighted", "confidence")
 LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
 
 
@@ -27,8 +30,11 @@ class OnPolicyDistillConfig(SFTConfig):
     Parameters:
         > Parameters that control the teacher
 
-        teacher_model_name_or_path (`str`, *optional*):
-            Hub id or local path of the teacher, used when the trainer is given no `teacher_model`.
+        teacher_model_name_or_path (`str` or `dict[str, str]`, *optional*):
+            The teacher, used when the trainer is given no `teacher_model`: a Hub id or local path (a model in this
+            process), an `http(s)://` URL (a teacher server: `vllm serve` or `trl-onpolicy serve-teacher`), the
+            folder of a teacher cache (see [`~trl_onpolicy.teachers.TeacherCache`]), or a dict (or its JSON) of named
+            teachers of those kinds (see `teacher_mixture`).
         teacher_model_revision (`str`, *optional*):
             Revision of the teacher (branch, tag or commit).
         teacher_model_init_kwargs (`dict[str, Any]`, *optional*):
@@ -36,7 +42,48 @@ class OnPolicyDistillConfig(SFTConfig):
             `trust_remote_code` follows the config's `trust_remote_code` (off unless you turn it on).
         teacher_top_k (`int`, *optional*):
             Keep only the teacher's top-k log-probs per position plus one tail bucket holding the rest of the mass, the
-            form a remote or cached teacher returns. `None` uses the full vocabulary.
+            form a remote or cached teacher returns. `None` uses the full vocabulary (a server then sends its top 20).
+
+        > Parameters that control a teacher server
+
+        teacher_server_model (`str`, *optional*):
+            Model name sent to the server; defaults to the first one its `/v1/models` lists.
+        teacher_server_timeout (`float`, *optional*, defaults to `60.0`):
+            Seconds a scoring request may take before it is retried.
+        teacher_server_max_retries (`int`, *optional*, defaults to `5`):
+            Retries of a request after a connection error, a timeout or a 5xx answer, with exponential backoff; then
+            training stops with an error naming the URL and what failed.
+        teacher_server_batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per scoring request.
+        teacher_server_concurrency (`int`, *optional*, defaults to `4`):
+            Scoring requests in flight at once.
+        teacher_server_api_key_env (`str`, *optional*, defaults to `"TRL_ONPOLICY_TEACHER_API_KEY"`):
+            Name of the environment variable holding the server's API key (sent as a bearer token, never logged).
+
+        > Parameters that control several teachers
+
+        teacher_mixture (`str`, *optional*, defaults to `"route"`):
+            How a dict of teachers makes the target: `"route"` (each row is scored by the teacher its
+            `teacher_routing_column` names), `"weighted"` (every token scored by all teachers; the target is the
+            mixture with `teacher_weights`) or `"confidence"` (the mixture weighted per token by each teacher's
+            confidence, `softmax(-entropy)` over the teachers).
+        teacher_routing_column (`str`, *optional*, defaults to `"teacher"`):
+            Dataset column naming each row's teacher for `teacher_mixture="route"`.
+        teacher_weights (`dict[str, float]`, *optional*):
+            Weights of `teacher_mixture="weighted"`, summing to 1; equal weights when unset.
+
+        > Parameters that control hidden-state matching
+
+        hidden_state_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of an extra loss term matching the student's hidden states to the teacher's on completion tokens
+            (local teacher only); `0` turns it off.
+        hidden_state_layers (`list[str]`, *optional*):
+            Layer map as `"student:teacher"` pairs of `hidden_states` indices (0 is the embeddings), e.g.
+            `["2:4", "4:8"]`. Defaults to every student layer mapped to the evenly spaced teacher layer.
+        hidden_state_distance (`str`, *optional*, defaults to `"mse"`):
+            `"mse"` (mean squared error over the hidden dimension) or `"cosine"` (1 - cosine similarity). Where widths
+            differ, a learned linear projection maps the teacher's states to the student's width; it is trained with
+            the student and saved beside it as `hidden_state_projector.safetensors`.
 
         > Parameters that control where completions come from
 
@@ -136,8 +183,9 @@ class OnPolicyDistillConfig(SFTConfig):
     )
 
     # Teacher
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local path of the teacher, used when no `teacher_model` is passed."}
+    teacher_model_name_or_path: dict[str, str] | str | None = field(
+        default=None,
+        metadata={"help": "The teacher when no `teacher_model` is passed: Hub id, path, server URL, cache folder, or dict."},
     )
     teacher_model_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
@@ -146,6 +194,32 @@ class OnPolicyDistillConfig(SFTConfig):
     teacher_top_k: int | None = field(
         default=None, metadata={"help": "Keep the teacher's top-k log-probs plus a tail bucket; None = full vocab."}
     )
+
+    # Teacher server
+    teacher_server_model: str | None = field(default=None, metadata={"help": "Model name sent to the teacher server."})
+    teacher_server_timeout: float = field(default=60.0, metadata={"help": "Seconds per scoring request."})
+    teacher_server_max_retries: int = field(default=5, metadata={"help": "Retries of a failed request, with backoff."})
+    teacher_server_batch_size: int = field(default=8, metadata={"help": "Sequences per scoring request."})
+    teacher_server_concurrency: int = field(default=4, metadata={"help": "Scoring requests in flight at once."})
+    teacher_server_api_key_env: str = field(
+        default="TRL_ONPOLICY_TEACHER_API_KEY", metadata={"help": "Environment variable holding the server's API key."}
+    )
+
+    # Several teachers
+    teacher_mixture: str = field(
+        default="route", metadata={"help": "Several teachers: 'route' by a column, 'weighted' or 'confidence' mixing."}
+    )
+    teacher_routing_column: str = field(default="teacher", metadata={"help": "Column naming each row's teacher."})
+    teacher_weights: dict[str, float] | str | None = field(
+        default=None, metadata={"help": "Mixture weights per teacher name (sum to 1); equal when unset."}
+    )
+
+    # Hidden-state matching
+    hidden_state_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state term; 0 = off."})
+    hidden_state_layers: list[str] | None = field(
+        default=None, metadata={"help": "'student:teacher' layer pairs; default evenly spaced."}
+    )
+    hidden_state_distance: str = field(default="mse", metadata={"help": "'mse' or 'cosine'."})
 
     # Completions
     lmbda: float = field(default=1.0, metadata={"help": "Probability that the student writes the completions."})
@@ -203,6 +277,10 @@ class OnPolicyDistillConfig(SFTConfig):
             self.ddp_find_unused_parameters = False  # every trainable weight is used each step: skip DDP's extra pass
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
+        for name in ("teacher_model_name_or_path", "teacher_weights"):  # dicts arrive as JSON from the command line
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lstrip().startswith("{"):
+                setattr(self, name, json.loads(value))
         # SFTConfig validates its own `loss_type` ("nll"/"dft"); ours names a divergence and is checked below.
         loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
@@ -255,6 +333,41 @@ class OnPolicyDistillConfig(SFTConfig):
             not (self.packing or self.padding_free),
             "`packing` and `padding_free` do not apply to on-policy distillation: completions are generated per step. "
             "Set `packing=False` and `padding_free=False`.",
+        )
+
+        self._validate_teachers()
+
+    def _validate_teachers(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        check(self.teacher_server_timeout > 0, f"`teacher_server_timeout` must be > 0, got {self.teacher_server_timeout}.")
+        check(
+            self.teacher_server_max_retries >= 0,
+            f"`teacher_server_max_retries` must be >= 0, got {self.teacher_server_max_retries}.",
+        )
+        check(
+            self.teacher_server_batch_size >= 1 and self.teacher_server_concurrency >= 1,
+            "`teacher_server_batch_size` and `teacher_server_concurrency` must be >= 1, got "
+            f"{self.teacher_server_batch_size} and {self.teacher_server_concurrency}.",
+        )
+        check(
+            self.teacher_mixture in MIXTURES,
+            f"`teacher_mixture` must be one of {MIXTURES}, got {self.teacher_mixture!r}.",
+        )
+        if self.teacher_weights is not None:
+            check(isinstance(self.teacher_weights, dict), "`teacher_weights` must be a dict of teacher name -> weight.")
+            weights = list(self.teacher_weights.values())
+            check(
+                all(w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-6),
+                f"`teacher_weights` must be non-negative and sum to 1, got {self.teacher_weights} (sum "
+                f"{sum(weights):.6g}). Divide each weight by the sum.",
+            )
+        check(self.hidden_state_weight >= 0, f"`hidden_state_weight` must be >= 0, got {self.hidden_state_weight}.")
+        check(
+            self.hidden_state_distance in ("mse", "cosine"),
+            f"`hidden_state_distance` must be 'mse' or 'cosine', got {self.hidden_state_distance!r}.",
         )
 
     @property

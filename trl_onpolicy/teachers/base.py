@@ -12,7 +12,7 @@ Every backend returns a [`TeacherScores`] in one of three forms, so the loss is 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -31,6 +31,11 @@ class TeacherScores:
         topk_ids (`torch.Tensor`, *optional*): `(B, C, K)` the teacher's top-k token ids.
         topk_logps (`torch.Tensor`, *optional*): `(B, C, K)` their log-probs (tail mass is implied).
         vocab_size (`int`, *optional*): Logits beyond this index are padding of the embedding matrix and are dropped.
+        teacher_weights (`torch.Tensor`, *optional*): `(B, C, T)` the share of each of `T` teachers in the target of
+            each token (one-hot when rows are routed): only for the per-teacher metrics of several teachers.
+        teacher_names (`list[str]`, *optional*): The `T` teachers' names, for the metrics.
+        layer_hidden (`torch.Tensor`, *optional*): `(B, C, L, H_t)` the teacher's hidden states of `L` layers at the
+            completion positions, for hidden-state matching (local teachers only).
     """
 
     temperature: float = 1.0
@@ -40,8 +45,11 @@ class TeacherScores:
     topk_ids: torch.Tensor | None = None
     topk_logps: torch.Tensor | None = None
     vocab_size: int | None = None
+    teacher_weights: torch.Tensor | None = None
+    teacher_names: list[str] | None = None
+    layer_hidden: torch.Tensor | None = None
 
-    _TENSORS = ("token_logps", "hidden", "topk_ids", "topk_logps")
+    _TENSORS = ("token_logps", "hidden", "topk_ids", "topk_logps", "teacher_weights", "layer_hidden")
 
     @property
     def form(self) -> str:
@@ -77,6 +85,36 @@ class TeacherScores:
         logits = self.head(self.hidden[start:end]).float()  # (n, V_t)
         return logits[:, : self.vocab_size] if self.vocab_size is not None else logits
 
+    def reduce(self, targets: torch.Tensor, top_k: int | None = None, chunk_size: int = 1024) -> TeacherScores:
+        """
+        Full form -> top-k form (with `top_k`) or sampled-token form (without), projecting `chunk_size` positions to
+        the vocabulary at a time. Both keep the sampled tokens' log-probs (`token_logps`).
+
+        Args:
+            targets: `(B, C)` the completion tokens.
+            top_k: Keep this many of the most likely tokens per position.
+        """
+        if self.form != "full":
+            raise ValueError(f"Only full-form scores can be reduced, these are {self.form!r}.")
+        batch_size, n_completion = self.hidden.shape[:2]
+        flat = TeacherScores(self.temperature, hidden=self.hidden.flatten(0, 1), head=self.head, vocab_size=self.vocab_size)
+        targets = targets.reshape(-1).to(self.hidden.device)  # (B*C,)
+        token_logps, topk_ids, topk_logps = [], [], []
+        for start in range(0, targets.shape[0], chunk_size):
+            end = min(start + chunk_size, targets.shape[0])
+            logps = torch.log_softmax(flat.logits(start, end) / self.temperature, -1)  # (n, V)
+            token_logps.append(logps.gather(-1, targets[start:end, None]).squeeze(-1))  # (n,)
+            if top_k is not None:
+                values, ids = logps.topk(min(top_k, logps.shape[-1]), dim=-1)  # (n, K)
+                topk_logps.append(values)
+                topk_ids.append(ids)
+        shape = (batch_size, n_completion)
+        reduced = replace(self, hidden=None, head=None, token_logps=torch.cat(token_logps).view(shape))
+        if top_k is not None:
+            reduced.topk_ids = torch.cat(topk_ids).view(*shape, -1)  # (B, C, K)
+            reduced.topk_logps = torch.cat(topk_logps).view(*shape, -1)  # (B, C, K)
+        return reduced
+
 
 class Teacher:
     """
@@ -93,6 +131,7 @@ class Teacher:
         temperature: float = 1.0,
         top_k: int | None = None,
         need: str = "full",
+        hidden_layers: list[int] | None = None,
     ) -> TeacherScores:
         """
         Score the completion tokens of `batch` (as built by [`~trl_onpolicy.rollouts.collate`]).
@@ -104,6 +143,8 @@ class Teacher:
             top_k (`int`, *optional*): Return the top-k form with this `k`.
             need (`str`): `"full"` for a distribution (full or top-k), `"token"` when only the sampled tokens'
                 log-probs are used.
+            hidden_layers (`list[int]`, *optional*): Also return these layers' hidden states (`layer_hidden`), for
+                hidden-state matching; only a teacher that runs in this process can.
         """
         raise NotImplementedError
 

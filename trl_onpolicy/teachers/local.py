@@ -50,56 +50,54 @@ class LocalTeacher(Teacher):
     def _causal_lm(self):
         return self.model.get_base_model() if is_peft_model(self.model) else self.model
 
-    def completion_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`(B, C, H_t)` final hidden states at the positions that predict the completion tokens."""
+    def completion_hidden(
+        self, batch: dict[str, torch.Tensor], layers: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        `(B, C, H_t)` final hidden states at the positions that predict the completion tokens, and, with `layers`,
+        `(B, C, L, H_t)` those layers' hidden states there (index 0 is the embeddings, as in `hidden_states`).
+        """
         lm = self._causal_lm()
         was_training = lm.training
         lm.eval()
+        n_completion = batch["completion_ids"].shape[1]
+        positions = slice(-n_completion - 1, -1)
         try:
             with self._context(), torch.inference_mode():
                 out = lm.base_model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     **position_kwargs(lm.base_model, batch["attention_mask"]),
+                    output_hidden_states=layers is not None,
                     use_cache=False,
                 )
-                n_completion = batch["completion_ids"].shape[1]
-                hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # (B, C, H_t)
+                hidden = out.last_hidden_state[:, positions]  # (B, C, H_t)
+                layer_hidden = None
+                if layers is not None:
+                    layer_hidden = torch.stack([out.hidden_states[j][:, positions] for j in layers], 2)  # (B, C, L, H_t)
         finally:
             lm.train(was_training)
-        return hidden.clone()  # out of inference mode, so autograd may use it as a constant
+        # clones are made out of inference mode, so autograd may use them as constants
+        return hidden.clone(), None if layer_hidden is None else layer_hidden.clone()
 
-    def score(self, batch, *, temperature=1.0, top_k=None, need="full") -> TeacherScores:
-        hidden = self.completion_hidden(batch)  # (B, C, H_t)
+    @property
+    def num_hidden_layers(self) -> int:
+        return self._causal_lm().config.get_text_config().num_hidden_layers
+
+    def score(self, batch, *, temperature=1.0, top_k=None, need="full", hidden_layers=None) -> TeacherScores:
+        hidden, layer_hidden = self.completion_hidden(batch, hidden_layers)  # (B, C, H_t), (B, C, L, H_t)
         lm = self._causal_lm()
 
         def head(h):
             with self._context(), torch.no_grad():
                 return output_logits(lm, h)
 
-        if need == "full" and top_k is None:
-            return TeacherScores(temperature, hidden=hidden, head=head, vocab_size=self.compare_vocab)
-        batch_size, n_completion = hidden.shape[:2]
-        flat = hidden.reshape(batch_size * n_completion, -1)  # (B*C, H_t)
-        targets = batch["completion_ids"].reshape(-1)  # (B*C,)
-        token_logps, topk_ids, topk_logps = [], [], []
-        for start in range(0, flat.shape[0], self.chunk_size):
-            logits = head(flat[start : start + self.chunk_size]).float()  # (n, V)
-            if self.compare_vocab is not None:
-                logits = logits[:, : self.compare_vocab]
-            logps = torch.log_softmax(logits / temperature, -1)  # (n, V)
-            token_logps.append(logps.gather(-1, targets[start : start + self.chunk_size, None]).squeeze(-1))
-            if top_k is not None:
-                values, ids = logps.topk(min(top_k, logps.shape[-1]), dim=-1)  # (n, K)
-                topk_logps.append(values)
-                topk_ids.append(ids)
         scores = TeacherScores(
-            temperature, token_logps=torch.cat(token_logps).view(batch_size, n_completion), vocab_size=self.compare_vocab
+            temperature, hidden=hidden, head=head, vocab_size=self.compare_vocab, layer_hidden=layer_hidden
         )
-        if top_k is not None:
-            scores.topk_ids = torch.cat(topk_ids).view(batch_size, n_completion, -1)  # (B, C, K)
-            scores.topk_logps = torch.cat(topk_logps).view(batch_size, n_completion, -1)  # (B, C, K)
-        return scores
+        if need == "full" and top_k is None:
+            return scores
+        return scores.reduce(batch["completion_ids"], top_k, self.chunk_size)
 
     def generate(self, prompt_ids, generation_config, tokenizer=None):
         with self._context():
