@@ -65,7 +65,8 @@ def test_config_out_of_range(tmp_path, overrides, message):
 
 
 def test_teacher_of_wrong_type(tmp_path):
-    with pytest.raises(TypeError, match=fragment("`teacher_model` must be a model id or path, a `PreTrainedModel`")):
+    message = "A teacher must be a model id or path, a server URL, a teacher-cache folder, a `PreTrainedModel`"
+    with pytest.raises(TypeError, match=fragment(message)):
         tm.trainer(tmp_path, teacher=123)
 
 

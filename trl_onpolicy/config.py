@@ -12,7 +12,6 @@ from trl import SFTConfig
 
 from .temperature import SCHEDULES
 
-
 MIXTURES = ("route", "weighted", "confidence")
 LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
 
@@ -172,7 +171,9 @@ class OnPolicyDistillConfig(SFTConfig):
     # Overridden defaults
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Deprecated alias of `activation_checkpointing` (off unless set): trade compute for memory."},
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` (off unless set): trade compute for memory."
+        },
     )
     bf16: bool | None = field(
         default=None,
@@ -185,7 +186,9 @@ class OnPolicyDistillConfig(SFTConfig):
     # Teacher
     teacher_model_name_or_path: dict[str, str] | str | None = field(
         default=None,
-        metadata={"help": "The teacher when no `teacher_model` is passed: Hub id, path, server URL, cache folder, or dict."},
+        metadata={
+            "help": "The teacher when no `teacher_model` is passed: Hub id, path, server URL, cache folder, or dict."
+        },
     )
     teacher_model_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
@@ -295,14 +298,18 @@ class OnPolicyDistillConfig(SFTConfig):
                 raise ValueError(message)
 
         check(self.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
-        check(0.0 <= self.beta <= 1.0, f"`beta` must be in [0.0, 1.0] (0 = forward KL, 1 = reverse KL), got {self.beta}.")
+        check(
+            0.0 <= self.beta <= 1.0, f"`beta` must be in [0.0, 1.0] (0 = forward KL, 1 = reverse KL), got {self.beta}."
+        )
         check(0.0 <= self.lmbda <= 1.0, f"`lmbda` must be a probability in [0.0, 1.0], got {self.lmbda}.")
         check(0.0 <= self.skew_alpha < 1.0, f"`skew_alpha` must be in [0.0, 1.0), got {self.skew_alpha}.")
         check(self.temperature > 0.0, f"`temperature` (sampling) must be > 0, got {self.temperature}.")
         check(0.0 < self.top_p <= 1.0, f"`top_p` must be in (0.0, 1.0], got {self.top_p}.")
         check(self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}.")
         check(self.num_generations >= 1, f"`num_generations` must be >= 1, got {self.num_generations}.")
-        check(self.max_completion_length >= 1, f"`max_completion_length` must be >= 1, got {self.max_completion_length}.")
+        check(
+            self.max_completion_length >= 1, f"`max_completion_length` must be >= 1, got {self.max_completion_length}."
+        )
         check(
             self.teacher_top_k is None or self.teacher_top_k >= 1,
             f"`teacher_top_k` must be None (full vocabulary) or >= 1, got {self.teacher_top_k}.",
@@ -342,7 +349,10 @@ class OnPolicyDistillConfig(SFTConfig):
             if not ok:
                 raise ValueError(message)
 
-        check(self.teacher_server_timeout > 0, f"`teacher_server_timeout` must be > 0, got {self.teacher_server_timeout}.")
+        check(
+            self.teacher_server_timeout > 0,
+            f"`teacher_server_timeout` must be > 0, got {self.teacher_server_timeout}.",
+        )
         check(
             self.teacher_server_max_retries >= 0,
             f"`teacher_server_max_retries` must be >= 0, got {self.teacher_server_max_retries}.",
@@ -357,7 +367,9 @@ class OnPolicyDistillConfig(SFTConfig):
             f"`teacher_mixture` must be one of {MIXTURES}, got {self.teacher_mixture!r}.",
         )
         if self.teacher_weights is not None:
-            check(isinstance(self.teacher_weights, dict), "`teacher_weights` must be a dict of teacher name -> weight.")
+            check(
+                isinstance(self.teacher_weights, dict), "`teacher_weights` must be a dict of teacher name -> weight."
+            )
             weights = list(self.teacher_weights.values())
             check(
                 all(w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-6),

@@ -57,6 +57,9 @@ class LossSums:
     tokens: int = 0
     student_token_logps: torch.Tensor | None = None  # (N,) detached, for completion logs
     teacher_token_logps: torch.Tensor | None = None  # (N,) detached; NaN where the teacher gave no distribution
+    teacher_divergence: torch.Tensor | None = None  # (T,) divergence weighted by each teacher's share (several)
+    teacher_tokens: torch.Tensor | None = None  # (T,) tokens counted by each teacher's share (several teachers)
+    hidden_distance: float = 0.0  # sum over tokens of the hidden-state distance (hidden-state matching)
 
 
 def _chunk_terms(
@@ -136,6 +139,8 @@ def distillation_loss(
     total = student_hidden.new_zeros((), dtype=torch.float32)
     div_sum, s_ent_sum, t_ent_sum, t_ent_n = 0.0, 0.0, 0.0, 0
     s_tokens, t_tokens = [], []
+    shares = teacher.teacher_weights  # (N, T) or None
+    per_teacher_div = None if shares is None else torch.zeros(shares.shape[-1], dtype=torch.float64)  # (T,)
     use_checkpoint = n_tokens > chunk_size and torch.is_grad_enabled()
     for start in range(0, n_tokens, chunk_size):
         end = min(start + chunk_size, n_tokens)
@@ -153,5 +158,10 @@ def distillation_loss(
         finite = ~torch.isnan(t_ent)
         t_ent_sum += t_ent[finite].sum().item()
         t_ent_n += int(finite.sum().item())
+        if shares is not None:
+            per_teacher_div += (shares[start:end] * per_token.detach()[:, None]).sum(0).double().cpu()  # (T,)
     loss = total * scale / max(float(num_items), 1e-8)
-    return LossSums(loss, div_sum, s_ent_sum, t_ent_sum, t_ent_n, n_tokens, torch.cat(s_tokens), torch.cat(t_tokens))
+    sums = LossSums(loss, div_sum, s_ent_sum, t_ent_sum, t_ent_n, n_tokens, torch.cat(s_tokens), torch.cat(t_tokens))
+    if shares is not None:
+        sums.teacher_divergence, sums.teacher_tokens = per_teacher_div, shares.sum(0).double().cpu()
+    return sums

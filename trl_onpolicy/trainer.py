@@ -30,14 +30,14 @@ from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from . import hidden_states
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
 from .config import OnPolicyDistillConfig
 from .loss import LossSums, distillation_loss, output_logits
 from .prompts import check_columns, prepare_dataset
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
-from .teachers import LocalTeacher, build_teacher, load_teacher_model
+from .teachers import EnsembleTeacher, LocalTeacher, build_teacher, load_teacher_model
 from .temperature import LossTemperature, grad_scale
-
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,12 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._check_completion_sources(train_dataset)
         student = self.accelerator.unwrap_model(self.model)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
-        if isinstance(self.teacher, LocalTeacher) and not self.teacher.disable_adapters:
-            self.teacher.model.to(self.accelerator.device)
+        for member in self.teacher.members if isinstance(self.teacher, EnsembleTeacher) else [self.teacher]:
+            if isinstance(member, LocalTeacher) and not member.disable_adapters:
+                member.model.to(self.accelerator.device)
+        if isinstance(self.teacher, EnsembleTeacher):
+            self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
+        self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
         self.reference = self._build_reference(args)
         self.generation_config = build_generation_config(args, self._tokenizer)
         self.loss_temperature = LossTemperature(
@@ -276,7 +280,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         batch = collate(rollouts, self._tokenizer.pad_token_id, self.accelerator.device)
         need = "token" if self.args.loss_type == "sampled_reverse_kl" else "full"
         temperature = self.loss_temperature.value
-        batch["teacher"] = self.teacher.score(batch, temperature=temperature, top_k=self.args.teacher_top_k, need=need)
+        batch["rows"] = rollouts.rows  # the dataset rows, for routing to several teachers
+        kwargs = {"hidden_layers": [j for _, j in self.hidden_pairs]} if self.hidden_pairs else {}
+        batch["teacher"] = self.teacher.score(
+            batch, temperature=temperature, top_k=self.args.teacher_top_k, need=need, **kwargs
+        )
         if self.reference is not None:
             batch["reference"] = self.reference.score(batch, temperature=temperature, need="token").token_logps
         return batch
@@ -358,10 +366,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         hidden = out.hidden_states[-1][:, -n_completion - 1 : -1]  # (B, C, H)
         mask = inputs["completion_mask"].bool()  # (B, C)
         temperature = self.loss_temperature.value
+        teacher = inputs["teacher"].flatten(mask)
         sums = distillation_loss(
             hidden[mask],  # (N, H)
             lambda h: output_logits(causal_lm, h),
-            inputs["teacher"].flatten(mask),
+            teacher,
             inputs["completion_ids"][mask],  # (N,)
             loss_type=self.args.loss_type,
             beta=self.args.beta,
@@ -373,6 +382,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
             scale=grad_scale(temperature, self.args.temperature_grad_scale),
             chunk_size=self.args.loss_chunk_size,
         )
+        if self.hidden_pairs:
+            term, sums.hidden_distance = hidden_states.matching_term(
+                out.hidden_states, mask, teacher.layer_hidden, self.hidden_pairs, student, self.args, num_items
+            )
+            sums.loss = sums.loss + term
         return sums.loss, sums
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -388,6 +402,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         stats["teacher_entropy"] += sums.teacher_entropy
         stats["teacher_entropy_tokens"] += sums.teacher_entropy_tokens
         stats["local_tokens"] += sums.tokens
+        stats["hidden_distance"] += sums.hidden_distance
+        if sums.teacher_tokens is not None:
+            stats["per_teacher"] = stats.get("per_teacher", 0) + torch.cat(
+                [sums.teacher_divergence, sums.teacher_tokens]
+            )
         stats["nonfinite"] += float(not torch.isfinite(loss).item())
         if getattr(self, "_pending", None) is not None and self.model.training:
             self._pending["student"].append(sums.student_token_logps)
@@ -404,7 +423,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def _finish_step(self, model):
         """Gather the step's statistics, skip a non-finite update, and log the step's metrics."""
         stats = self._step_stats
-        keys = ("divergence", "student_entropy", "teacher_entropy", "teacher_entropy_tokens", "local_tokens", "nonfinite")
+        keys = ("divergence", "student_entropy", "teacher_entropy", "teacher_entropy_tokens", "local_tokens", "nonfinite",
+                "hidden_distance")  # fmt: skip
         local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         total = dict(zip(keys, self.accelerator.reduce(local, reduction="sum").tolist()))
         grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -418,6 +438,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         metrics = self._metrics["train"]
         metrics["divergence"].append(total["divergence"] / tokens)
         metrics["student_entropy"].append(total["student_entropy"] / tokens)
+        if self.hidden_pairs:
+            metrics["hidden_state_distance"].append(total["hidden_distance"] / tokens)
+        self._log_per_teacher(stats.get("per_teacher"))
         if self._last_teacher_entropy is not None:
             metrics["teacher_entropy"].append(self._last_teacher_entropy)
         seconds = time.perf_counter() - self._step_start
@@ -426,13 +449,28 @@ class OnPolicyDistillTrainer(SFTTrainer):
         metrics["nonfinite_skipped"] = [float(self._nonfinite_total)]
         self._emit_records()
 
+    def _log_per_teacher(self, local):
+        """Several teachers: each one's divergence (weighted by its share of each token) and its tokens."""
+        names = getattr(self.teacher, "names", None)
+        if names is None:
+            return
+        local = local if isinstance(local, torch.Tensor) else torch.zeros(2 * len(names), dtype=torch.float64)
+        total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").tolist()
+        divergence, tokens = total[: len(names)], total[len(names) :]
+        for name, div, n in zip(names, divergence, tokens):
+            self._metrics["train"][f"teacher/{name}/tokens"].append(n)
+            if n > 0:
+                self._metrics["train"][f"teacher/{name}/divergence"].append(div / n)
+
     def _skip_update(self, model, what: str):
         for p in model.parameters():
             p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
         self._nonfinite_in_a_row += 1
         self._nonfinite_total += 1
         step = self.state.global_step + 1
-        logger.warning("Step %d: non-finite %s; the update is skipped (%d in a row).", step, what, self._nonfinite_in_a_row)
+        logger.warning(
+            "Step %d: non-finite %s; the update is skipped (%d in a row).", step, what, self._nonfinite_in_a_row
+        )
         if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             raise FloatingPointError(
                 f"Training stopped at step {step}: {self._nonfinite_in_a_row} updates in a row had a non-finite "
@@ -498,6 +536,22 @@ class OnPolicyDistillTrainer(SFTTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, batch)
         return loss.detach(), None, None
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The student's weights as `from_pretrained` expects them; a learned hidden-state projector in its own file."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if hidden_states.projector_of(unwrapped) is None:
+            return super()._save(output_dir, state_dict)
+        state_dict = hidden_states.without_projector(state_dict if state_dict is not None else unwrapped.state_dict())
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            hidden_states.save_projector(unwrapped, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        hidden_states.load_projector(
+            self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint
+        )
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
 from .base import Teacher, TeacherScores
+from .ensemble import EnsembleTeacher
 from .local import LocalTeacher
-
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LocalTeacher", "Teacher", "TeacherScores", "build_teacher", "compared_vocab_size"]
+__all__ = ["EnsembleTeacher", "LocalTeacher", "Teacher", "TeacherScores", "build_teacher", "compared_vocab_size"]
 
 
 def compared_vocab_size(student_vocab: int, teacher_vocab: int | None, tokenizer_vocab: int) -> int:
@@ -36,9 +37,7 @@ def compared_vocab_size(student_vocab: int, teacher_vocab: int | None, tokenizer
 
 def _check_tokenizer(path: str, tokenizer, revision: str | None, trust_remote_code: bool) -> None:
     try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        teacher_tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # no tokenizer saved beside the teacher: nothing to compare
         return
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -58,25 +57,53 @@ def load_teacher_model(path: str, args, tokenizer) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
 
 
+def _is_url(value) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def _one_teacher(spec, args, student, tokenizer) -> Teacher:
+    """One backend from a spec: a `Teacher`, a model, a server URL, a cache folder, or a model id or path."""
+    if isinstance(spec, Teacher):
+        return spec
+    if _is_url(spec):
+        from .server import ServerTeacher
+
+        return ServerTeacher.from_config(spec, args, tokenizer)
+    if isinstance(spec, (str, os.PathLike)):
+        from .cache import TeacherCache, is_teacher_cache
+
+        if is_teacher_cache(spec):
+            return TeacherCache.from_config(spec, args, tokenizer)
+        return LocalTeacher(load_teacher_model(str(spec), args, tokenizer), chunk_size=args.loss_chunk_size)
+    if isinstance(spec, PreTrainedModel) or is_peft_model(spec):
+        return LocalTeacher(spec, chunk_size=args.loss_chunk_size)
+    raise TypeError(
+        "A teacher must be a model id or path, a server URL, a teacher-cache folder, a `PreTrainedModel`, or a "
+        f"`trl_onpolicy.teachers.Teacher`, got {type(spec).__name__}."
+    )
+
+
 def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int]:
     """
-    The teacher backend for `teacher_model`:
+    The teacher backend for `teacher_model` (or `args.teacher_model_name_or_path` when it is None):
 
     - a [`Teacher`] is used as is;
-    - a model id or path (or `args.teacher_model_name_or_path` when `teacher_model` is None) is loaded locally;
-    - a [`~transformers.PreTrainedModel`] is wrapped in a [`LocalTeacher`];
+    - an `http(s)://` URL is a teacher server ([`ServerTeacher`]);
+    - a folder holding a teacher cache is read from disk ([`TeacherCache`]);
+    - a model id or path is loaded here; a [`~transformers.PreTrainedModel`] is wrapped in a [`LocalTeacher`];
+    - a dict of those is an [`EnsembleTeacher`] (`args.teacher_mixture`, `teacher_routing_column`,
+      `teacher_weights`);
     - no teacher and a LoRA student: the student with its adapters disabled (self-distillation).
 
     Returns the teacher and the number of logit columns the loss compares (see [`compared_vocab_size`]).
     """
     if teacher_model is None:
         teacher_model = args.teacher_model_name_or_path
-    if isinstance(teacher_model, Teacher):
-        teacher = teacher_model
-    elif isinstance(teacher_model, str):
-        teacher = LocalTeacher(load_teacher_model(teacher_model, args, tokenizer), chunk_size=args.loss_chunk_size)
-    elif isinstance(teacher_model, PreTrainedModel) or is_peft_model(teacher_model):
-        teacher = LocalTeacher(teacher_model, chunk_size=args.loss_chunk_size)
+    if isinstance(teacher_model, dict):
+        members = {str(name): _one_teacher(spec, args, student, tokenizer) for name, spec in teacher_model.items()}
+        teacher = EnsembleTeacher(
+            members, args.teacher_mixture, args.teacher_routing_column, args.teacher_weights, args.loss_chunk_size
+        )
     elif teacher_model is None and is_peft_model(student):
         logger.info("No teacher given: the LoRA student's base network (adapters disabled) is the teacher.")
         teacher = LocalTeacher(student, disable_adapters=True, chunk_size=args.loss_chunk_size)
@@ -86,12 +113,11 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
             "(or train a LoRA student, whose base network can serve as its own teacher)."
         )
     else:
-        raise TypeError(
-            "`teacher_model` must be a model id or path, a `PreTrainedModel`, or a `trl_onpolicy.teachers.Teacher`, "
-            f"got {type(teacher_model).__name__}."
-        )
+        teacher = _one_teacher(teacher_model, args, student, tokenizer)
     student_vocab = student.get_output_embeddings().weight.shape[0]
-    vocab = compared_vocab_size(student_vocab, teacher.vocab_size, len(tokenizer))
-    if isinstance(teacher, LocalTeacher):
-        teacher.compare_vocab = vocab
+    members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
+    vocab = min(compared_vocab_size(student_vocab, t.vocab_size, len(tokenizer)) for t in members)
+    for member in members:
+        if hasattr(member, "compare_vocab"):
+            member.compare_vocab = vocab
     return teacher, vocab

@@ -97,7 +97,9 @@ class TeacherScores:
         if self.form != "full":
             raise ValueError(f"Only full-form scores can be reduced, these are {self.form!r}.")
         batch_size, n_completion = self.hidden.shape[:2]
-        flat = TeacherScores(self.temperature, hidden=self.hidden.flatten(0, 1), head=self.head, vocab_size=self.vocab_size)
+        flat = TeacherScores(
+            self.temperature, hidden=self.hidden.flatten(0, 1), head=self.head, vocab_size=self.vocab_size
+        )
         targets = targets.reshape(-1).to(self.hidden.device)  # (B*C,)
         token_logps, topk_ids, topk_logps = [], [], []
         for start in range(0, targets.shape[0], chunk_size):

@@ -74,7 +74,9 @@ class LocalTeacher(Teacher):
                 hidden = out.last_hidden_state[:, positions]  # (B, C, H_t)
                 layer_hidden = None
                 if layers is not None:
-                    layer_hidden = torch.stack([out.hidden_states[j][:, positions] for j in layers], 2)  # (B, C, L, H_t)
+                    layer_hidden = torch.stack(
+                        [out.hidden_states[j][:, positions] for j in layers], 2
+                    )  # (B, C, L, H_t)
         finally:
             lm.train(was_training)
         # clones are made out of inference mode, so autograd may use them as constants
