@@ -531,8 +531,10 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation loss: the student writes completions for the eval prompts and the teacher scores them."""
-        batch = self.score(self.make_rollouts(inputs, "student"))
+        """Evaluation loss: the student writes completions for the eval prompts and the teacher scores them (with a
+        teacher that knows only the dataset's completions, a cache, the eval rows' own completions are scored)."""
+        source = "student" if self.teacher.scores_any_completion else "dataset"
+        batch = self.score(self.make_rollouts(inputs, source))
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, batch)
         return loss.detach(), None, None

@@ -9,12 +9,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
 from .base import Teacher, TeacherScores
+from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
 from .ensemble import EnsembleTeacher
 from .local import LocalTeacher
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EnsembleTeacher", "LocalTeacher", "Teacher", "TeacherScores", "build_teacher", "compared_vocab_size"]
+__all__ = [
+    "CacheError",
+    "EnsembleTeacher",
+    "LocalTeacher",
+    "Teacher",
+    "TeacherCache",
+    "TeacherScores",
+    "build_teacher",
+    "build_teacher_cache",
+    "compared_vocab_size",
+]
 
 
 def compared_vocab_size(student_vocab: int, teacher_vocab: int | None, tokenizer_vocab: int) -> int:
@@ -63,6 +74,9 @@ def _is_url(value) -> bool:
 
 def _one_teacher(spec, args, student, tokenizer) -> Teacher:
     """One backend from a spec: a `Teacher`, a model, a server URL, a cache folder, or a model id or path."""
+    if isinstance(spec, TeacherCache):
+        spec.check_config(args)  # lmbda, temperature and top-k must fit what the cache holds
+        return spec
     if isinstance(spec, Teacher):
         return spec
     if _is_url(spec):
@@ -70,8 +84,6 @@ def _one_teacher(spec, args, student, tokenizer) -> Teacher:
 
         return ServerTeacher.from_config(spec, args, tokenizer)
     if isinstance(spec, (str, os.PathLike)):
-        from .cache import TeacherCache, is_teacher_cache
-
         if is_teacher_cache(spec):
             return TeacherCache.from_config(spec, args, tokenizer)
         return LocalTeacher(load_teacher_model(str(spec), args, tokenizer), chunk_size=args.loss_chunk_size)

@@ -125,6 +125,7 @@ class Teacher:
     """
 
     name: str = "teacher"
+    scores_any_completion: bool = True  # False: only completions known in advance (a cache of the dataset's)
 
     def score(
         self,

@@ -67,6 +67,10 @@ class EnsembleTeacher(Teacher):
         return min(sizes) if sizes else None
 
     @property
+    def scores_any_completion(self) -> bool:
+        return all(t.scores_any_completion for t in self.teachers.values())
+
+    @property
     def members(self) -> list[Teacher]:
         return list(self.teachers.values())
 

@@ -1,0 +1,585 @@
+"""The offline teacher: its top-k log-probs of a dataset's completions, computed once, then read from disk.
+
+[`build_teacher_cache`] scores the dataset's own completions (tokenised exactly as the trainer does) and stores, per
+completion token, the teacher's `k` most likely tokens, their log-probs and the token's own log-prob in safetensors
+shards, with a `manifest.json` naming the teacher, the tokenizer, `k` and each shard's sha256. [`TeacherCache`] answers
+`score` from the memory-mapped shards, so training runs without the teacher in memory ("offline distillation").
+
+How it departs from a live teacher: only the top-k form exists (the tail mass `1 - sum(top-k)` is implied and
+[`~trl_onpolicy.divergences.append_tail`] recovers it), so the loss temperature is fixed at build time (top-k
+log-probs cannot be re-tempered exactly), and only the completions that were scored can be looked up: on-policy
+rollouts (`lmbda > 0`) and `seq_kd` need a live teacher. Every refusal names what differs and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from .._compat import is_peft_model
+from ..prompts import check_columns, prepare_dataset
+from ..rollouts import Rollouts, collate
+from .base import Teacher, TeacherScores
+from .local import LocalTeacher
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "trl-onpolicy-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+_SEPARATOR = np.array([-1], dtype="<i8").tobytes()  # token ids are >= 0, so -1 cannot occur inside a row
+# Config entries that name or place a model rather than define what it computes
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+                         "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states",
+                         "return_dict", "architectures"}  # fmt: skip
+_REBUILD = "Rebuild it with `build_teacher_cache(..., overwrite=True)`."
+_NO_HIDDEN_STATES = (
+    "Hidden-state matching needs the teacher's hidden states, which a teacher cache does not hold: use a local "
+    "teacher, or set `hidden_state_weight=0`."
+)
+
+
+class CacheError(ValueError):
+    """A teacher cache that cannot serve this run: damaged, incomplete, or made for another teacher or tokenizer."""
+
+
+# ------------------------------------------------------------------------------------------------- identities
+def tokenizer_fingerprint(tokenizer) -> str:
+    """
+    sha256 of the vocabulary (sorted by id), the special tokens and the chat template. The pad token is left out: the
+    trainer may set it after the cache was made, and rows are stored without padding.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if k != "pad_token"}
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
+        "special": special,
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model, include_adapters: bool = True) -> str:
+    """
+    sha256 of a model's config (without its name, dtype and runtime switches), every parameter's shape and 64 evenly
+    spaced values of each parameter rounded to bfloat16 (so a float32 and a bfloat16 copy of the same weights agree).
+    Reads 64 values per tensor, so it takes milliseconds even for large models. A PEFT model is unwrapped; with
+    `include_adapters=False` its LoRA weights are skipped (the base network, as a self-distillation teacher sees it).
+    """
+    if is_peft_model(model):
+        model = model.get_base_model()
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    samples = []
+    for name, param in model.named_parameters():
+        if not include_adapters and "lora_" in name:
+            continue
+        digest.update(f"{tuple(param.shape)};".encode())
+        if param.device.type == "meta" or param.numel() == 0:  # offloaded: the shape is all there is to read
+            continue
+        flat = param.detach().reshape(-1)  # (n,)
+        n = min(64, flat.numel())
+        index = torch.arange(n) * (flat.numel() - 1) // max(n - 1, 1)  # (n,) first to last, exact in int64
+        samples.append(flat[index.to(flat.device)].to(torch.bfloat16).float().cpu())
+    if samples:
+        digest.update(torch.cat(samples).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def row_key(prompt_ids, completion_ids) -> bytes:
+    """128-bit blake2b of prompt ids + a separator + completion ids (int64 little-endian): a row's name in the cache."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(prompt_ids, dtype="<i8").tobytes())
+    digest.update(_SEPARATOR)
+    digest.update(np.asarray(completion_ids, dtype="<i8").tobytes())
+    return digest.digest()
+
+
+def is_teacher_cache(path) -> bool:
+    """Whether `path` is a teacher cache folder (complete or not: an incomplete one is refused with a message)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return False
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        return os.path.isfile(os.path.join(path, SHARD_PATTERN.format(0)))
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError):  # damaged: a cache that `TeacherCache` refuses with the reason
+        return True
+    return isinstance(content, dict) and content.get("format") == FORMAT
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------- building
+class _ShardWriter:
+    """Collects scored rows and writes a shard whenever `shard_tokens` tokens are waiting."""
+
+    def __init__(self, folder: str, shard_tokens: int):
+        self.folder, self.shard_tokens = folder, shard_tokens
+        self.entries: list[dict] = []
+        self._rows: list[tuple[bytes, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._tokens = 0
+
+    def add(self, key: bytes, topk_ids: torch.Tensor, topk_logps: torch.Tensor, token_logps: torch.Tensor) -> None:
+        self._rows.append((key, topk_ids, topk_logps, token_logps))
+        self._tokens += token_logps.shape[0]
+        if self._tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        keys, ids, logps, tokens = zip(*self._rows)
+        lengths = torch.tensor([0] + [t.shape[0] for t in tokens], dtype=torch.int64)
+        tensors = {
+            "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), 16),  # (R, 16)
+            "offsets": lengths.cumsum(0),  # (R + 1,)
+            "topk_ids": torch.cat(ids).to(torch.int32).contiguous(),  # (N, K)
+            "topk_logps": torch.cat(logps).to(torch.float32).contiguous(),  # (N, K)
+            "token_logps": torch.cat(tokens).to(torch.float32).contiguous(),  # (N,)
+        }
+        data = save_safetensors(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+        name = SHARD_PATTERN.format(len(self.entries))
+        _write_atomic(os.path.join(self.folder, name), data)
+        entry = {"file": name, "rows": len(keys), "tokens": self._tokens, "sha256": hashlib.sha256(data).hexdigest()}
+        self.entries.append(entry)
+        self._rows, self._tokens = [], 0
+
+
+def _as_local(teacher, teacher_name: str | None, vocab_size: int | None) -> tuple[Teacher, str | None, str | None]:
+    """The teacher backend, its name and its weights' fingerprint (None for a backend that is not a local model)."""
+    if not isinstance(teacher, Teacher):
+        teacher = LocalTeacher(teacher, vocab_size=vocab_size)
+    elif isinstance(teacher, LocalTeacher) and vocab_size is not None:
+        teacher = LocalTeacher(teacher.model, teacher.disable_adapters, vocab_size, teacher.chunk_size)
+    if isinstance(teacher, LocalTeacher):
+        model = teacher._causal_lm()
+        name = teacher_name or model.config._name_or_path or None
+        return teacher, name, model_fingerprint(teacher.model, include_adapters=not teacher.disable_adapters)
+    return teacher, teacher_name, None
+
+
+def _prepare_folder(folder: str, overwrite: bool) -> None:
+    if os.path.isfile(os.path.join(folder, MANIFEST)) and not is_teacher_cache(folder):
+        raise CacheError(f"{folder} holds a {MANIFEST} that is not a teacher cache's: choose another folder.")
+    if is_teacher_cache(folder):
+        if not overwrite:
+            raise CacheError(
+                f"{folder} already holds a teacher cache (or the shards of an interrupted build). Pass "
+                "`overwrite=True` to replace it, or choose another folder."
+            )
+        if os.path.isfile(os.path.join(folder, MANIFEST)):
+            os.remove(os.path.join(folder, MANIFEST))
+        for name in os.listdir(folder):  # the manifest went first: a crash from here on leaves an incomplete cache
+            if name.startswith("shard-") and name.endswith(".safetensors"):
+                os.remove(os.path.join(folder, name))
+    os.makedirs(folder, exist_ok=True)
+
+
+def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batch_size: int, writer) -> int | None:
+    """Score every distinct non-empty row of a tokenised dataset, `batch_size` rows a call; returns K (None: no row)."""
+    device = next(teacher.model.parameters()).device if isinstance(teacher, LocalTeacher) else None
+    seen, pending, k = set(), [], None
+    total = len(rows) if hasattr(rows, "__len__") else None
+    if hasattr(rows, "select_columns"):
+        rows = rows.select_columns(["prompt_ids", "completion_ids"])
+    for row in tqdm(rows, total=total, desc="Teacher cache", unit="row"):
+        key = row_key(row["prompt_ids"], row["completion_ids"])
+        if not row["completion_ids"] or key in seen:  # nothing to score, or scored already
+            continue
+        seen.add(key)
+        pending.append((key, list(row["prompt_ids"]), list(row["completion_ids"])))
+        if len(pending) == batch_size:
+            k = _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer)
+            pending = []
+    if pending:
+        k = _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer)
+    writer.flush()
+    return k
+
+
+def _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer) -> int:
+    """Score `pending` `(key, prompt_ids, completion_ids)` rows, hand each row's scores to `writer`; returns K."""
+    rollouts = Rollouts([p for _, p, _ in pending], [c for _, _, c in pending], "dataset")
+    batch = collate(rollouts, pad_id, device)
+    scores = teacher.score(batch, temperature=temperature, top_k=top_k)
+    if scores.form != "topk" or scores.token_logps is None:
+        raise CacheError(
+            f"The teacher returned {scores.form!r} scores for `top_k={top_k}`; a cache needs the top-k form with the "
+            "sampled tokens' log-probs."
+        )
+    ids, logps, tokens = scores.topk_ids.cpu(), scores.topk_logps.float().cpu(), scores.token_logps.float().cpu()
+    for i, (key, _, completion) in enumerate(pending):
+        n = len(completion)
+        writer.add(key, ids[i, :n], logps[i, :n], tokens[i, :n])  # (n, K), (n, K), (n,)
+    return ids.shape[-1]
+
+
+def build_teacher_cache(
+    teacher,
+    dataset,
+    tokenizer,
+    output_dir: str,
+    *,
+    top_k: int = 20,
+    temperature: float = 1.0,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    batch_size: int = 16,
+    shard_tokens: int = 1_000_000,
+    teacher_name: str | None = None,
+    vocab_size: int | None = None,
+    overwrite: bool = False,
+) -> TeacherCache:
+    """
+    Score a dataset's own completions with `teacher` once and store the top-k log-probs as a teacher cache.
+
+    Args:
+        teacher ([`Teacher`] or [`~transformers.PreTrainedModel`]): The teacher; a model is wrapped in a
+            [`LocalTeacher`].
+        dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]): Prompt-completion or conversational rows
+            (prompt-only rows have nothing to score). Tokenised as the trainer does; identical rows are scored once.
+        tokenizer: The student's tokenizer (its fingerprint is stored and checked when training).
+        output_dir (`str`): Folder of the cache: `shard-00000.safetensors`, ... and `manifest.json`, written last.
+        top_k (`int`, *optional*, defaults to `20`): Log-probs kept per token.
+        temperature (`float`, *optional*, defaults to `1.0`): Loss temperature of the log-probs; training must use it.
+        max_prompt_length, max_completion_length (`int`, *optional*): Cut rows as the trainer will (its
+            `max_length - max_completion_length` and `max_completion_length`), or rows will not be found.
+        batch_size (`int`, *optional*, defaults to `16`): Rows per teacher call.
+        shard_tokens (`int`, *optional*, defaults to `1_000_000`): Completion tokens per shard (about 160 bytes each
+            at `k=20`).
+        teacher_name (`str`, *optional*): Stored name; defaults to the model's `_name_or_path`.
+        vocab_size (`int`, *optional*): Rank only the first `vocab_size` logits (`len(tokenizer)` when the student's
+            embedding matrix is padded to another size than the teacher's); defaults to all of the teacher's.
+        overwrite (`bool`, *optional*, defaults to `False`): Replace a cache already in `output_dir`.
+
+    Returns:
+        [`TeacherCache`]: The new cache, opened with `tokenizer`.
+    """
+    if top_k < 1 or temperature <= 0 or batch_size < 1 or shard_tokens < 1:
+        raise ValueError(
+            "`top_k`, `batch_size` and `shard_tokens` must be >= 1 and `temperature` > 0, got "
+            f"top_k={top_k}, batch_size={batch_size}, shard_tokens={shard_tokens}, temperature={temperature}."
+        )
+    check_columns(dataset, "cache")
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    if "completion" not in columns and "messages" not in columns:
+        raise ValueError(
+            f"The dataset has no completions (columns: {columns}). A teacher cache scores the dataset's own "
+            "completions: it needs a `completion` column or a `messages` column. A prompt-only dataset needs a live "
+            "teacher (on-policy distillation, `lmbda > 0`)."
+        )
+    teacher, name, fingerprint = _as_local(teacher, teacher_name, vocab_size)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    _prepare_folder(output_dir, overwrite)
+    rows = prepare_dataset(dataset, tokenizer, max_prompt_length, max_completion_length, name="cache")
+    writer = _ShardWriter(output_dir, shard_tokens)
+    k = _score_rows(teacher, rows, pad_id, float(temperature), top_k, batch_size, writer)
+    if k is None:
+        raise ValueError("Every completion in the dataset is empty: there is nothing for the teacher to score.")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": {"name": name, "fingerprint": fingerprint},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer)},
+        "top_k": k,
+        "temperature": float(temperature),
+        "vocab_size": getattr(teacher, "compare_vocab", None) or teacher.vocab_size,
+        "rows": sum(e["rows"] for e in writer.entries),
+        "tokens": sum(e["tokens"] for e in writer.entries),
+        "max_prompt_length": max_prompt_length,
+        "max_completion_length": max_completion_length,
+        "shards": writer.entries,
+    }
+    _write_atomic(os.path.join(output_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return TeacherCache(output_dir, tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+class _Shard:
+    """One shard file, opened (memory-mapped) and checked against its sha256 on first use."""
+
+    def __init__(self, folder: str, entry: dict):
+        self.folder, self.file, self.entry = folder, entry["file"], entry
+        self.path = os.path.join(folder, self.file)
+        self._handle = None
+        self.offsets: torch.Tensor | None = None
+
+    def _error(self, what: str) -> CacheError:
+        return CacheError(f"Teacher cache shard {self.file} in {self.folder} {what}. The cache is damaged: {_REBUILD}")
+
+    def _check_exists(self) -> None:
+        if not os.path.isfile(self.path):
+            raise self._error("is missing (the manifest lists it)")
+
+    def read_keys(self) -> torch.Tensor:
+        """`(R, 16)` row keys, read without the rest of the file."""
+        self._check_exists()
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                keys = f.get_tensor("keys")  # (R, 16)
+        except Exception as e:  # a damaged header, a missing tensor
+            raise self._error(f"cannot be read ({e})") from e
+        if tuple(keys.shape) != (self.entry["rows"], 16):
+            raise self._error(f"holds {keys.shape[0]} row keys where the manifest records {self.entry['rows']}")
+        return keys
+
+    def open(self):
+        if self._handle is None:
+            self._check_exists()
+            digest = _file_sha256(self.path)
+            if digest != self.entry["sha256"]:
+                raise self._error(
+                    f"fails its checksum (sha256 {digest[:16]}..., manifest {self.entry['sha256'][:16]}...)"
+                )
+            self._handle = safe_open(self.path, framework="pt")
+            self.offsets = self._handle.get_tensor("offsets")  # (R + 1,)
+        return self._handle
+
+    def read(self, row: int, need_topk: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """`(n, K)` top-k ids and log-probs (None unless `need_topk`) and `(n,)` token log-probs of row `row`."""
+        handle = self.open()
+        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        token_logps = handle.get_slice("token_logps")[start:end]  # (n,)
+        if not need_topk:
+            return None, None, token_logps
+        return handle.get_slice("topk_ids")[start:end], handle.get_slice("topk_logps")[start:end], token_logps
+
+
+def _collated_rows(batch: dict[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's real prompt and completion ids from the [`collate`] layout (prompts left-, completions right-padded)."""
+    n_completion = batch["completion_ids"].shape[1]
+    n_prompt = batch["input_ids"].shape[1] - n_completion  # P
+    prompt_ids = batch["input_ids"][:, :n_prompt].cpu().numpy()  # (B, P)
+    prompt_mask = batch["attention_mask"][:, :n_prompt].bool().cpu().numpy()  # (B, P)
+    completion_ids = batch["completion_ids"].cpu().numpy()  # (B, C)
+    completion_mask = batch["completion_mask"].bool().cpu().numpy()  # (B, C)
+    return [(p[pm], c[cm]) for p, pm, c, cm in zip(prompt_ids, prompt_mask, completion_ids, completion_mask)]
+
+
+class TeacherCache(Teacher):
+    """
+    A teacher read from a cache made by [`build_teacher_cache`]: the top-k form of the teacher's scores of the
+    dataset's own completions, without the teacher in memory. Shards are memory-mapped and checked against their
+    sha256 the first time they are read; only the row keys are loaded up front (an index of ~150 bytes per row).
+    Use it as `teacher_model` with `lmbda=0.0`, the cache's temperature as a constant loss temperature, and the
+    `max_length`/`max_completion_length` it was built with; `teacher_top_k=None` means all of its `k`.
+
+    Args:
+        path (`str`): The cache folder.
+        tokenizer (*optional*): The student's tokenizer; a cache made with another one is refused.
+        expected_teacher (`str` or [`~transformers.PreTrainedModel`], *optional*): Refuse a cache made by another
+            teacher: a model is compared by its weights ([`model_fingerprint`]), a string with the stored name.
+    """
+
+    name = "cache"
+    scores_any_completion = False  # only the dataset's own completions were scored
+
+    def __init__(self, path, tokenizer=None, *, expected_teacher=None):
+        self.path = os.fspath(path)
+        self.manifest = self._read_manifest()
+        self.top_k, self.temperature = self.manifest["top_k"], self.manifest["temperature"]
+        if tokenizer is not None:
+            self._check_tokenizer(tokenizer)
+        if expected_teacher is not None:
+            self._check_teacher(expected_teacher)
+        self._shards = [_Shard(self.path, entry) for entry in self.manifest["shards"]]
+        self._index: dict[bytes, tuple[int, int]] = {}
+        for s, shard in enumerate(self._shards):
+            for row, key in enumerate(shard.read_keys().numpy()):
+                self._index[key.tobytes()] = (s, row)
+
+    # -------------------------------------------------------------- manifest and identity
+    def _read_manifest(self) -> dict:
+        file = os.path.join(self.path, MANIFEST)
+        if not os.path.isfile(file):
+            raise CacheError(
+                f"{self.path} is not a complete teacher cache: it has no {MANIFEST} (written last, so building "
+                f"stopped early, or this is not a cache folder). {_REBUILD}"
+            )
+        try:
+            with open(file, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CacheError(f"The teacher cache manifest {file} is not valid JSON ({e}). {_REBUILD}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else manifest
+            raise CacheError(
+                f"{file} is not a manifest of a {FORMAT!r} version {VERSION} (found {found!r}). {_REBUILD}"
+            )
+        required = ("teacher", "tokenizer", "top_k", "temperature", "vocab_size", "rows", "tokens", "shards")
+        missing = [key for key in required if key not in manifest]
+        if missing:
+            raise CacheError(f"The teacher cache manifest {file} lacks {missing}. {_REBUILD}")
+        for entry in manifest["shards"]:  # plain file names only: a manifest must not point outside its folder
+            if not isinstance(entry.get("file"), str) or os.path.basename(entry["file"]) != entry["file"]:
+                raise CacheError(f"The teacher cache manifest {file} lists a bad shard {entry!r}. {_REBUILD}")
+        return manifest
+
+    def _check_tokenizer(self, tokenizer) -> None:
+        stored, given = self.manifest["tokenizer"]["fingerprint"], tokenizer_fingerprint(tokenizer)
+        if stored != given:
+            raise CacheError(
+                f"The teacher cache at {self.path} was made with a different tokenizer than the student's: cache "
+                f"{stored[:16]}..., student {given[:16]}... (sha256 of vocabulary, special tokens and chat template). "
+                "Its token ids would name other tokens: rebuild the cache with the student's tokenizer."
+            )
+
+    def _check_teacher(self, expected) -> None:
+        stored = self.manifest["teacher"]
+        if isinstance(expected, str):
+            if stored["name"] is not None and stored["name"].rstrip("/") == expected.rstrip("/"):
+                return
+            theirs = f"{expected!r}"
+        else:
+            name = (expected.get_base_model() if is_peft_model(expected) else expected).config._name_or_path or None
+            fingerprint = model_fingerprint(expected)
+            if fingerprint == stored["fingerprint"] or (stored["fingerprint"] is None and name == stored["name"]):
+                return
+            theirs = f"{name!r} (weights {fingerprint[:16]}...)"
+        ours = f"{stored['name']!r}" + (f" (weights {stored['fingerprint'][:16]}...)" if stored["fingerprint"] else "")
+        raise CacheError(
+            f"The teacher cache at {self.path} was made by another teacher: it holds the scores of {ours}, not of "
+            f"{theirs}. Build a cache with this teacher, or use the cache of the teacher you meant."
+        )
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.manifest["vocab_size"]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # -------------------------------------------------------------- checks against a run
+    def _check_temperature(self, temperature: float) -> None:
+        if not math.isclose(temperature, self.temperature, rel_tol=1e-6):
+            raise CacheError(
+                f"The teacher cache at {self.path} holds log-probs at temperature {self.temperature}, but the loss "
+                f"asks for temperature {temperature}. Top-k log-probs cannot be re-tempered exactly (the rest of the "
+                f"distribution is gone): rebuild the cache at temperature {temperature}, or set "
+                f"`temperature_start={self.temperature}` with a constant `loss_temperature_schedule`."
+            )
+
+    def _check_top_k(self, top_k: int | None) -> int:
+        if top_k is not None and top_k > self.top_k:
+            raise CacheError(
+                f"`teacher_top_k={top_k}` asks for more than the {self.top_k} log-probs per token the teacher cache at "
+                f"{self.path} holds. Set `teacher_top_k` <= {self.top_k} (None uses all {self.top_k}), or rebuild the "
+                f"cache with `top_k={top_k}`."
+            )
+        return self.top_k if top_k is None else top_k
+
+    def _missing_row(self, i: int, prompt: np.ndarray, completion: np.ndarray) -> CacheError:
+        for shard in self._shards:  # damage is the likelier explanation: report it first (reads every shard once)
+            shard.open()
+        m = self.manifest
+        return CacheError(
+            f"Row {i} of the batch ({len(prompt)} prompt + {len(completion)} completion tokens) is not in the teacher "
+            f"cache at {self.path}. The cache holds the teacher's scores of the dataset's own completions only: "
+            "on-policy rollouts (`lmbda` > 0) and `seq_kd=True` need a live teacher. A different `max_length` or "
+            "`max_completion_length` than at build time also changes the tokens: the cache was built with "
+            f"max_prompt_length={m.get('max_prompt_length')} (the trainer uses `max_length - max_completion_length`) "
+            f"and max_completion_length={m.get('max_completion_length')}."
+        )
+
+    # -------------------------------------------------------------- scoring
+    def score(self, batch, *, temperature=1.0, top_k=None, need="full", hidden_layers=None) -> TeacherScores:
+        """Top-k form (`need="full"`) or token form (`need="token"`) of the cached scores of `batch`'s rows."""
+        if hidden_layers is not None:
+            raise ValueError(_NO_HIDDEN_STATES)
+        self._check_temperature(temperature)
+        k = self._check_top_k(top_k)
+        batch_size, n_completion = batch["completion_ids"].shape
+        need_topk = need != "token"
+        token_logps = torch.zeros(batch_size, n_completion)  # (B, C)
+        topk_ids = torch.zeros(batch_size, n_completion, k, dtype=torch.long)  # (B, C, K) filler: token 0 ...
+        topk_logps = torch.full((batch_size, n_completion, k), -math.log(k))  # (B, C, K) ... a uniform distribution
+        for i, (prompt, completion) in enumerate(_collated_rows(batch)):
+            if len(completion) == 0:
+                continue
+            found = self._index.get(row_key(prompt, completion))
+            if found is None:
+                raise self._missing_row(i, prompt, completion)
+            shard = self._shards[found[0]]
+            ids, logps, tokens = shard.read(found[1], need_topk)  # (n, K), (n, K), (n,)
+            if tokens.shape[0] != len(completion):
+                raise shard._error(f"gives {tokens.shape[0]} tokens for a row of {len(completion)}")
+            token_logps[i, : len(completion)] = tokens
+            if need_topk:
+                topk_ids[i, : len(completion)] = ids[:, :k].long()
+                topk_logps[i, : len(completion)] = logps[:, :k]
+        device = batch["completion_ids"].device
+        scores = TeacherScores(temperature, token_logps=token_logps.to(device), vocab_size=self.vocab_size)
+        if need_topk:
+            scores.topk_ids, scores.topk_logps = topk_ids.to(device), topk_logps.to(device)
+        return scores
+
+    # -------------------------------------------------------------- from a training config
+    @classmethod
+    def from_config(cls, path, args, tokenizer) -> TeacherCache:
+        """Open the cache at `path` with the student's `tokenizer` for a run with config `args` ([`check_config`])."""
+        cache = cls(path, tokenizer)
+        cache.check_config(args)
+        return cache
+
+    def check_config(self, args) -> None:
+        """
+        Refuse settings of an [`OnPolicyDistillConfig`] the cache cannot serve: student or teacher rollouts, a loss
+        temperature other than the cache's, more top-k than it holds, hidden-state matching, or a
+        `teacher_model_name_or_path` that names another teacher than the one the cache was made with.
+        """
+        if args.lmbda > 0 or args.seq_kd:
+            raise CacheError(
+                f"A teacher cache scores only the dataset's own completions, but `lmbda={args.lmbda}` asks for "
+                f"student rollouts{' and `seq_kd=True` for teacher-written ones' if args.seq_kd else ''}. Set "
+                "`lmbda=0.0` and `seq_kd=False` to train from the cache, or use a live teacher."
+            )
+        end = args.temperature_end if args.temperature_end is not None else args.temperature_start
+        if args.loss_temperature_schedule != "constant" or not math.isclose(args.temperature_start, self.temperature):
+            raise CacheError(
+                f"The teacher cache at {self.path} holds log-probs at temperature {self.temperature}, but the loss "
+                f"temperature schedule is {args.loss_temperature_schedule!r} from {args.temperature_start} to {end}. "
+                f"Set `loss_temperature_schedule='constant'` and `temperature_start={self.temperature}`, or rebuild "
+                "the cache at the temperature you want."
+            )
+        self._check_top_k(args.teacher_top_k)
+        if getattr(args, "hidden_state_weight", 0):
+            raise CacheError(_NO_HIDDEN_STATES)
+        named = args.teacher_model_name_or_path
+        plain = (
+            isinstance(named, str) and not named.startswith(("http://", "https://")) and not is_teacher_cache(named)
+        )
+        if plain and self.manifest["teacher"]["name"]:  # both are plain names: they must agree
+            self._check_teacher(named)
+        built = {key: self.manifest.get(key) for key in ("max_prompt_length", "max_completion_length")}
+        if built != {key: getattr(args, key) for key in built}:
+            logger.warning("The teacher cache was built with %s: rows this run cuts differently are not in it.", built)
