@@ -222,3 +222,29 @@ def test_token_mixing_refuses_top_k_only_teachers(tmp_path):
     tr = tm.trainer(tmp_path, teacher=teachers, tok=tok, teacher_mixture="weighted", lmbda=0.0)
     with pytest.raises(ValueError, match=fragment("every teacher must run in this process")):
         tr.train()
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+class CountingTeacher(LocalTeacher):
+    """A local teacher that counts its scoring calls and checks how it runs."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls, self.modes = [], []
+
+    def completion_hidden(self, batch, layers=None):
+        self.calls.append(batch["input_ids"].shape)
+        hidden, layer_hidden = super().completion_hidden(batch, layers)
+        self.modes.append((torch.is_inference(hidden), hidden.requires_grad, hidden.dtype))
+        return hidden, layer_hidden
+
+
+def test_teacher_scores_once_per_step_in_its_own_dtype_whatever_the_accumulation(tmp_path):
+    tok = tm.tokenizer()
+    teacher = CountingTeacher(tm.model(tok, seed=1).to(torch.bfloat16))
+    tr = tm.trainer(tmp_path, teacher=teacher, tok=tok, lmbda=0.0, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=4, max_steps=2)  # fmt: skip
+    tr.train()
+    assert [shape[0] for shape in teacher.calls] == [8, 8]  # one call per optimizer step, all 4 micro-batches at once
+    assert teacher.modes == [(False, False, torch.bfloat16)] * 2  # bf16 teacher, no graph, usable outside inference
+    assert all(p.dtype == torch.bfloat16 for p in teacher.model.parameters())
