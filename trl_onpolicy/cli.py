@@ -1,6 +1,7 @@
 """The `trl-onpolicy` command.
 
     trl-onpolicy quickstart [--rounds 3 --steps-per-round 40 ...]   the built-in demo, offline, on a CPU
+    trl-onpolicy serve-teacher MODEL --port 8000 [...]              a teacher server (vLLM's scoring API)
 
 Run `trl-onpolicy <command> --help` for a command's flags.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, quickstart
+from . import __version__, quickstart, serve_teacher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quickstart.add_arguments(demo)
     demo.set_defaults(func=quickstart.run)
+    server = commands.add_parser(
+        "serve-teacher",
+        help="Serve a local teacher model over HTTP with vLLM's prompt log-prob API (FastAPI + uvicorn).",
+        description=serve_teacher.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve_teacher.add_arguments(server)
+    server.set_defaults(func=serve_teacher.run)
     return parser
 
 
