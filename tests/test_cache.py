@@ -291,3 +291,23 @@ def test_score_refuses_temperature_top_k_hidden_states_and_unknown_rows(tmp_path
         r"max_prompt_length=56 .*max_completion_length=8",
     ):
         cache.score(batch)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cache_teacher_command_builds_what_the_function_builds(tmp_path, capsys):
+    from trl_onpolicy.cli import main
+
+    tok = tm.tokenizer()
+    teacher = tm.model(tok, seed=1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    tm.dataset().save_to_disk(str(tmp_path / "data"))
+    code = main(["cache-teacher", str(tmp_path / "teacher"), str(tmp_path / "data"), str(tmp_path / "cli-cache"),
+                 "--top-k", str(K), "--max-length", str(MAX_LENGTH), "--max-completion-length", str(MAX_COMPLETION),
+                 "--threads", "1"])  # fmt: skip
+    assert code == 0
+    assert "Cached 8 rows" in capsys.readouterr().out
+    from_cli = TeacherCache(str(tmp_path / "cli-cache"), tok, expected_teacher=teacher)
+    batch = batch_of(tok, tm.dataset(), [3, 1, 0, 2])
+    assert_same_scores(from_cli.score(batch), LocalTeacher(teacher).score(batch, top_k=K), batch["completion_mask"].bool(),
+                       atol=1e-6)  # fmt: skip

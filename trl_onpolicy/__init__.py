@@ -9,21 +9,32 @@ __version__ = "0.1.0"
 from .callbacks import CompletionsLogger, DistillCallback
 from .config import OnPolicyDistillConfig
 from .rollouts import Rollouts
-from .teachers import LocalTeacher, Teacher, TeacherScores
+from .teachers import (
+    EnsembleTeacher,
+    LocalTeacher,
+    ServerTeacher,
+    Teacher,
+    TeacherCache,
+    TeacherScores,
+    build_teacher_cache,
+)
 from .temperature import LossTemperature
 from .trainer import OnPolicyDistillTrainer
-
 
 __all__ = [
     "CompletionsLogger",
     "DistillCallback",
+    "EnsembleTeacher",
     "LocalTeacher",
     "LossTemperature",
     "OnPolicyDistillConfig",
     "OnPolicyDistillTrainer",
     "Rollouts",
+    "ServerTeacher",
     "Teacher",
+    "TeacherCache",
     "TeacherScores",
+    "build_teacher_cache",
 ]
 
 

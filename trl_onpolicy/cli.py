@@ -2,6 +2,7 @@
 
     trl-onpolicy quickstart [--rounds 3 --steps-per-round 40 ...]   the built-in demo, offline, on a CPU
     trl-onpolicy serve-teacher MODEL --port 8000 [...]              a teacher server (vLLM's scoring API)
+    trl-onpolicy cache-teacher MODEL DATASET OUTPUT [...]           the teacher's top-k log-probs, once, on disk
 
 Run `trl-onpolicy <command> --help` for a command's flags.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, quickstart, serve_teacher
+from . import __version__, cache_teacher, quickstart, serve_teacher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_teacher.add_arguments(server)
     server.set_defaults(func=serve_teacher.run)
+    cache = commands.add_parser(
+        "cache-teacher",
+        help="Score a dataset's completions with a teacher once and store its top-k log-probs for offline training.",
+        description=cache_teacher.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cache_teacher.add_arguments(cache)
+    cache.set_defaults(func=cache_teacher.run)
     return parser
 
 

@@ -12,6 +12,7 @@ from .base import Teacher, TeacherScores
 from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
 from .ensemble import EnsembleTeacher
 from .local import LocalTeacher
+from .server import ServerTeacher, TeacherServerError
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +20,11 @@ __all__ = [
     "CacheError",
     "EnsembleTeacher",
     "LocalTeacher",
+    "ServerTeacher",
     "Teacher",
     "TeacherCache",
     "TeacherScores",
+    "TeacherServerError",
     "build_teacher",
     "build_teacher_cache",
     "compared_vocab_size",
@@ -80,8 +83,6 @@ def _one_teacher(spec, args, student, tokenizer) -> Teacher:
     if isinstance(spec, Teacher):
         return spec
     if _is_url(spec):
-        from .server import ServerTeacher
-
         return ServerTeacher.from_config(spec, args, tokenizer)
     if isinstance(spec, (str, os.PathLike)):
         if is_teacher_cache(spec):
