@@ -74,11 +74,23 @@ def run(
     max_steps: int = 2,
     arch: str = "llama",
     output_dir: str | None = None,
+    teachers: str = "one",
 ) -> dict:
-    """Train `max_steps` steps; the main process writes (and every process returns) the summary described above."""
+    """
+    Train `max_steps` steps; the main process writes (and every process returns) the summary described above.
+    `teachers="mixture"`: two teachers (one wider than the student) mixed per token with weights 0.25 / 0.75;
+    `teachers="hidden"`: a wider teacher with hidden-state matching (a learned projection, trained and synchronised like
+    the student's weights).
+    """
     tok = char_tokenizer()
     student, teacher = tiny_model(tok, arch, seed=0), tiny_model(tok, arch, seed=1)
-    initial = {n: p.detach().clone().double() for n, p in student.named_parameters()}
+    extra, columns = {}, {"prompt": PROMPTS, "completion": COMPLETIONS}
+    if teachers == "mixture":
+        teacher = {"a": teacher, "b": tiny_model(tok, arch, seed=2, hidden=48)}
+        extra = {"teacher_mixture": "weighted", "teacher_weights": {"a": 0.25, "b": 0.75}}
+    elif teachers == "hidden":
+        teacher = tiny_model(tok, arch, seed=2, hidden=48)
+        extra = {"hidden_state_weight": 0.5}
     args = OnPolicyDistillConfig(
         output_dir=output_dir or os.path.join(os.path.dirname(os.path.abspath(out)), "trainer"),
         max_steps=max_steps,
@@ -95,16 +107,18 @@ def run(
         seed=0,
         use_cpu=True,
         ddp_find_unused_parameters=False,
+        **extra,
     )
     recorder = RecordPrompts(tok)
     trainer = OnPolicyDistillTrainer(
         model=student,
         teacher_model=teacher,
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS, "completion": COMPLETIONS}),
+        train_dataset=Dataset.from_dict(columns),
         processing_class=tok,
         callbacks=[recorder],
     )
+    initial = {n: p.detach().clone().double() for n, p in student.named_parameters()}  # with a projector, if any
     trainer.train()
 
     prompts = gather_object([recorder.steps])  # one list of steps per process
@@ -137,8 +151,9 @@ def main():
     parser.add_argument("--lmbda", type=float, default=0.0, help="0: dataset completions (deterministic).")
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
+    parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden"])
     cli = parser.parse_args()
-    run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir)
+    run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers)
 
 
 if __name__ == "__main__":

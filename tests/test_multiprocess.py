@@ -68,18 +68,27 @@ def launch_two_processes(tmp_path: Path, *script_args: str) -> dict:
     return result
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    """lmbda=0 (dataset completions): loss, grad norm and weights of 2 x batch 2 equal those of 1 x batch 4."""
-    two = launch_two_processes(tmp_path, "--per-device-batch-size", "2", "--lmbda", "0")
-    one = script.run(str(tmp_path / "one.json"), per_device_batch_size=4, lmbda=0.0, output_dir=str(tmp_path / "one"))
+@pytest.mark.parametrize("teachers", ["one", "mixture", "hidden"])
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, teachers):
+    """lmbda=0 (dataset completions): loss, grad norm and weights of 2 x batch 2 equal those of 1 x batch 4 (with one
+    teacher; two teachers mixed per token; and hidden-state matching with a learned projection, whose weights must
+    agree too)."""
+    two = launch_two_processes(tmp_path, "--per-device-batch-size", "2", "--lmbda", "0", "--teachers", teachers)
+    one = script.run(
+        str(tmp_path / "one.json"), per_device_batch_size=4, lmbda=0.0, output_dir=str(tmp_path / "one"),
+        teachers=teachers,
+    )  # fmt: skip
     assert one["num_processes"] == 1
 
     assert one["prompts"] == two["prompts"], "the two runs did not see the same rows at each step"
     assert len(one["logs"]) == len(two["logs"]) == 2
+    keys = {"one": [], "mixture": ["teacher/a/divergence", "teacher/b/tokens"], "hidden": ["hidden_state_distance"]}
     for a, b in zip(one["logs"], two["logs"]):
-        for key in ("loss", "grad_norm", "divergence"):
+        for key in ("loss", "grad_norm", "divergence", *keys[teachers]):
             assert math.isclose(a[key], b[key], rel_tol=1e-5), (a["step"], key, a[key], b[key])
         assert a["completion_length"] == b["completion_length"]
+    if teachers == "hidden":
+        assert any("hidden_state_projector" in name for name in one["weights"])
     for name, w in one["weights"].items():
         v = two["weights"][name]
         # SGD update norms agree to float32 rounding of the weights (~1e-6 relative for the smallest updates).
