@@ -162,6 +162,13 @@ class OnPolicyDistillConfig(SFTConfig):
             A NaN or inf loss or gradient skips the update and is counted; this many in a row stop training with an
             error that names what was seen.
 
+        > Parameters that control saving
+
+        save_merged_model (`bool`, *optional*, defaults to `False`):
+            For a LoRA student, the final `save_model()` (and so `push_to_hub()`) writes the adapters merged into the
+            base weights: a plain checkpoint that `AutoModelForCausalLM.from_pretrained` loads without PEFT.
+            Checkpoints keep the adapters, so training resumes as usual.
+
     > [!NOTE]
     > Defaults that differ from [`~trl.SFTConfig`]: `gradient_checkpointing=False` and `bf16` only where a CUDA device
     > supports it (nothing is forced on a CPU), `remove_unused_columns=False` (the trainer reads the raw columns),
@@ -273,6 +280,12 @@ class OnPolicyDistillConfig(SFTConfig):
         default=5, metadata={"help": "Stop after this many NaN/inf updates in a row (each one is skipped)."}
     )
 
+    # Saving
+    save_merged_model: bool = field(
+        default=False,
+        metadata={"help": "LoRA student: the final save (and push_to_hub) merges the adapters into plain weights."},
+    )
+
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
@@ -330,6 +343,12 @@ class OnPolicyDistillConfig(SFTConfig):
             self.loss_temperature_schedule != "adaptive" or (self.target_teacher_entropy or 0) > 0,
             "`loss_temperature_schedule='adaptive'` needs `target_teacher_entropy` > 0 (nats per token), got "
             f"{self.target_teacher_entropy}.",
+        )
+        check(
+            self.loss_temperature_schedule != "adaptive" or self.loss_type != "sampled_reverse_kl",
+            "`loss_temperature_schedule='adaptive'` steers by the teacher's entropy, which `loss_type="
+            "'sampled_reverse_kl'` never measures (the teacher scores only the sampled tokens): use a fixed schedule "
+            "or another loss.",
         )
         check(
             self.max_length is None or self.max_length > self.max_completion_length,

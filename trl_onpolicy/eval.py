@@ -235,6 +235,7 @@ class LmEvalCallback(DistillCallback, ExportableState):
         self.toy_eval_size, self.toy_seed = toy_eval_size, toy_seed
         self.trainer = None  # set by the trainer (or taken from `on_round_end`'s kwargs) to log through Trainer.log
         self.history: list[dict[str, Any]] = []
+        self.teacher_scores: dict[str, float] | None = None  # the teacher's scores, for the report and model card
         self._round = 0  # rounds finished so far
         self._prepared: PreparedTasks | None = None
         self._task_manager = None

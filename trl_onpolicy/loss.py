@@ -22,10 +22,26 @@ from . import divergences as D
 from .teachers.base import TeacherScores
 
 
+def logit_multiplier(config) -> float:
+    """
+    The factor an architecture applies to its head's output before any softcapping, under the name it uses:
+    `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1), or `logits_scaling` (a divisor for
+    Granite and MiniCPM3, a multiplier for HyperCLOVA X). 1.0 when the config has none (or sets it to None).
+    """
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
+
+
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """
-    Logits from final hidden states through the model's output head, with the config's `logit_scale` and
-    `final_logit_softcapping` where the architecture has them.
+    Logits from final hidden states through the model's output head, with the config's logit multiplier (see
+    [`logit_multiplier`]) and `final_logit_softcapping` where the architecture has them.
 
     Args:
         model: A causal LM (`get_output_embeddings()` must return its head).
@@ -36,8 +52,8 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """
     logits = model.get_output_embeddings()(hidden)  # (n, V)
     config = model.config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
+    scale = logit_multiplier(config)
+    if scale != 1.0:
         logits = logits * scale
     cap = getattr(config, "final_logit_softcapping", None)
     if cap is not None:

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> dict:
                           task_dir=os.path.join(args.output_dir, "lm_eval_tasks"),
                           apply_chat_template=smollm2)  # an instruct model: prompts in its chat template; fmt: skip
     teacher_scores = hook.evaluate(teacher, tokenizer, output_dir=args.output_dir)["scores"]
+    hook.teacher_scores = teacher_scores
 
     print(f"[3/4] On-policy distillation: {args.rounds} rounds x {args.steps_per_round} steps")
     dataset = toy.make_dataset(args.rounds * args.steps_per_round * args.batch_size, split="train", seed=args.seed + 1)

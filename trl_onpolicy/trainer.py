@@ -18,7 +18,8 @@ is left as SFT's and the whole step's rollouts are made in `get_batch_samples`, 
 
 from __future__ import annotations
 
-import json
+import copy
+import dataclasses
 import logging
 import os
 import random
@@ -27,10 +28,10 @@ from collections import defaultdict
 
 import torch
 from transformers import AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from . import hidden_states
+from . import checkpoints, hidden_states, model_card
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
 from .config import OnPolicyDistillConfig
 from .loss import LossSums, distillation_loss, output_logits
@@ -40,8 +41,6 @@ from .teachers import EnsembleTeacher, LocalTeacher, build_teacher, load_teacher
 from .temperature import LossTemperature, grad_scale
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "distill_state.json"
 
 
 def _rows_collator(rows: list[dict]) -> list[dict]:
@@ -169,7 +168,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
         self._last_teacher_entropy = None
+        self._rng_checkpoint = None  # a checkpoint whose RNG states are still to be restored (resuming)
         self.add_callback(_RoundsCallback(self))
+        self.add_callback(checkpoints.SigtermCheckpoint())
         for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
             if getattr(callback, "trainer", False) is None:
                 callback.trainer = self
@@ -187,11 +188,15 @@ class OnPolicyDistillTrainer(SFTTrainer):
             return OnPolicyDistillConfig(f"{name.split('/')[-1]}-OnPolicyDistill")
         if isinstance(args, OnPolicyDistillConfig):
             return args
-        values = args.to_dict()
-        values["hub_token"] = args.hub_token  # to_dict hides it
+        # the fields' own values (`to_dict` masks tokens with placeholders such as "<EOS_TOKEN>")
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         if isinstance(args, SFTConfig) and values.get("loss_type") in ("nll", "dft"):
             values.pop("loss_type")  # SFT's loss type has no meaning here; ours defaults to "jsd"
         known = OnPolicyDistillConfig.__dataclass_fields__
+        defaults = {f.name: f.default for f in dataclasses.fields(args)}
+        dropped = sorted(k for k, v in values.items() if (k not in known or not known[k].init) and v != defaults[k])
+        if dropped:
+            logger.warning("%s settings with no counterpart here are ignored: %s.", type(args).__name__, dropped)
         return OnPolicyDistillConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
 
     @staticmethod
@@ -299,6 +304,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
                 break
         if not raw:
             return [], None
+        if self._rng_checkpoint is not None:  # resuming mid-epoch: the RNG must be the checkpoint's before sampling
+            self._load_rng_state(self._rng_checkpoint)
         self.loss_temperature.step(self.state.global_step, self._last_teacher_entropy)
         source = self._completion_source()
         t0 = time.perf_counter()
@@ -540,14 +547,39 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return loss.detach(), None, None
 
     def _save(self, output_dir=None, state_dict=None):
-        """The student's weights as `from_pretrained` expects them; a learned hidden-state projector in its own file."""
+        """The student's weights as `from_pretrained` expects them; a learned hidden-state projector in its own file;
+        with `save_merged_model`, a LoRA student's final save merged into plain weights (checkpoints keep adapters)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        is_checkpoint = os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR)
+        if self.args.save_merged_model and is_peft_model(unwrapped) and not is_checkpoint:
+            return self._save_merged(unwrapped, folder)
         if hidden_states.projector_of(unwrapped) is None:
             return super()._save(output_dir, state_dict)
         state_dict = hidden_states.without_projector(state_dict if state_dict is not None else unwrapped.state_dict())
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             hidden_states.save_projector(unwrapped, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_merged(self, peft_model, folder: str):
+        if not self.args.should_save:
+            return
+        os.makedirs(folder, exist_ok=True)
+        merged = copy.deepcopy(peft_model).merge_and_unload()  # a copy: the model in training keeps its adapters
+        merged.save_pretrained(folder, state_dict=hidden_states.without_projector(merged.state_dict()))
+        self.processing_class.save_pretrained(folder)
+        hidden_states.save_projector(peft_model, folder)
+        logger.info("Saved the student with its LoRA adapters merged into %s.", folder)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """TRL's model card, followed by how the student was distilled (see [`~trl_onpolicy.model_card`])."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        if os.path.isfile(path):
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n" + model_card.card_section(self))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -556,30 +588,30 @@ class OnPolicyDistillTrainer(SFTTrainer):
         )
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The distillation state first (atomically), then the Trainer's checkpoint, whose state file comes last."""
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            state = {
-                "loss_temperature": self.loss_temperature.state_dict(),
-                "last_teacher_entropy": self._last_teacher_entropy,
-                "nonfinite_in_a_row": self._nonfinite_in_a_row,
-                "nonfinite_total": self._nonfinite_total,
-            }
-            tmp = os.path.join(folder, STATE_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, os.path.join(folder, STATE_FILE))
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoints.write_state(folder, checkpoints.distill_state(self))
+        super()._save_checkpoint(model, trial)
+
+    def _load_rng_state(self, checkpoint):
+        """Restore the checkpoint's RNG states once. The Trainer restores them after fetching the first resumed step's
+        batches, but this trainer samples rollouts inside that fetch (`get_batch_samples`), so it restores them there
+        first; the Trainer's later call would rewind the generator past those samples and is skipped."""
+        if checkpoint is not None and checkpoint == self._rng_checkpoint:
+            super()._load_rng_state(checkpoint)
+            self._rng_checkpoint = None
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` takes the last *whole* checkpoint (one a
+        killed process left half-written is skipped) and restores the distillation state with it."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = checkpoints.last_whole_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No whole checkpoint in {self.args.output_dir} to resume from.")
+        self._rng_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         if isinstance(resume_from_checkpoint, str):
-            path = os.path.join(resume_from_checkpoint, STATE_FILE)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    state = json.load(f)
-                self.loss_temperature.load_state_dict(state["loss_temperature"])
-                self._last_teacher_entropy = state["last_teacher_entropy"]
-                self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
-                self._nonfinite_total = state["nonfinite_total"]
+            state = checkpoints.read_state(resume_from_checkpoint)
+            if state is not None:
+                checkpoints.restore_distill_state(self, state)
         return super().train(resume_from_checkpoint, *args, **kwargs)

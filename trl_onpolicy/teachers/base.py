@@ -160,3 +160,7 @@ class Teacher:
     @property
     def vocab_size(self) -> int | None:
         return None
+
+    def describe(self) -> str:
+        """One line naming the teacher, for the model card (never a secret)."""
+        return type(self).__name__

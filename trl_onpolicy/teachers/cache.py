@@ -472,6 +472,10 @@ class TeacherCache(Teacher):
             f"{theirs}. Build a cache with this teacher, or use the cache of the teacher you meant."
         )
 
+    def describe(self) -> str:
+        name = self.manifest["teacher"].get("name") or "an unnamed teacher"
+        return f"`{name}` through an offline cache of its top-{self.top_k} log-probs (temperature {self.temperature:g})"
+
     @property
     def vocab_size(self) -> int | None:
         return self.manifest["vocab_size"]

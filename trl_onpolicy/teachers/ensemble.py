@@ -70,6 +70,14 @@ class EnsembleTeacher(Teacher):
     def scores_any_completion(self) -> bool:
         return all(t.scores_any_completion for t in self.teachers.values())
 
+    def describe(self) -> str:
+        how = {"route": f"each row routed by its `{self.routing_column}` column", "weighted": "weighted mixture per "
+               f"token ({', '.join(f'{n}: {w:g}' for n, w in zip(self.names, self.weights or []))})",
+               "confidence": "per-token mixture weighted by each teacher's confidence"}[self.mixture]  # fmt: skip
+        return f"{len(self.names)} teachers, {how}: " + "; ".join(
+            f"{name}: {teacher.describe()}" for name, teacher in self.teachers.items()
+        )
+
     @property
     def members(self) -> list[Teacher]:
         return list(self.teachers.values())

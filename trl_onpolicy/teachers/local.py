@@ -82,6 +82,12 @@ class LocalTeacher(Teacher):
         # clones are made out of inference mode, so autograd may use them as constants
         return hidden.clone(), None if layer_hidden is None else layer_hidden.clone()
 
+    def describe(self) -> str:
+        if self.disable_adapters:
+            return "the student's own base network (LoRA adapters disabled): self-distillation"
+        name = self._causal_lm().config._name_or_path or type(self._causal_lm()).__name__
+        return f"`{name}` (in the training process)"
+
     @property
     def num_hidden_layers(self) -> int:
         return self._causal_lm().config.get_text_config().num_hidden_layers

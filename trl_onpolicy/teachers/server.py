@@ -20,6 +20,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -153,6 +154,11 @@ class ServerTeacher(Teacher):
     def __repr__(self) -> str:
         key = f"from ${self.api_key_env}" if self._api_key else "none"
         return f"ServerTeacher(url={self.url!r}, model={self.model!r}, api_key={key})"
+
+    def describe(self) -> str:
+        parts = urllib.parse.urlsplit(self.url)  # scheme, host and port only: never credentials in the URL
+        host = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return f"`{self.model}` served at {host} (top-k log-probs over HTTP)"
 
     def close(self) -> None:
         """Stop the request threads."""
