@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 import tiny_models as tm
-from trl_onpolicy import DistillCallback, LocalTeacher
+from trl_onpolicy import DistillCallback, LocalTeacher, OnPolicyDistillConfig
 
 
 def fragment(text: str) -> str:
@@ -164,3 +164,43 @@ def test_nonfinite_losses_in_a_row_stop_training(tmp_path):
         FloatingPointError, match=fragment("Training stopped at step 2: 2 updates in a row had a non-finite loss")
     ):
         tr.train()
+
+
+def test_adaptive_temperature_needs_a_loss_that_measures_teacher_entropy():
+    with pytest.raises(ValueError, match=fragment("which `loss_type='sampled_reverse_kl'` never measures")):
+        OnPolicyDistillConfig("out", loss_type="sampled_reverse_kl", loss_temperature_schedule="adaptive",
+                              target_teacher_entropy=1.0)  # fmt: skip
+
+
+def test_an_sft_config_is_converted_with_its_tokens_and_settings(tmp_path, caplog):
+    """An SFT script passes its `SFTConfig` unchanged: its settings carry over (not `to_dict`'s masked tokens)."""
+    from trl import SFTConfig
+
+    tok = tm.tokenizer()
+    sft = SFTConfig(str(tmp_path), max_steps=1, report_to="none", use_cpu=True, max_length=512, learning_rate=3e-4,
+                    disable_tqdm=True, eos_token=tok.eos_token, dataset_text_field="body")  # fmt: skip
+    from trl_onpolicy import OnPolicyDistillTrainer
+
+    tr = OnPolicyDistillTrainer(tm.model(tok), teacher_model=tm.model(tok, seed=1), args=sft,
+                                train_dataset=tm.dataset(), processing_class=tok)  # fmt: skip
+    assert isinstance(tr.args, OnPolicyDistillConfig)
+    assert (tr.args.learning_rate, tr.args.max_length, tr.args.loss_type) == (3e-4, 512, "jsd")
+    tr.train()
+    assert tr.state.global_step == 1 and math.isfinite(tr.state.log_history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize(
+    "attributes, factor",
+    [({}, 1.0), ({"logit_scale": 0.5}, 0.5), ({"output_multiplier": 2.0}, 2.0), ({"lm_head_multiplier": 3.0}, 3.0),
+     ({"logits_scaling": 4.0}, 0.25), ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, 4.0)],
+)  # fmt: skip
+def test_output_logits_apply_each_architectures_multiplier(attributes, factor):
+    from trl_onpolicy.loss import output_logits
+
+    tok = tm.tokenizer()
+    model = tm.model(tok)
+    hidden = torch.randn(3, 16)
+    plain = model.lm_head(hidden)
+    for name, value in attributes.items():
+        setattr(model.config, name, value)
+    torch.testing.assert_close(output_logits(model, hidden), plain * factor)
