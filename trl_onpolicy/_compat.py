@@ -33,3 +33,17 @@ def is_peft_model(model) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PeftModel)
+
+
+def vllm_generation_class():
+    """TRL's `VLLMGeneration` (colocate and server modes, weight sync), or an ImportError that names the fix."""
+    from trl.import_utils import is_vllm_available
+
+    if not is_vllm_available():
+        raise ImportError(
+            "`use_vllm=True` needs vLLM, which is not installed: `pip install 'trl-onpolicy[vllm]'` (a CUDA machine), "
+            "or set `use_vllm=False` to generate with transformers (KV cache on)."
+        )
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    return VLLMGeneration

@@ -111,7 +111,14 @@ class OnPolicyDistillConfig(SFTConfig):
         stop_strings (`list[str]`, *optional*):
             Generation stops at any of these strings; the completion keeps the stop string.
         use_vllm (`bool`, *optional*, defaults to `False`):
-            Generate with vLLM (requires the `vllm` extra).
+            Sample the student's rollouts with vLLM (requires the `vllm` extra) through TRL's `VLLMGeneration`; the
+            student's weights are pushed to vLLM once per optimizer step.
+        vllm_mode (`str`, *optional*, defaults to `"colocate"`):
+            `"colocate"`: a vLLM engine in each training process; `"server"`: `trl vllm-serve` elsewhere. The other
+            `vllm_*` fields are TRL's, with TRL's defaults: `vllm_model_impl`, `vllm_enable_sleep_mode`,
+            `vllm_server_base_url`, `vllm_server_host`, `vllm_server_port`, `vllm_server_timeout`, `vllm_group_port`
+            (server mode); `vllm_gpu_memory_utilization` (0.3), `vllm_max_model_length`, `vllm_tensor_parallel_size`
+            (colocate mode).
 
         > Parameters that control the loss
 
@@ -246,6 +253,25 @@ class OnPolicyDistillConfig(SFTConfig):
     )
     stop_strings: list[str] | None = field(default=None, metadata={"help": "Stop generation at these strings."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (needs the `vllm` extra)."})
+    vllm_mode: str = field(
+        default="colocate", metadata={"help": "'colocate' (in process) or 'server' (trl vllm-serve)."}
+    )
+    vllm_model_impl: str = field(
+        default="vllm", metadata={"help": "vLLM model implementation: 'vllm' or 'transformers'."}
+    )
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Colocate: offload vLLM between steps."})
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Server mode: base URL of trl vllm-serve."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host (without a base URL)."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port (without a base URL)."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Server mode: seconds to wait for the server."}
+    )
+    vllm_group_port: int = field(default=51216, metadata={"help": "Server mode: port of the weight-sync group."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "Colocate: GPU memory share of vLLM."})
+    vllm_max_model_length: int | None = field(default=None, metadata={"help": "Colocate: vLLM's max_model_len."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate: tensor-parallel size of vLLM."})
 
     # Loss
     loss_type: str = field(
@@ -319,6 +345,10 @@ class OnPolicyDistillConfig(SFTConfig):
         check(self.temperature > 0.0, f"`temperature` (sampling) must be > 0, got {self.temperature}.")
         check(0.0 < self.top_p <= 1.0, f"`top_p` must be in (0.0, 1.0], got {self.top_p}.")
         check(self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}.")
+        check(
+            self.vllm_mode in ("colocate", "server"),
+            f"`vllm_mode` must be 'colocate' or 'server', got {self.vllm_mode!r}.",
+        )
         check(self.num_generations >= 1, f"`num_generations` must be >= 1, got {self.num_generations}.")
         check(
             self.max_completion_length >= 1, f"`max_completion_length` must be >= 1, got {self.max_completion_length}."

@@ -39,6 +39,7 @@ from .prompts import check_columns, prepare_dataset
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
 from .teachers import EnsembleTeacher, LocalTeacher, build_teacher, load_teacher_model
 from .temperature import LossTemperature, grad_scale
+from .vllm_rollouts import VLLMSampler
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +175,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
             if getattr(callback, "trainer", False) is None:
                 callback.trainer = self
-        if args.use_vllm:
-            raise ImportError(
-                "`use_vllm=True`: vLLM generation is not available in this version of trl-onpolicy yet. Set "
-                "`use_vllm=False` to generate with transformers (KV cache on)."
-            )
+        self.vllm = VLLMSampler(self) if args.use_vllm else None
 
     # ----------------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -260,6 +257,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if source == "dataset":
             completions = [list(row["completion_ids"]) for row in rows]
             truncated = [False] * len(rows)
+        elif source == "student" and self.vllm is not None:
+            eos = self.generation_config.eos_token_id
+            completions, truncated = self.vllm.sample(prompt_ids, set(eos if isinstance(eos, list) else [eos]))
         elif source == "student":
             with self._unwrapped_for_generation() as student:
                 completions, truncated = sample(student, prompt_ids, self.generation_config, self._tokenizer)
