@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-
 if TYPE_CHECKING:
     from .rollouts import Rollouts
 
@@ -65,5 +64,27 @@ class CompletionsLogger(DistillCallback):
         path = self.path or os.path.join(args.output_dir, "completions.jsonl")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            for record in records[: self.max_per_batch]:
-                f.write(json.dumps({"step": step, **record}, ensure_ascii=False) + "\n")
+            f.writelines(
+                json.dumps({"step": step, **record}, ensure_ascii=False) + "\n"
+                for record in records[: self.max_per_batch]
+            )
+
+
+def completion_records(rollouts: Rollouts, student_logps, teacher_logps, tokenizer) -> list[dict[str, Any]]:
+    """
+    One record per completion for `on_scored`: source, texts, token count, and the mean log-prob of the sampled
+    tokens under the student and the teacher (NaN where the teacher gave none), from the flat `(N,)` log-probs.
+    """
+    prompts, completions = rollouts.decode(tokenizer)
+    records, start = [], 0
+    for prompt, completion, ids in zip(prompts, completions, rollouts.completion_ids):
+        n = len(ids)
+        s, t = student_logps[start : start + n], teacher_logps[start : start + n]
+        start += n
+        records.append({
+            "source": rollouts.source, "prompt": prompt, "completion": completion, "tokens": n,
+            "student_mean_logp": s.mean().item() if n else None,
+            "teacher_mean_logp": t.mean().item() if n else None,
+            "mean_logp_gap": (s - t).mean().item() if n else None,
+        })  # fmt: skip
+    return records

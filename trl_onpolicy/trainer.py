@@ -33,6 +33,7 @@ from trl import SFTConfig, SFTTrainer
 
 from . import checkpoints, hidden_states, model_card
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
+from .callbacks import completion_records
 from .config import OnPolicyDistillConfig
 from .loss import LossSums, distillation_loss, output_logits
 from .prompts import check_columns, prepare_dataset
@@ -491,20 +492,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         pending, self._pending = getattr(self, "_pending", None), None
         if not pending or not pending["student"]:
             return
-        rollouts = pending["rollouts"]
         student, teacher = torch.cat(pending["student"]), torch.cat(pending["teacher"])  # (N,)
-        lengths = [len(c) for c in rollouts.completion_ids]
-        prompts, completions = rollouts.decode(self._tokenizer)
-        records, start = [], 0
-        for prompt, completion, n in zip(prompts, completions, lengths):
-            s, t = student[start : start + n], teacher[start : start + n]
-            start += n
-            records.append({
-                "source": rollouts.source, "prompt": prompt, "completion": completion, "tokens": n,
-                "student_mean_logp": s.mean().item() if n else None,
-                "teacher_mean_logp": t.mean().item() if n else None,
-                "mean_logp_gap": (s - t).mean().item() if n else None,
-            })  # fmt: skip
+        records = completion_records(pending["rollouts"], student, teacher, self._tokenizer)
         self._dispatch("on_scored", records=records)
 
     # ---------------------------------------------------------------------------------------------------- rounds
