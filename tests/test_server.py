@@ -442,3 +442,42 @@ def test_server_killed_mid_training_keeps_the_last_checkpoint(processes, tok, tm
     live = trainer.model.state_dict()
     for name, saved in loaded.state_dict().items():
         torch.testing.assert_close(saved, live[name], msg=name)  # step 3 failed before its update
+
+
+@pytest.mark.slow  # two server start-ups: about a minute
+def test_server_restarted_mid_training_is_retried_through_and_no_step_is_half_applied(processes, tok, teacher_model,
+                                                                                      tmp_path):  # fmt: skip
+    """The server dies after step 1 and a new one comes up on the same port while the client retries: training
+    finishes every step, and its losses and weights equal a run with the teacher in process (same top-5 scores)."""
+    folder = Path(processes["main"][2]).parent / "teacher"
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "restart.log"
+    process = start_process(folder, port, log)
+    wait_healthy(url, process, log)
+    restarts = []
+
+    class RestartAfterStep1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                process.kill()
+                process.wait()
+                restarts.append(start_process(folder, port, tmp_path / "restarted.log"))  # up in a few seconds
+
+    client = ServerTeacher(url, tok, timeout=5.0, max_retries=12, backoff=0.25)
+    runs = {}
+    try:
+        for name, teacher, callbacks in (("server", client, [RestartAfterStep1()]), ("local", teacher_model, [])):
+            trainer = tm.trainer(tmp_path / name, tm.model(tok, seed=0), teacher, tok, teacher_top_k=5, lmbda=0.0,
+                                 max_steps=3, learning_rate=1e-2, callbacks=callbacks)  # fmt: skip
+            trainer.train()
+            runs[name] = (tm.step_logs(trainer), {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    finally:
+        for p in restarts:
+            p.kill()
+            p.wait()
+    assert len(restarts) == 1
+    assert [h["step"] for h in runs["server"][0]] == [1, 2, 3]
+    for a, b in zip(runs["server"][0], runs["local"][0]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    for name, value in runs["server"][1].items():
+        torch.testing.assert_close(value, runs["local"][1][name], rtol=1e-4, atol=1e-5)
