@@ -1,6 +1,8 @@
 """The `trl-onpolicy` command.
 
-    trl-onpolicy quickstart [--rounds 3 --steps-per-round 40 ...]   the built-in demo, offline, on a CPU
+    trl-onpolicy quickstart [--rounds 3 --steps-per-round 100 ...]   the built-in demo, offline, on a CPU
+    trl-onpolicy distill --config recipe.yaml [--field value ...]   train: the example script's flags or a YAML recipe
+    trl-onpolicy eval MODEL --tasks gsm8k,mmlu [--limit 200]        score a saved student, write a report
     trl-onpolicy serve-teacher MODEL --port 8000 [...]              a teacher server (vLLM's scoring API)
     trl-onpolicy cache-teacher MODEL DATASET OUTPUT [...]           the teacher's top-k log-probs, once, on disk
 
@@ -12,17 +14,42 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, cache_teacher, quickstart, serve_teacher
+from . import __version__
+
+EPILOG = """\
+examples:
+  trl-onpolicy quickstart
+  trl-onpolicy distill --config examples/recipes/qwen-gsm8k-jsd.yaml --max_steps 50
+  trl-onpolicy distill --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+      --teacher_model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --dataset_name openai/gsm8k --dataset_config main \\
+      --output_dir qwen-distilled
+  trl-onpolicy eval qwen-distilled --tasks gsm8k --limit 200 --output-dir qwen-distilled/eval
+  trl-onpolicy serve-teacher Qwen/Qwen2.5-1.5B-Instruct --port 8000
+
+Several GPUs: accelerate launch [--config_file examples/accelerate_configs/zero3.yaml] \\
+  examples/on_policy_distill.py --config recipe.yaml   (the same code as `distill`)
+"""
+
+DISTILL_HELP = "Distill a teacher into a student from flags or a YAML recipe (--config); every config field is a flag."
+
+
+def _distill_parser_stub(commands) -> None:
+    """`distill` parses its own arguments with `trl.TrlParser` (see `main`); this entry lists it in `--help`."""
+    commands.add_parser("distill", help=DISTILL_HELP, add_help=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import cache_teacher, eval_command, quickstart, serve_teacher
+
     parser = argparse.ArgumentParser(
         prog="trl-onpolicy",
-        description="On-policy knowledge distillation for Hugging Face TRL.",
+        description="On-policy knowledge distillation for Hugging Face TRL: the student writes, the teacher scores "
+        "every token it wrote, the student learns to match the teacher there.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"trl-onpolicy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="command")
+    commands = parser.add_subparsers(dest="command", metavar="command", title="commands")
     demo = commands.add_parser(
         "quickstart",
         help="Distill the built-in tiny teacher into a student on a GSM8K-format task, scored after every round.",
@@ -31,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quickstart.add_arguments(demo)
     demo.set_defaults(func=quickstart.run)
+    _distill_parser_stub(commands)
+    evaluate = commands.add_parser(
+        "eval",
+        help="Score a saved student with lm-eval tasks (toy_gsm8k, gsm8k, mmlu, ...) and write a report.",
+        description=eval_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    eval_command.add_arguments(evaluate)
+    evaluate.set_defaults(func=eval_command.run)
     server = commands.add_parser(
         "serve-teacher",
         help="Serve a local teacher model over HTTP with vLLM's prompt log-prob API (FastAPI + uvicorn).",
@@ -51,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "distill":  # TrlParser: `--config` plus flag overrides, and its own `--help`
+        from . import distill_command
+
+        return distill_command.run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,0 +1,232 @@
+"""`trl-onpolicy distill`: on-policy distillation from the command line or a YAML recipe, in TRL's script style.
+
+    trl-onpolicy distill --config examples/recipes/qwen-gsm8k-jsd.yaml [--max_steps 50 --output_dir out ...]
+    accelerate launch examples/on_policy_distill.py --config examples/recipes/qwen-gsm8k-jsd.yaml   # the same code
+
+Three groups of flags, parsed by `trl.TrlParser` (so `--config recipe.yaml` sets any of them and flags given after it
+win): [`DistillScriptArguments`] (the data), [`~trl_onpolicy.OnPolicyDistillConfig`] (training, the teacher, the loss)
+and [`~trl.ModelConfig`] (the student: `--model_name_or_path`, `--dtype`, LoRA with `--use_peft`, QLoRA with
+`--load_in_4bit`). The flow is TRL's `trl/scripts/sft.py` with the teacher added:
+
+1. student init kwargs from `ModelConfig` (revision, dtype, attention); the teacher gets the same dtype and attention
+   unless `--teacher_model_init_kwargs` says otherwise (the teacher is never quantized by `--load_in_4bit`);
+2. the dataset: a Hub id, a `save_to_disk` folder, a `.json`/`.jsonl`/`.csv`/`.parquet` file, or `toy`; GSM8K-style
+   rows (`question`, `answer`) become conversational prompt + completion rows;
+3. `OnPolicyDistillTrainer(model=<name>, teacher_model=None, ...)`: the student is loaded by the trainer (with
+   `quantization_config=get_quantization_config(model_args)` and `peft_config=get_peft_config(model_args)`, as in
+   TRL's SFT script); `teacher_model_name_or_path` picks the teacher backend (a model, a server URL, a cache folder);
+4. train, save, and with `--eval_tasks` a per-round lm-eval report (`report.json`, `report.md`, `scores.png`).
+
+`toy` as `--model_name_or_path`, `--teacher_model_name_or_path` or `--dataset_name` means the embedded default
+(`trl_onpolicy.toy`: trained once, then cached), so a recipe can run offline on a CPU.
+
+TRL 1.16 no longer has `get_kbit_device_map`: for a quantized student, `SFTTrainer` sets `device_map=None` under
+DDP/DeepSpeed and transformers' bitsandbytes loader places the model on the current device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .config import OnPolicyDistillConfig
+
+TOY = "toy"
+DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+@dataclass
+class DistillScriptArguments(ScriptArguments):
+    """
+    The data of an on-policy distillation run (TRL's `ScriptArguments` plus a few fields).
+
+    Args:
+        dataset_name (`str`): A Hub id (`openai/gsm8k` with `--dataset_config main`), a `save_to_disk` folder, a
+            `.json`/`.jsonl`/`.csv`/`.parquet` file, or `toy` (the embedded GSM8K-format task).
+        system_prompt (`str`, *optional*): A system message put before every conversational prompt.
+        max_train_samples (`int`, *optional*): Use the first N training rows (`toy`: rows to make, default 640).
+        eval_tasks (`str`, *optional*): Comma-separated lm-eval tasks (`toy_gsm8k,gsm8k,mmlu`) scored before training
+            and after every round (`--num_rounds`); the report lands in `output_dir`.
+        eval_limit (`int`, *optional*): Examples per eval task.
+        num_threads (`int`, *optional*): torch CPU threads (tiny models are fastest on one).
+    """
+
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message put before every conversational prompt."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    eval_tasks: str | None = field(
+        default=None, metadata={"help": "Comma-separated lm-eval tasks scored before training and after each round."}
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "Examples per eval task."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+USAGE_NOTE = """\
+Distill a teacher into a student. Every field below can also come from a YAML recipe:
+
+  --config recipe.yaml   read the fields from the file (examples/recipes/*.yaml); flags after it win
+
+Three groups of fields: the data (dataset_name, system_prompt, max_train_samples, eval_tasks, ...),
+OnPolicyDistillConfig (teacher_model_name_or_path, lmbda, loss_type, beta, max_completion_length, every
+Trainer and SFT setting, ...) and trl.ModelConfig (model_name_or_path, dtype, use_peft, lora_r, load_in_4bit, ...).
+"""
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    """The parser of the script's three argument groups; `parse_args_and_config()` reads `--config` first."""
+    return TrlParser(
+        (DistillScriptArguments, OnPolicyDistillConfig, ModelConfig),
+        prog=prog,
+        description=USAGE_NOTE,
+        formatter_class=_HelpFormatter,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def to_conversational(row: dict, system_prompt: str | None = None) -> dict:
+    """A GSM8K-style row (`question`, `answer`) as a conversational prompt and completion."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return {
+        "prompt": [*system, {"role": "user", "content": row["question"]}],
+        "completion": [{"role": "assistant", "content": row["answer"]}],
+    }
+
+
+def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
+    """The train split (and the test split when `need_eval` and it exists) that `dataset_name` names."""
+    from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
+
+    name = script_args.dataset_name
+    if name is None:
+        raise ValueError("Set `--dataset_name` (a Hub id, a save_to_disk folder, a data file, or 'toy').")
+    if name == TOY:
+        from .toy import make_dataset
+
+        train = make_dataset(script_args.max_train_samples or 640, split="train")
+        return train.select_columns(["prompt", "completion"]), None
+    if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+        dataset = load_from_disk(name)  # a Dataset or DatasetDict written by `save_to_disk`
+    elif name.rsplit(".", 1)[-1] in DATA_FILE_TYPES and os.path.isfile(name):
+        kind = DATA_FILE_TYPES[name.rsplit(".", 1)[-1]]
+        dataset = load_dataset(kind, data_files={script_args.dataset_train_split: name})
+    else:
+        dataset = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    if not isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        dataset = DatasetDict({script_args.dataset_train_split: dataset})
+    train = dataset[script_args.dataset_train_split]
+    test = dataset.get(script_args.dataset_test_split) if need_eval else None
+    if script_args.max_train_samples is not None:
+        n = script_args.max_train_samples
+        train = train.take(n) if script_args.dataset_streaming else train.select(range(min(n, len(train))))
+    columns = set(train.column_names or [])
+    if {"question", "answer"} <= columns and not columns & {"prompt", "messages"}:  # GSM8K's format
+        train, test = (
+            None if d is None else d.map(to_conversational, fn_kwargs={"system_prompt": script_args.system_prompt},
+                                         remove_columns=d.column_names)
+            for d in (train, test)
+        )  # fmt: skip
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+
+def main(
+    script_args: DistillScriptArguments, training_args: OnPolicyDistillConfig, model_args: ModelConfig
+):  # -> OnPolicyDistillTrainer
+    """Distill `training_args.teacher_model_name_or_path` into `model_args.model_name_or_path`; returns the trainer."""
+    import torch
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainer import OnPolicyDistillTrainer
+
+    if script_args.num_threads:
+        torch.set_num_threads(script_args.num_threads)
+    if model_args.model_name_or_path is None:
+        raise ValueError("Set `--model_name_or_path` (the student: a Hub id, a local path, or 'toy').")
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError(
+            "Set `--teacher_model_name_or_path`: a Hub id or path, an http(s):// teacher server, a teacher-cache "
+            "folder, or 'toy'."
+        )
+
+    # ------------------------------------------------------------------ student and teacher
+    student, teacher, tokenizer = model_args.model_name_or_path, None, None
+    if student == TOY:
+        from . import toy
+
+        student, tokenizer, _ = toy.load_or_train_student()
+    else:
+        model_init_kwargs = {
+            "revision": model_args.model_revision,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": model_args.dtype,
+        }
+        training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    if training_args.teacher_model_name_or_path == TOY:
+        from . import toy
+
+        teacher, toy_tokenizer, _ = toy.load_or_train_teacher()
+        tokenizer = tokenizer or toy_tokenizer
+    else:  # never quantized by --load_in_4bit: a quantized teacher degrades the target distribution
+        teacher_init_kwargs = {"attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
+        training_args.teacher_model_init_kwargs = {
+            **teacher_init_kwargs, **(training_args.teacher_model_init_kwargs or {})
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ data
+    need_eval = training_args.eval_strategy != "no"
+    train_dataset, eval_dataset = load_datasets(script_args, need_eval)
+    callbacks = []
+    if script_args.eval_tasks:
+        from .eval import LmEvalCallback
+
+        tasks = [t.strip() for t in script_args.eval_tasks.split(",") if t.strip()]
+        callbacks.append(LmEvalCallback(tasks=tasks, limit=script_args.eval_limit))
+
+    # ------------------------------------------------------------------ train
+    trainer = OnPolicyDistillTrainer(
+        model=student,
+        teacher_model=teacher,  # None: `training_args.teacher_model_name_or_path` picks the backend
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        quantization_config=get_quantization_config(model_args) if isinstance(student, str) else None,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
+    if callbacks and trainer.is_world_process_zero():
+        from .reports import format_table, write_report
+
+        write_report(training_args.output_dir, callbacks[0].history)
+        trainer.accelerator.print(format_table(callbacks[0].history))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def run(argv: list[str] | None = None, prog: str = "trl-onpolicy distill") -> int:
+    """Parse `argv` (with `--config`) and run [`main`]; the entry point of `trl-onpolicy distill`."""
+    parser = make_parser(prog=prog)
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    main(script_args, training_args, model_args)
+    return 0
+
+
+if __name__ == "__main__":  # accelerate launch -m trl_onpolicy.distill_command --config recipe.yaml
+    sys.exit(run(prog="python -m trl_onpolicy.distill_command"))
