@@ -4,6 +4,7 @@ Each test trains 1-4 steps of a 1-layer, hidden-16 Llama over a character tokeni
 """
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -347,7 +348,9 @@ def test_reference_model_changes_the_sampled_reverse_kl_advantage(tmp_path):
     reference_dir = tmp_path / "reference"
     tm.model(tok, seed=2).save_pretrained(reference_dir)
     tok.save_pretrained(reference_dir)
-    plain = tm.trainer(tmp_path / "plain", tok=tok, loss_type="sampled_reverse_kl", lmbda=0.0, per_device_train_batch_size=8)
+    plain = tm.trainer(
+        tmp_path / "plain", tok=tok, loss_type="sampled_reverse_kl", lmbda=0.0, per_device_train_batch_size=8
+    )
     plain.train()
     with_ref = tm.trainer(
         tmp_path / "ref", tok=tok, loss_type="sampled_reverse_kl", lmbda=0.0, per_device_train_batch_size=8,
@@ -360,10 +363,51 @@ def test_reference_model_changes_the_sampled_reverse_kl_advantage(tmp_path):
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     n = batch["completion_ids"].shape[1]
-    log_q = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1).gather(-1, batch["completion_ids"][..., None])[..., 0]
+    log_q = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1).gather(-1, batch["completion_ids"][..., None])[
+        ..., 0
+    ]
     log_p = batch["teacher"].token_logps[mask]  # sampled-token form: the loss needs nothing else
     log_ref = batch["reference"][mask]
     expected = -(2.0 * (log_p - log_ref) - (log_q[mask] - log_ref)).mean()
     first = tm.step_logs(with_ref)[0]
     assert first["loss"] == pytest.approx(expected.item(), rel=1e-4)
     assert first["loss"] != pytest.approx(tm.step_logs(plain)[0]["loss"], rel=1e-3)
+
+
+def test_on_rollouts_callbacks_chain_in_order(tmp_path):
+    """A filter then an editor: the editor sees the filtered rollouts, and the teacher scores the edited ones."""
+
+    class KeepFirstTwo(Recorder):
+        def on_rollouts(self, args, state, control, rollouts, **kwargs):
+            return rollouts.select([0, 1])
+
+    class AppendEos(Recorder):
+        def on_rollouts(self, args, state, control, rollouts, **kwargs):
+            super().on_rollouts(args, state, control, rollouts)
+            eos = args_tok.eos_token_id
+            return dataclasses.replace(rollouts, completion_ids=[c[:2] + [eos] for c in rollouts.completion_ids])
+
+    args_tok = tm.tokenizer()
+    editor, seen = AppendEos(), Recorder()
+    tr = tm.trainer(tmp_path, tok=args_tok, callbacks=[KeepFirstTwo(), editor, seen], lmbda=0.0,
+                    per_device_train_batch_size=4)  # fmt: skip
+    tr.train()
+    assert len(editor.rollouts[0]) == 2  # the editor got the filter's output
+    assert all(len(c) == 3 and c[-1] == args_tok.eos_token_id for c in seen.rollouts[0].completion_ids)
+    assert tm.step_logs(tr)[0]["completion_length"] == 3.0
+
+
+def test_round_end_evaluation_keeps_the_steps_training_row(tmp_path):
+    """An eval hook logging at a round end must not swallow that step's own loss row."""
+
+    class LogsAtRoundEnd(DistillCallback):
+        def __init__(self):
+            self.trainer = None
+
+        def on_round_end(self, args, state, control, round_index, **kwargs):
+            self.trainer.log({"eval/toy/score": float(round_index)})
+
+    tr = tm.trainer(tmp_path, callbacks=[LogsAtRoundEnd()], max_steps=4, num_rounds=2)
+    tr.train()
+    assert [h["step"] for h in tm.step_logs(tr)] == [1, 2, 3, 4]
+    assert [h["eval/toy/score"] for h in tr.state.log_history if "eval/toy/score" in h] == [1.0, 2.0]

@@ -5,7 +5,8 @@ callbacks that define them, so ordinary `TrainerCallback`s keep working unchange
 
 - `on_rollouts(args, state, control, rollouts, **kwargs)`: called on every process after the completions of a
   generation batch are known and before the teacher scores them. Return `None` to keep the rollouts, or a
-  [`~trl_onpolicy.rollouts.Rollouts`] (filtered or edited) to replace them.
+  [`~trl_onpolicy.rollouts.Rollouts`] (filtered or edited) to replace them. Callbacks run in order, each on what the
+  previous one returned, so filters and editors chain.
 - `on_round_end(args, state, control, round_index, **kwargs)`: called on every process after the last optimizer step of
   a round (`round_index` counts from 1). `kwargs` holds `model`, `processing_class` and `trainer`.
 

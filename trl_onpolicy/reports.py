@@ -57,7 +57,7 @@ def format_table(history: list[dict], teacher_scores: dict[str, float] | None = 
         "|" + "---|" * (len(tasks) + 3),
     ]
     for r in rows:
-        label = "student, before training" if r["round"] == 0 else f"student, round {r['round']}"
+        label = r.get("label") or ("student, before training" if r["round"] == 0 else f"student, round {r['round']}")
         cells = [_fmt(r["scores"].get(t)) if r.get("scores") else "failed" for t in tasks]
         lines.append(f"| {label} | {r['step']} | " + " | ".join(cells) + f" | {r.get('seconds', 0.0):.1f} |")
     if teacher:

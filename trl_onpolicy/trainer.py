@@ -145,9 +145,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._check_completion_sources(train_dataset)
         student = self.accelerator.unwrap_model(self.model)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
-        for member in self.teacher.members if isinstance(self.teacher, EnsembleTeacher) else [self.teacher]:
-            if isinstance(member, LocalTeacher) and not member.disable_adapters:
-                member.model.to(self.accelerator.device)
+        self.teacher.to(self.accelerator.device)
         if isinstance(self.teacher, EnsembleTeacher):
             self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
@@ -272,14 +270,20 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
 
     def _dispatch(self, event: str, **kwargs):
-        """Send a distillation event to the callbacks that define it; return the last non-None answer."""
-        answer = None
+        """Send a distillation event to the callbacks that define it, in order."""
         for callback in self.callback_handler.callbacks:
             method = getattr(callback, event, None)
             if method is not None:
-                result = method(self.args, self.state, self.control, **kwargs)
-                answer = result if result is not None else answer
-        return answer
+                method(self.args, self.state, self.control, **kwargs)
+
+    def _edit_rollouts(self, rollouts: Rollouts) -> Rollouts:
+        """`on_rollouts` along the callbacks in order: each sees the rollouts the previous one returned (None = keep)."""
+        for callback in self.callback_handler.callbacks:
+            method = getattr(callback, "on_rollouts", None)
+            if method is not None:
+                edited = method(self.args, self.state, self.control, rollouts=rollouts)
+                rollouts = edited if edited is not None else rollouts
+        return rollouts
 
     def score(self, rollouts: Rollouts) -> dict:
         """Collate rollouts and have the teacher (and the reference model, if any) score them."""
@@ -311,8 +315,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         source = self._completion_source()
         t0 = time.perf_counter()
         rollouts = self.make_rollouts([row for rows in raw for row in rows], source)
-        edited = self._dispatch("on_rollouts", rollouts=rollouts)
-        rollouts = edited if edited is not None else rollouts
+        rollouts = self._edit_rollouts(rollouts)
         if len(rollouts) == 0:
             raise ValueError(
                 f"Step {self.state.global_step + 1}: `on_rollouts` returned no rollouts. A filter must keep at least "
@@ -523,7 +526,12 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training rows carry the step's metrics; a row of eval-hook scores (`eval/...`) goes out on its own."""
         if "loss" not in logs and any(key.startswith("eval/") for key in logs):
-            return super(SFTTrainer, self).log(logs, start_time)
+            # the eval hook logs from inside a step's callbacks; `on_log` would reset `should_log` and drop that
+            # step's own training row, so the flag is kept as it was
+            should_log = self.control.should_log
+            super(SFTTrainer, self).log(logs, start_time)
+            self.control.should_log = should_log
+            return None
         return super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -161,6 +161,10 @@ class Teacher:
     def vocab_size(self) -> int | None:
         return None
 
+    def to(self, device) -> Teacher:
+        """Move what the backend holds in this process to `device` (nothing, for a remote or cached teacher)."""
+        return self
+
     def describe(self) -> str:
         """One line naming the teacher, for the model card (never a secret)."""
         return type(self).__name__

@@ -474,7 +474,9 @@ class TeacherCache(Teacher):
 
     def describe(self) -> str:
         name = self.manifest["teacher"].get("name") or "an unnamed teacher"
-        return f"`{name}` through an offline cache of its top-{self.top_k} log-probs (temperature {self.temperature:g})"
+        return (
+            f"`{name}` through an offline cache of its top-{self.top_k} log-probs (temperature {self.temperature:g})"
+        )
 
     @property
     def vocab_size(self) -> int | None:

@@ -70,6 +70,11 @@ class EnsembleTeacher(Teacher):
     def scores_any_completion(self) -> bool:
         return all(t.scores_any_completion for t in self.teachers.values())
 
+    def to(self, device) -> EnsembleTeacher:
+        for teacher in self.teachers.values():
+            teacher.to(device)
+        return self
+
     def describe(self) -> str:
         how = {"route": f"each row routed by its `{self.routing_column}` column", "weighted": "weighted mixture per "
                f"token ({', '.join(f'{n}: {w:g}' for n, w in zip(self.names, self.weights or []))})",

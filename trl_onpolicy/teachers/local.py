@@ -82,6 +82,11 @@ class LocalTeacher(Teacher):
         # clones are made out of inference mode, so autograd may use them as constants
         return hidden.clone(), None if layer_hidden is None else layer_hidden.clone()
 
+    def to(self, device) -> LocalTeacher:
+        if not self.disable_adapters:  # a LoRA student's base network moves with the student
+            self.model.to(device)
+        return self
+
     def describe(self) -> str:
         if self.disable_adapters:
             return "the student's own base network (LoRA adapters disabled): self-distillation"
