@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .temperature import SCHEDULES
@@ -430,6 +431,14 @@ class OnPolicyDistillConfig(SFTConfig):
             self.hidden_state_distance in ("mse", "cosine"),
             f"`hidden_state_distance` must be 'mse' or 'cosine', got {self.hidden_state_distance!r}.",
         )
+
+    def __repr__(self) -> str:  # the dataclass repr would show `hub_token`; TrainingArguments' masks it
+        return TrainingArguments.__str__(self)
+
+    def __getstate__(self):  # Trainer pickles the config into training_args.bin, which push_to_hub uploads
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
 
     @property
     def max_prompt_length(self) -> int | None:

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 
 import torch
+from datasets import Dataset
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
@@ -217,6 +218,18 @@ class OnPolicyDistillTrainer(SFTTrainer):
                 f"has none (columns: {columns}). Set `seq_kd=True` to let the teacher write them, set `lmbda=1.0`, "
                 "or add a `completion` column."
             )
+        if isinstance(self.train_dataset, Dataset):
+            empty = [i for i, ids in enumerate(self.train_dataset["completion_ids"]) if len(ids) == 0]
+            if empty:
+                raise self._no_completion_error(empty, len(self.train_dataset))
+
+    def _no_completion_error(self, empty: list[int], total: int) -> ValueError:
+        return ValueError(
+            f"`lmbda={self.args.lmbda}` makes some batches off-policy, which use the dataset's completions, but "
+            f"{len(empty)} of {total} rows have no completion (rows {empty[:5]}: a `messages` row that does not end with "
+            "an assistant turn, or a None `completion`). Set `seq_kd=True` to let the teacher write them, set "
+            "`lmbda=1.0`, or filter these rows out."
+        )
 
     def _build_reference(self, args):
         if args.reference_model_name_or_path is None:
@@ -255,6 +268,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         extra = [{k: v for k, v in row.items() if k not in ("prompt_ids", "completion_ids")} for row in rows]
         if source == "dataset":
             completions = [list(row["completion_ids"]) for row in rows]
+            if any(len(c) == 0 for c in completions):  # an iterable dataset is only seen here
+                raise self._no_completion_error([i for i, c in enumerate(completions) if not c], len(rows))
             truncated = [False] * len(rows)
         elif source == "student" and self.vllm is not None:
             eos = self.generation_config.eos_token_id
