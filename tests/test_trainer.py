@@ -411,3 +411,24 @@ def test_round_end_evaluation_keeps_the_steps_training_row(tmp_path):
     tr.train()
     assert [h["step"] for h in tm.step_logs(tr)] == [1, 2, 3, 4]
     assert [h["eval/toy/score"] for h in tr.state.log_history if "eval/toy/score" in h] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("top_k, most", [(0, None), (5, 5)])
+def test_rollouts_sample_from_the_whole_distribution_unless_top_k_is_set(tmp_path, top_k, most):
+    """`top_k=0` means no top-k: the model's own generation default (transformers: 50) must not apply."""
+    from trl_onpolicy.rollouts import build_generation_config, sample
+
+    tok = tm.tokenizer()
+    model = tm.model(tok, vocab_size=128)
+    model.generation_config.top_k = 50  # what `from_pretrained` gives most checkpoints
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e-3)  # a nearly uniform next-token distribution over 128 ids, without ties
+    config = build_generation_config(tm.config(tmp_path, top_k=top_k), tok, max_new_tokens=1)
+    config.eos_token_id = None  # keep every sampled id
+    torch.manual_seed(0)
+    completions, _ = sample(model, [[5, 6]] * 600, config)
+    distinct = len({c[0] for c in completions if c})  # (a sampled pad id is trimmed as padding)
+    if most is None:
+        assert distinct > 100  # ~128 expected; 50 at most if a hidden top-k applied
+    else:
+        assert distinct <= most

@@ -116,7 +116,7 @@ def build_generation_config(args, tokenizer, max_new_tokens: int | None = None) 
         "do_sample": True,
         "temperature": args.temperature,
         "top_p": args.top_p,
-        "top_k": args.top_k if args.top_k > 0 else None,
+        "top_k": args.top_k,  # 0 disables it; None would let the model's default (often 50) apply
         "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,
         "pad_token_id": tokenizer.pad_token_id,
