@@ -14,7 +14,7 @@ What is measured, and how:
 
 - steps/s: wall time of `timed_steps` optimizer steps after `warmup_steps`, one torch thread, measured between
   `on_step_end` callbacks (it includes teacher scoring, the student pass, loss, backward and the AdamW step).
-- step memory: `LiveTensorBytes` below, a `TorchDispatchMode` that sees the output of every ATen op (forward,
+- step memory: `LiveTensorBytes` (in `_memory.py`), a `TorchDispatchMode` that sees the output of every ATen op (forward,
   backward, optimizer; CPU or any device), adds the bytes of each new tensor storage and subtracts them when the
   storage is freed (a weakref finalizer). It is active for one whole optimizer step after the timed ones (teacher
   scoring, student pass, loss, backward, AdamW step). "working" is the high point of the bytes the step allocated and
@@ -38,7 +38,6 @@ import platform
 import random
 import subprocess
 import time
-import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,10 +47,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 import transformers
 import trl
+from _memory import LiveTensorBytes, resting_bytes  # benchmarks/_memory.py (the script's folder is on sys.path)
+from _models import padded_llama
 from datasets import Dataset
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaForCausalLM, TrainerCallback
 
 import trl_onpolicy
 from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
@@ -71,13 +70,7 @@ RESULTS = Path(__file__).parent / "results" / "chunking.json"
 
 # ---------------------------------------------------------------------------------------------------- set-up
 def llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return padded_llama(seed, LAYERS, HIDDEN, VOCAB)
 
 
 def dataset(n_rows: int) -> Dataset:
@@ -88,48 +81,6 @@ def dataset(n_rows: int) -> Dataset:
         "prompt": [text(rng.randint(10, 30)) for _ in range(n_rows)],
         "completion": [text(COMPLETION_TOKENS - 1) for _ in range(n_rows)],
     })  # fmt: skip
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created inside the `with` block and still alive: `live` now, `peak` at most."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __enter__(self):
-        self.peak = self.live
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
-        return out
-
-    def _track(self, storage):
-        key = storage.data_ptr()
-        if key == 0 or key in self._sizes:  # empty, or a view / in-place result of a storage already counted
-            return
-        self._sizes[key] = storage.nbytes()
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int):
-        self.live -= self._sizes.pop(key, 0)
-
-
-def resting_bytes(modules, optimizer) -> int:
-    """Weights (and any gradients) of `modules` plus the optimizer's state tensors, each storage once."""
-    storages = {}
-    tensors = [t for m in modules for p in m.parameters() for t in (p, p.grad) if t is not None]
-    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 # ------------------------------------------------------------------------------------------- one training run
