@@ -121,6 +121,42 @@ def _chunk_terms(
     return per_token, s_entropy, t_entropy, s_token.detach(), t_token
 
 
+class _ChunkwiseBackward(torch.autograd.Function):
+    """
+    The loss over all chunks, with each chunk's gradient taken as soon as its loss is known.
+
+    Forward runs `chunk_loss(hidden_chunk, start, end)` chunk by chunk with autograd on, and immediately takes the
+    gradient of that chunk's (already normalised) loss with respect to the chunk's hidden states and the head's
+    parameters; the chunk's `(n, V)` graph is freed before the next chunk starts. Backward only scales the stored
+    gradients by the incoming one. So nothing vocabulary-wide outlives a chunk, and nothing is recomputed (activation
+    checkpointing would project every chunk to the vocabulary twice). What is kept: `(N, H)` for the hidden states and
+    one gradient per head parameter.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, chunk_loss, bounds, *params):
+        grad_hidden = torch.zeros_like(hidden)  # (N, H)
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start, end in bounds:
+            with torch.enable_grad():
+                chunk = hidden[start:end].detach().requires_grad_()  # (n, H)
+                value = chunk_loss(chunk, start, end)  # () float32
+                grads = torch.autograd.grad(value, [chunk, *params], allow_unused=True)
+            grad_hidden[start:end] = grads[0]
+            for acc, g in zip(grad_params, grads[1:]):
+                if g is not None:
+                    acc.add_(g)
+            total += value.detach()
+        ctx.save_for_backward(grad_hidden, *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return (grad_hidden * grad_output, None, None, *(g * grad_output for g in grad_params))
+
+
 def distillation_loss(
     student_hidden: torch.Tensor,
     student_head,
@@ -136,6 +172,7 @@ def distillation_loss(
     num_items: float,
     scale: float = 1.0,
     chunk_size: int = 1024,
+    head_params: list[torch.Tensor] | None = None,
 ) -> LossSums:
     """
     Sum of per-token divergences over the completion tokens, normalised by the global token count.
@@ -150,34 +187,53 @@ def distillation_loss(
         num_items: Divisor: completion tokens of the optimizer step, all processes (times 1/processes for DDP).
         scale: Multiplier of the loss (`T**2` gradient scaling).
         chunk_size: Tokens projected to the vocabulary at once.
+        head_params: The parameters `student_head` uses that need gradients (those of `student_head` itself when it
+            is an `nn.Module`). With them, each chunk's gradient is taken right after its loss (see
+            [`_ChunkwiseBackward`]); without them, chunks run under activation checkpointing.
     """
     n_tokens = student_hidden.shape[0]
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    div_sum, s_ent_sum, t_ent_sum, t_ent_n = 0.0, 0.0, 0.0, 0
-    s_tokens, t_tokens = [], []
+    divisor = max(float(num_items), 1e-8)
+    stats = {"div": 0.0, "s_ent": 0.0, "t_ent": 0.0, "t_n": 0, "s_tok": [], "t_tok": []}
     shares = teacher.teacher_weights  # (N, T) or None
     per_teacher_div = None if shares is None else torch.zeros(shares.shape[-1], dtype=torch.float64)  # (T,)
-    use_checkpoint = n_tokens > chunk_size and torch.is_grad_enabled()
-    for start in range(0, n_tokens, chunk_size):
-        end = min(start + chunk_size, n_tokens)
-        args = (student_hidden[start:end], start, end, student_head, teacher, targets[start:end], loss_type, beta,
-                skew_alpha, reward_scale, ref_token_logps, vocab_size)  # fmt: skip
-        if use_checkpoint:
-            per_token, s_ent, t_ent, s_tok, t_tok = checkpoint(_chunk_terms, *args, use_reentrant=False)
-        else:
-            per_token, s_ent, t_ent, s_tok, t_tok = _chunk_terms(*args)
-        s_tokens.append(s_tok)
-        t_tokens.append(t_tok)
-        total = total + per_token.sum()
-        div_sum += per_token.detach().sum().item()
-        s_ent_sum += s_ent.sum().item()
+
+    recorded = set()  # chunks whose statistics are in; a checkpoint's recomputation must not add them twice
+
+    def chunk_loss(hidden, start, end):
+        per_token, s_ent, t_ent, s_tok, t_tok = _chunk_terms(
+            hidden, start, end, student_head, teacher, targets[start:end], loss_type, beta, skew_alpha, reward_scale,
+            ref_token_logps, vocab_size,
+        )  # fmt: skip
+        if start in recorded:
+            return per_token.sum() * scale / divisor
+        recorded.add(start)
+        stats["s_tok"].append(s_tok)
+        stats["t_tok"].append(t_tok)
+        stats["div"] += per_token.detach().sum().item()
+        stats["s_ent"] += s_ent.sum().item()
         finite = ~torch.isnan(t_ent)
-        t_ent_sum += t_ent[finite].sum().item()
-        t_ent_n += int(finite.sum().item())
+        stats["t_ent"] += t_ent[finite].sum().item()
+        stats["t_n"] += int(finite.sum().item())
         if shares is not None:
-            per_teacher_div += (shares[start:end] * per_token.detach()[:, None]).sum(0).double().cpu()  # (T,)
-    loss = total * scale / max(float(num_items), 1e-8)
-    sums = LossSums(loss, div_sum, s_ent_sum, t_ent_sum, t_ent_n, n_tokens, torch.cat(s_tokens), torch.cat(t_tokens))
+            per_teacher_div.add_((shares[start:end] * per_token.detach()[:, None]).sum(0).double().cpu())  # (T,)
+        return per_token.sum() * scale / divisor
+
+    if head_params is None and isinstance(student_head, torch.nn.Module):
+        head_params = [p for p in student_head.parameters() if p.requires_grad]
+    bounds = [(start, min(start + chunk_size, n_tokens)) for start in range(0, n_tokens, chunk_size)]
+    if torch.is_grad_enabled() and head_params is not None and (student_hidden.requires_grad or head_params):
+        loss = _ChunkwiseBackward.apply(student_hidden, chunk_loss, bounds, *head_params)
+    else:
+        use_checkpoint = n_tokens > chunk_size and torch.is_grad_enabled()
+        loss = student_hidden.new_zeros((), dtype=torch.float32)
+        for start, end in bounds:
+            hidden = student_hidden[start:end]
+            if use_checkpoint:
+                loss = loss + checkpoint(chunk_loss, hidden, start, end, use_reentrant=False)
+            else:
+                loss = loss + chunk_loss(hidden, start, end)
+    sums = LossSums(loss, stats["div"], stats["s_ent"], stats["t_ent"], stats["t_n"], n_tokens,
+                    torch.cat(stats["s_tok"]), torch.cat(stats["t_tok"]))  # fmt: skip
     if shares is not None:
         sums.teacher_divergence, sums.teacher_tokens = per_teacher_div, shares.sum(0).double().cpu()
     return sums

@@ -407,6 +407,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             num_items=num_items,
             scale=grad_scale(temperature, self.args.temperature_grad_scale),
             chunk_size=self.args.loss_chunk_size,
+            head_params=[p for p in causal_lm.get_output_embeddings().parameters() if p.requires_grad],
         )
         if self.hidden_pairs:
             term, sums.hidden_distance = hidden_states.matching_term(
