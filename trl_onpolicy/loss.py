@@ -1,10 +1,12 @@
 """The distillation loss over completion tokens, computed in chunks of tokens.
 
 The student's final hidden states at the `N` completion positions are projected to the vocabulary `chunk_size`
-tokens at a time. Each chunk runs under activation checkpointing when there is more than one, so autograd keeps only
-the `(n, H)` hidden states and recomputes a chunk's `(n, V)` logits in the backward pass: the peak memory of the loss
-grows with `chunk_size`, not with the number of completion tokens, and the `(B, C, V)` logits of the student and the
-teacher never exist at the same time (or at all).
+tokens at a time, and each chunk's gradient (with respect to its hidden states and the output head's parameters) is
+taken as soon as its loss is known, inside the forward pass ([`_ChunkwiseBackward`]). A chunk's `(n, V)` graph is gone
+before the next chunk starts, and nothing is projected twice: the peak memory of the loss grows with `chunk_size`, not
+with the number of completion tokens, what waits for the backward pass is `(N, H)` plus one gradient per head
+parameter, and the `(B, C, V)` logits of the student and the teacher never exist (a head given without its parameters
+falls back to activation checkpointing per chunk).
 
 Normalisation: the per-token losses are summed and divided by `num_items`, the number of completion tokens of the
 whole optimizer step on all processes, then multiplied by the number of processes (DDP averages gradients). So
