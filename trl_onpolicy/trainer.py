@@ -18,7 +18,6 @@ is left as SFT's and the whole step's rollouts are made in `get_batch_samples`, 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -28,18 +27,19 @@ from collections import defaultdict
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from . import checkpoints, hidden_states, model_card
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
-from .callbacks import completion_records
+from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
 from .loss import LossSums, distillation_loss, output_logits
 from .prompts import check_columns, prepare_dataset
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
 from .teachers import EnsembleTeacher, LocalTeacher, build_teacher, load_teacher_model
+from .teachers.ensemble import per_teacher_metrics
 from .temperature import LossTemperature, grad_scale
 from .vllm_rollouts import VLLMSampler
 
@@ -49,23 +49,6 @@ logger = logging.getLogger(__name__)
 def _rows_collator(rows: list[dict]) -> list[dict]:
     """Keep the rows as they are: completions are made per step, so there is nothing to pad yet."""
     return rows
-
-
-class _RoundsCallback(TrainerCallback):
-    """Ends rounds: fires `on_round_end` on every process and asks for a checkpoint."""
-
-    def __init__(self, trainer: OnPolicyDistillTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.loss_temperature.total_steps = max(int(state.max_steps), 1)  # known only once training starts
-
-    def on_step_end(self, args, state, control, **kwargs):
-        round_index = self.trainer.round_ending_at(state.global_step)
-        if round_index is not None:
-            self.trainer.end_round(round_index)
-            control.should_save = True
-        return control
 
 
 class OnPolicyDistillTrainer(SFTTrainer):
@@ -170,7 +153,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._nonfinite_total = 0
         self._last_teacher_entropy = None
         self._rng_checkpoint = None  # a checkpoint whose RNG states are still to be restored (resuming)
-        self.add_callback(_RoundsCallback(self))
+        self.add_callback(RoundsCallback(self))
         self.add_callback(checkpoints.SigtermCheckpoint())
         for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
             if getattr(callback, "trainer", False) is None:
@@ -483,11 +466,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             return
         local = local if isinstance(local, torch.Tensor) else torch.zeros(2 * len(names), dtype=torch.float64)
         total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").tolist()
-        divergence, tokens = total[: len(names)], total[len(names) :]
-        for name, div, n in zip(names, divergence, tokens):
-            self._metrics["train"][f"teacher/{name}/tokens"].append(n)
-            if n > 0:
-                self._metrics["train"][f"teacher/{name}/divergence"].append(div / n)
+        for key, value in per_teacher_metrics(names, total).items():
+            self._metrics["train"][key].append(value)
 
     def _skip_update(self, model, what: str):
         for p in model.parameters():
@@ -566,23 +546,13 @@ class OnPolicyDistillTrainer(SFTTrainer):
         folder = output_dir if output_dir is not None else self.args.output_dir
         is_checkpoint = os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR)
         if self.args.save_merged_model and is_peft_model(unwrapped) and not is_checkpoint:
-            return self._save_merged(unwrapped, folder)
+            return checkpoints.save_merged(unwrapped, folder, self.processing_class) if self.args.should_save else None
         if hidden_states.projector_of(unwrapped) is None:
             return super()._save(output_dir, state_dict)
         state_dict = hidden_states.without_projector(state_dict if state_dict is not None else unwrapped.state_dict())
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             hidden_states.save_projector(unwrapped, output_dir if output_dir is not None else self.args.output_dir)
-
-    def _save_merged(self, peft_model, folder: str):
-        if not self.args.should_save:
-            return
-        os.makedirs(folder, exist_ok=True)
-        merged = copy.deepcopy(peft_model).merge_and_unload()  # a copy: the model in training keeps its adapters
-        merged.save_pretrained(folder, state_dict=hidden_states.without_projector(merged.state_dict()))
-        self.processing_class.save_pretrained(folder)
-        hidden_states.save_projector(peft_model, folder)
-        logger.info("Saved the student with its LoRA adapters merged into %s.", folder)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         """TRL's model card, followed by how the student was distilled (see [`~trl_onpolicy.model_card`])."""

@@ -182,6 +182,17 @@ class EnsembleTeacher(Teacher):
         return scores.reduce(batch["completion_ids"], top_k, self.chunk_size)
 
 
+def per_teacher_metrics(names: list[str], totals: list[float]) -> dict[str, float]:
+    """`teacher/<name>/tokens` and, where it scored any, `teacher/<name>/divergence` (its share-weighted mean), from
+    the step's summed divergences then tokens per teacher (`2 T` numbers)."""
+    metrics = {}
+    for name, divergence, tokens in zip(names, totals[: len(names)], totals[len(names) :]):
+        metrics[f"teacher/{name}/tokens"] = tokens
+        if tokens > 0:
+            metrics[f"teacher/{name}/divergence"] = divergence / tokens
+    return metrics
+
+
 def _empty_full(c: int) -> TeacherScores:
     """A stand-in for a teacher with no routed rows: no rows, zero-width hidden states, never projected."""
     return TeacherScores(hidden=torch.zeros(0, c, 0), head=None)
