@@ -25,15 +25,14 @@ import io
 import logging
 import os
 import re
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import tiny_models as tm
 import torch
+from http_server import thread_server
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from trl_onpolicy import CompletionsLogger, OnPolicyDistillConfig, OnPolicyDistillTrainer
@@ -154,25 +153,14 @@ def test_generated_code_runs_in_a_subprocess_that_cannot_hang(monkeypatch, tmp_p
 @contextlib.contextmanager
 def keyed_teacher_server(api_key: str):
     """`serve-teacher`'s app around a tiny teacher, requiring `api_key`, served by uvicorn in a thread."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
     from trl_onpolicy.serve_teacher import create_app
 
     tok = tm.tokenizer()
     app = create_app(tm.model(tok, seed=1).eval(), tok, api_key=api_key)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with thread_server(app) as url:
+        yield url
 
 
 class _Records(logging.Handler):

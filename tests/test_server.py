@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 import tiny_models as tm
+from http_server import thread_server
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
@@ -68,25 +68,6 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, limit: float = 
                 return
         time.sleep(0.1)
     raise RuntimeError(f"serve-teacher did not answer /health in {limit}s:\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def thread_server(app):
-    """Serve an ASGI app with uvicorn in a thread on a free port of 127.0.0.1; yields its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 class Faults:
