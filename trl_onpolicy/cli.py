@@ -33,11 +33,6 @@ Several GPUs: accelerate launch [--config_file examples/accelerate_configs/zero3
 DISTILL_HELP = "Distill a teacher into a student from flags or a YAML recipe (--config); every config field is a flag."
 
 
-def _distill_parser_stub(commands) -> None:
-    """`distill` parses its own arguments with `trl.TrlParser` (see `main`); this entry lists it in `--help`."""
-    commands.add_parser("distill", help=DISTILL_HELP, add_help=False)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import cache_teacher, eval_command, quickstart, serve_teacher
 
@@ -50,39 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trl-onpolicy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command", title="commands")
-    demo = commands.add_parser(
-        "quickstart",
-        help="Distill the built-in tiny teacher into a student on a GSM8K-format task, scored after every round.",
-        description=quickstart.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    quickstart.add_arguments(demo)
-    demo.set_defaults(func=quickstart.run)
-    _distill_parser_stub(commands)
-    evaluate = commands.add_parser(
-        "eval",
-        help="Score a saved student with lm-eval tasks (toy_gsm8k, gsm8k, mmlu, ...) and write a report.",
-        description=eval_command.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    eval_command.add_arguments(evaluate)
-    evaluate.set_defaults(func=eval_command.run)
-    server = commands.add_parser(
-        "serve-teacher",
-        help="Serve a local teacher model over HTTP with vLLM's prompt log-prob API (FastAPI + uvicorn).",
-        description=serve_teacher.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve_teacher.add_arguments(server)
-    server.set_defaults(func=serve_teacher.run)
-    cache = commands.add_parser(
-        "cache-teacher",
-        help="Score a dataset's completions with a teacher once and store its top-k log-probs for offline training.",
-        description=cache_teacher.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cache_teacher.add_arguments(cache)
-    cache.set_defaults(func=cache_teacher.run)
+    subcommands = (
+        ("quickstart", quickstart,
+         "Distill the built-in tiny teacher into a student on a GSM8K-format task, scored after every round."),
+        ("distill", None, DISTILL_HELP),
+        ("eval", eval_command,
+         "Score a saved student with lm-eval tasks (toy_gsm8k, gsm8k, mmlu, ...) and write a report."),
+        ("serve-teacher", serve_teacher,
+         "Serve a local teacher model over HTTP with vLLM's prompt log-prob API (FastAPI + uvicorn)."),
+        ("cache-teacher", cache_teacher,
+         "Score a dataset's completions with a teacher once and store its top-k log-probs for offline training."),
+    )  # fmt: skip
+    for name, module, help_text in subcommands:
+        if module is None:  # `distill` parses its own arguments with `trl.TrlParser` (see `main`): listed only
+            commands.add_parser(name, help=help_text, add_help=False)
+            continue
+        command = commands.add_parser(
+            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 
