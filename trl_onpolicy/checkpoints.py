@@ -3,7 +3,9 @@
 The Trainer saves the weights, optimizer, scheduler, RNG state of every process and `trainer_state.json` (step, log
 history). On top of that, `distill_state.json` holds the distillation state: the loss temperature schedule, the
 non-finite-step counters, and the state of every callback that has `state_dict()` / `load_state_dict()` (the eval
-hook's per-round history, so the report continues instead of starting over).
+hook's per-round history, so the report continues instead of starting over). A checkpoint written while a batch of
+rollouts is being reused (`num_iterations > 1`) also holds that batch, `rollout_buffer_<process>.pt` (see
+[`~trl_onpolicy.rollout_buffer`]).
 
 A checkpoint folder is *whole* when its `distill_state.json` (written first, to a temporary name and renamed) and its
 `trainer_state.json` (written last by the Trainer) both parse and its weights are there. A process killed while

@@ -95,6 +95,15 @@ class OnPolicyDistillConfig(SFTConfig):
             When the batch is not on-policy, let the teacher write the completions (sequence-level KD).
         num_generations (`int`, *optional*, defaults to `1`):
             Completions sampled per prompt.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Optimizer steps that each batch of rollouts trains (GRPO's `num_iterations`, its mu). A step's rollouts are
+            sampled and scored by the teacher once, then reused, with those scores, by the next `num_iterations - 1`
+            optimizer steps; the data loader's prompts for those steps are not used (GRPO repeats them in its
+            sampler instead). It pays off when generation and scoring dominate a step (CPU, a slow teacher); the cost
+            is staler rollouts, sampled by a student up to `num_iterations - 1` updates older. The full-distribution
+            and top-k divergences need no correction (they compare the two distributions at states the student
+            reached slightly earlier); `"sampled_reverse_kl"` weights each token by the importance ratio
+            `q / q_old`. The loss temperature is held while a batch is reused (its scores were computed at it).
         max_completion_length (`int`, *optional*, defaults to `256`):
             Maximum number of generated tokens. Prompts are cut from the left to `max_length - max_completion_length`.
         temperature (`float`, *optional*, defaults to `1.0`):
@@ -243,6 +252,9 @@ class OnPolicyDistillConfig(SFTConfig):
     lmbda: float = field(default=1.0, metadata={"help": "Probability that the student writes the completions."})
     seq_kd: bool = field(default=False, metadata={"help": "Off-policy batches use teacher-written completions."})
     num_generations: int = field(default=1, metadata={"help": "Completions sampled per prompt."})
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer steps each batch of rollouts and teacher scores trains (GRPO's mu)."}
+    )
     max_completion_length: int = field(default=256, metadata={"help": "Maximum number of generated tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the rollouts."})
@@ -351,6 +363,11 @@ class OnPolicyDistillConfig(SFTConfig):
             f"`vllm_mode` must be 'colocate' or 'server', got {self.vllm_mode!r}.",
         )
         check(self.num_generations >= 1, f"`num_generations` must be >= 1, got {self.num_generations}.")
+        check(
+            isinstance(self.num_iterations, int) and self.num_iterations >= 1,
+            f"`num_iterations` must be an integer >= 1 (1 = fresh rollouts every optimizer step), got "
+            f"{self.num_iterations!r}.",
+        )
         check(
             self.max_completion_length >= 1, f"`max_completion_length` must be >= 1, got {self.max_completion_length}."
         )

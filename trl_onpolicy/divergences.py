@@ -18,8 +18,10 @@ the caller sums and divides by the global token count. Inputs are upcast, so the
 - `skew_reverse_kl` (DistiLLM SRKL): KL(q || alpha q + (1 - alpha) p); alpha = 0 is `reverse_kl`.
 - `sampled_reverse_kl` (Thinking Machines on-policy distillation; Generalized OPD / ExOPD, arXiv 2602.12125):
   the one-sample estimate of the reverse KL on the token the student sampled, used as a per-token policy gradient.
-  Departure: the advantage of token t is its own reward only (discount 0, no sum over future tokens) and there is
-  no PPO ratio or clip, because the loss is taken on the very samples the current student generated.
+  Departure: the advantage of token t is its own reward only (discount 0, no sum over future tokens), and on fresh
+  rollouts there is no PPO ratio or clip, because the loss is taken on the very samples the current student generated.
+  Rollouts reused for later optimizer steps (`num_iterations > 1`) were sampled by an older student: there each token
+  is weighted by the per-token importance ratio q / q_old, unclipped (see `sampled_reverse_kl`).
 
 Numerics. Terms follow 0 log 0 = 0 through `torch.where` on sanitised inputs, so a log-prob of -inf (masked
 vocabulary, an empty tail bucket) gives no NaN in values or gradients. Where a distribution with mass is compared
@@ -227,6 +229,7 @@ def sampled_reverse_kl(
     teacher_token_logps: Tensor,
     reward_scale: float = 1.0,
     ref_token_logps: Tensor | None = None,
+    behaviour_token_logps: Tensor | None = None,
 ) -> Tensor:
     """
     Per-token policy-gradient loss of (generalized) on-policy distillation on the sampled tokens.
@@ -237,21 +240,38 @@ def sampled_reverse_kl(
     loss_t = -A_t * exp(log q_t - stopgrad(log q_t)) has value -A_t (the sampled-token reverse KL log q_t - log p_t
     when lambda = 1 and ref = None) and gradient -A_t with respect to log q_t.
 
+    Reused rollouts (`num_iterations > 1`): the tokens were sampled by an older student q_old, whose log-probs of them
+    (`behaviour_token_logps`, stored when the tokens were first trained on) replace stopgrad(log q_t) in the ratio:
+    loss_t = -A_t * rho_t with rho_t = exp(log q_t - log q_old_t), of value -rho_t A_t and gradient
+    -rho_t A_t grad log q_t. Since E_{y ~ q_old}[rho f(y)] = E_{y ~ q}[f(y)], this is the importance-sampled estimate of
+    the same gradient. At the first use q_old = q and rho_t = 1 exactly.
+
     Args:
         student_token_logps: Student log-prob of each sampled token, shape `(N,)`; gradients flow through it.
         teacher_token_logps: Teacher log-prob of the same tokens, shape `(N,)`; detached.
         reward_scale: lambda, the weight of the teacher reward (ExOPD uses lambda > 1 to extrapolate).
         ref_token_logps: Optional reference-model log-probs, shape `(N,)`; detached.
+        behaviour_token_logps: Optional log-probs of the student that sampled the tokens (q_old), shape `(N,)`;
+            detached. `None`: the tokens are the current student's own samples (ratio 1).
 
     Returns:
         Per-token loss, shape `(N,)`, float32.
     """
     log_q = _upcast(student_token_logps).clamp(min=LOG_FLOOR)  # (N,)
     log_p = _upcast(teacher_token_logps).detach().clamp(min=LOG_FLOOR)  # (N,)
-    log_q_old = log_q.detach()  # (N,)
-    log_ref = log_q_old if ref_token_logps is None else _upcast(ref_token_logps).detach().clamp(min=LOG_FLOOR)  # (N,)
-    advantage = reward_scale * (log_p - log_ref) - (log_q_old - log_ref)  # (N,)
-    return -advantage * torch.exp(log_q - log_q_old)  # (N,)
+    log_q_now = log_q.detach()  # (N,)
+    log_ref = log_q_now if ref_token_logps is None else _upcast(ref_token_logps).detach().clamp(min=LOG_FLOOR)  # (N,)
+    # The advantage is taken at the current student even on reused rollouts: its reward contains log q itself, so it is
+    # the current objective's; only the distribution the tokens were drawn from is old, and the ratio corrects for that.
+    advantage = reward_scale * (log_p - log_ref) - (log_q_now - log_ref)  # (N,)
+    # PPO's form of the ratio, exp(log q - log q_old) with the gradient through log q, has the same value and gradient
+    # as stopgrad(rho) * exp(log q - stopgrad(log q)), the detached ratio times the on-policy estimator. It is per token
+    # (it corrects the choice of y_t given its prefix, not the prefix's own probability, as in PPO and GRPO), and
+    # unclipped: PPO's clip keeps a surrogate objective within a trust region, whereas this is meant to be the unbiased
+    # gradient of the reverse KL. rho stays near 1 while the student moves little between uses (few reuse steps, small
+    # learning rates); where it does not, fewer `num_iterations` is the remedy, as a clip would trade the drift for bias.
+    log_q_old = log_q_now if behaviour_token_logps is None else _upcast(behaviour_token_logps).clamp(min=LOG_FLOOR)
+    return -advantage * torch.exp(log_q - log_q_old.detach())  # (N,)
 
 
 def entropy(logps: Tensor) -> Tensor:

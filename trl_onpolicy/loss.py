@@ -92,6 +92,7 @@ def _chunk_terms(
     skew_alpha: float,
     reward_scale: float,
     ref_token_logps: torch.Tensor | None,
+    behaviour_logps: torch.Tensor | None,
     vocab_size: int,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token loss `(n,)` (differentiable); student and teacher entropy and sampled-token log-probs `(n,)`."""
@@ -115,7 +116,8 @@ def _chunk_terms(
     s_token = s_logps.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     if loss_type == "sampled_reverse_kl":
         ref = None if ref_token_logps is None else ref_token_logps[start:end]
-        per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref)  # (n,)
+        old = None if behaviour_logps is None else behaviour_logps[start:end]
+        per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref, old)  # (n,)
     else:
         if teacher.form == "topk":
             s_logps = D.topk_buckets(s_logps, teacher.topk_ids[start:end])  # (n, K + 1)
@@ -170,6 +172,7 @@ def distillation_loss(
     skew_alpha: float = 0.1,
     reward_scale: float = 1.0,
     ref_token_logps: torch.Tensor | None = None,
+    behaviour_logps: torch.Tensor | None = None,
     vocab_size: int,
     num_items: float,
     scale: float = 1.0,
@@ -185,6 +188,8 @@ def distillation_loss(
         teacher: Flattened [`TeacherScores`] `(N, ...)` at the loss temperature.
         targets: `(N,)` the completion tokens.
         loss_type: A divergence of [`~trl_onpolicy.divergences`] or `"sampled_reverse_kl"`.
+        ref_token_logps, behaviour_logps: `(N,)` reference-model log-probs and, on reused rollouts, the log-probs of
+            the student that sampled the tokens (its importance weight); `"sampled_reverse_kl"` only.
         vocab_size: Logit columns compared (the tokenizer's real vocabulary when embeddings are padded).
         num_items: Divisor: completion tokens of the optimizer step, all processes (times 1/processes for DDP).
         scale: Multiplier of the loss (`T**2` gradient scaling).
@@ -204,7 +209,7 @@ def distillation_loss(
     def chunk_loss(hidden, start, end):
         per_token, s_ent, t_ent, s_tok, t_tok = _chunk_terms(
             hidden, start, end, student_head, teacher, targets[start:end], loss_type, beta, skew_alpha, reward_scale,
-            ref_token_logps, vocab_size,
+            ref_token_logps, behaviour_logps, vocab_size,
         )  # fmt: skip
         if start in recorded:
             return per_token.sum() * scale / divisor

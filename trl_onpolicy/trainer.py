@@ -4,7 +4,8 @@ One optimizer step, in the order the data flows:
 
 1. `get_batch_samples` takes the prompts of the whole step (all gradient-accumulation micro-batches at once), decides
    where the completions come from (student with probability `lmbda`, else teacher or dataset), samples them,
-   lets the callbacks see them (`on_rollouts`), and has the teacher score them once;
+   lets the callbacks see them (`on_rollouts`), and has the teacher score them once; with `num_iterations > 1` the
+   scored batch is kept and trains the next `num_iterations - 1` steps too (`rollout_buffer.py`);
 2. `compute_loss` runs the student over prompt + completion and takes the divergence on completion tokens only,
    chunk by chunk, normalised by the step's global completion-token count;
 3. `training_step` backpropagates and, on the step's last micro-batch, skips an update whose loss or gradients are
@@ -19,6 +20,7 @@ is left as SFT's and the whole step's rollouts are made in `get_batch_samples`, 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import random
@@ -37,6 +39,7 @@ from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
 from .loss import LossSums, distillation_loss, output_logits
 from .prompts import check_columns, prepare_dataset
+from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
 from .teachers import EnsembleTeacher, LocalTeacher, build_teacher, load_teacher_model
 from .teachers.ensemble import per_teacher_metrics
@@ -147,12 +150,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         )
         self._forward_redirection = ForwardRedirection()
         self._step_stats = defaultdict(float)
-        self._micro_step = 0
-        self._window = 1
-        self._nonfinite_in_a_row = 0
-        self._nonfinite_total = 0
+        self._micro_step, self._window = 0, 1
+        self._nonfinite_in_a_row = self._nonfinite_total = 0
         self._last_teacher_entropy = None
         self._rng_checkpoint = None  # a checkpoint whose RNG states are still to be restored (resuming)
+        self.rollout_buffer = RolloutBuffer(args.num_iterations, keep_logps=args.loss_type == "sampled_reverse_kl")
         self.add_callback(RoundsCallback(self))
         self.add_callback(checkpoints.SigtermCheckpoint())
         for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
@@ -286,34 +288,40 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def score(self, rollouts: Rollouts) -> dict:
         """Collate rollouts and have the teacher (and the reference model, if any) score them."""
         batch = collate(rollouts, self._tokenizer.pad_token_id, self.accelerator.device)
-        need = "token" if self.args.loss_type == "sampled_reverse_kl" else "full"
         temperature = self.loss_temperature.value
         batch["rows"] = rollouts.rows  # the dataset rows, for routing to several teachers
-        kwargs = {"hidden_layers": [j for _, j in self.hidden_pairs]} if self.hidden_pairs else {}
-        batch["teacher"] = self.teacher.score(
-            batch, temperature=temperature, top_k=self.args.teacher_top_k, need=need, **kwargs
-        )
+        batch["teacher"] = self._teacher_scores(batch, temperature)
         if self.reference is not None:
             batch["reference"] = self.reference.score(batch, temperature=temperature, need="token").token_logps
         return batch
 
+    def _teacher_scores(self, batch: dict, temperature: float):
+        need = "token" if self.args.loss_type == "sampled_reverse_kl" else "full"
+        kwargs = {"hidden_layers": [j for _, j in self.hidden_pairs]} if self.hidden_pairs else {}
+        return self.teacher.score(batch, temperature=temperature, top_k=self.args.teacher_top_k, need=need, **kwargs)
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Prompts of a whole optimizer step -> rollouts -> teacher scores, split into its micro-batches."""
-        raw = []
-        for _ in range(num_batches):
-            try:
-                raw.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        """Prompts of a whole optimizer step -> rollouts -> teacher scores, split into its micro-batches. A step within
+        a batch's `num_iterations` trains on the buffered batch instead, and its own prompts go unused."""
+        raw = list(itertools.islice(epoch_iterator, num_batches))
         if not raw:
             return [], None
         if self._rng_checkpoint is not None:  # resuming mid-epoch: the RNG must be the checkpoint's before sampling
             self._load_rng_state(self._rng_checkpoint)
+        buffer, self._pending, seconds = self.rollout_buffer, None, (0.0, 0.0)
+        self._step_start = time.perf_counter()
+        if not buffer.holds(self.state.global_step):
+            seconds = self._fresh_batch([row for rows in raw for row in rows])
+        micro = buffer.micro_batches(self.state.global_step, len(raw))
+        self._record_step_stats(buffer.stats, *seconds)
+        self._micro_step, self._window = 0, len(micro)
+        return micro, buffer.num_items
+
+    def _fresh_batch(self, rows: list[dict]) -> tuple[float, float]:
+        """Sample and score the step's rollouts into the buffer; the seconds spent generating and scoring them."""
         self.loss_temperature.step(self.state.global_step, self._last_teacher_entropy)
-        source = self._completion_source()
         t0 = time.perf_counter()
-        rollouts = self.make_rollouts([row for rows in raw for row in rows], source)
-        rollouts = self._edit_rollouts(rollouts)
+        rollouts = self._edit_rollouts(self.make_rollouts(rows, self._completion_source()))
         if len(rollouts) == 0:
             raise ValueError(
                 f"Step {self.state.global_step + 1}: `on_rollouts` returned no rollouts. A filter must keep at least "
@@ -322,37 +330,24 @@ class OnPolicyDistillTrainer(SFTTrainer):
         t1 = time.perf_counter()
         batch = self.score(rollouts)
         t2 = time.perf_counter()
-        self._record_rollout_stats(rollouts, batch, t1 - t0, t2 - t1)
-        micro = self._split(batch, len(rollouts), len(raw))
+        stats = rollout_stats(rollouts, batch, self.accelerator)
         num_items = self.accelerator.gather(batch["completion_mask"].sum().reshape(1)).sum()
-        self._micro_step, self._window = 0, len(micro)
-        self._step_start = t0
-        return micro, num_items
+        self.rollout_buffer.put(self.state.global_step, batch, num_items, stats)
+        if any(hasattr(c, "on_scored") for c in self.callback_handler.callbacks):
+            self._pending = {"rollouts": rollouts, "student": [], "teacher": []}
+        return t1 - t0, t2 - t1
 
-    def _split(self, batch: dict, n_rollouts: int, n_micro: int) -> list[dict]:
-        """Cut a scored generation batch into `n_micro` micro-batches of consecutive rollouts."""
-        bounds = [round(i * n_rollouts / n_micro) for i in range(n_micro + 1)]
-        micro = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            rows = list(range(lo, hi))
-            part = {k: v[lo:hi] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            part["teacher"] = batch["teacher"].select(rows)
-            micro.append(part)
-        return micro
-
-    def _record_rollout_stats(self, rollouts: Rollouts, batch: dict, gen_seconds: float, teacher_seconds: float):
-        lengths = batch["completion_mask"].sum(1).float()  # (B,)
-        truncated = torch.tensor(rollouts.truncated, dtype=torch.float32, device=lengths.device)  # (B,)
-        lengths, truncated = self.accelerator.gather_for_metrics((lengths, truncated))
+    def _record_step_stats(self, stats: dict[str, float], gen_seconds: float, teacher_seconds: float):
+        """The step's rollout metrics: a reused batch's lengths again, and no generation or teacher time."""
         metrics = self._metrics["train"]
-        metrics["completion_length"].append(lengths.mean().item())
-        metrics["truncated_fraction"].append(truncated.mean().item())
+        metrics["completion_length"].append(stats["completion_length"])
+        metrics["truncated_fraction"].append(stats["truncated_fraction"])
         metrics["loss_temperature"].append(self.loss_temperature.value)
         metrics["time/generation"].append(gen_seconds)
         metrics["time/teacher"].append(teacher_seconds)
-        self._step_stats = defaultdict(float, tokens=lengths.sum().item())
-        wants_records = any(hasattr(c, "on_scored") for c in self.callback_handler.callbacks)
-        self._pending = {"rollouts": rollouts, "student": [], "teacher": []} if wants_records else None
+        if self.args.num_iterations > 1:
+            metrics["rollouts/reused"].append(float(self.rollout_buffer.age > 0))
+        self._step_stats = defaultdict(float, tokens=stats["tokens"])
 
     # ------------------------------------------------------------------------------------------------------ loss
     def _student_loss(self, student, inputs: dict, num_items: float):
@@ -386,6 +381,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             skew_alpha=self.args.skew_alpha,
             reward_scale=self.args.reward_scale,
             ref_token_logps=inputs["reference"][mask] if "reference" in inputs else None,
+            behaviour_logps=inputs["behaviour_logps"][mask] if "behaviour_logps" in inputs else None,  # reused
             vocab_size=self.vocab_size,
             num_items=num_items,
             scale=grad_scale(temperature, self.args.temperature_grad_scale),
@@ -407,20 +403,19 @@ class OnPolicyDistillTrainer(SFTTrainer):
         student = self.accelerator.unwrap_model(model)
         loss, sums = self._forward_redirection(model, student, self._student_loss, student, inputs, num_items)
         stats = self._step_stats
-        stats["divergence"] += sums.divergence
-        stats["student_entropy"] += sums.student_entropy
-        stats["teacher_entropy"] += sums.teacher_entropy
-        stats["teacher_entropy_tokens"] += sums.teacher_entropy_tokens
+        for key in ("divergence", "student_entropy", "teacher_entropy", "teacher_entropy_tokens", "hidden_distance"):
+            stats[key] += getattr(sums, key)
         stats["local_tokens"] += sums.tokens
-        stats["hidden_distance"] += sums.hidden_distance
         if sums.teacher_tokens is not None:
             stats["per_teacher"] = stats.get("per_teacher", 0) + torch.cat(
                 [sums.teacher_divergence, sums.teacher_tokens]
             )
         stats["nonfinite"] += float(not torch.isfinite(loss).item())
-        if getattr(self, "_pending", None) is not None and self.model.training:
-            self._pending["student"].append(sums.student_token_logps)
-            self._pending["teacher"].append(sums.teacher_token_logps)
+        if self.model.training:
+            self.rollout_buffer.record(self._micro_step, sums.student_token_logps)  # the behaviour policy of reuses
+            if getattr(self, "_pending", None) is not None:
+                self._pending["student"].append(sums.student_token_logps)
+                self._pending["teacher"].append(sums.teacher_token_logps)
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -571,10 +566,12 @@ class OnPolicyDistillTrainer(SFTTrainer):
         )
 
     def _save_checkpoint(self, model, trial):
-        """The distillation state first (atomically), then the Trainer's checkpoint, whose state file comes last."""
+        """The distillation state first (atomically), each process's rollout buffer within a reuse window, then the
+        Trainer's checkpoint, whose state file comes last."""
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             checkpoints.write_state(folder, checkpoints.distill_state(self))
+        self.rollout_buffer.save(folder, self.accelerator.process_index, self.state.global_step)
         super()._save_checkpoint(model, trial)
 
     def _load_rng_state(self, checkpoint):
@@ -587,7 +584,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` takes the last *whole* checkpoint (one a
-        killed process left half-written is skipped) and restores the distillation state with it."""
+        killed process left half-written is skipped) and restores the distillation state and rollout buffer with it."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = checkpoints.last_whole_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -597,4 +594,5 @@ class OnPolicyDistillTrainer(SFTTrainer):
             state = checkpoints.read_state(resume_from_checkpoint)
             if state is not None:
                 checkpoints.restore_distill_state(self, state)
+        self.rollout_buffer.restore(self._rng_checkpoint, self.accelerator, self._teacher_scores)
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -67,8 +67,10 @@ class TeacherScores:
                 values[name] = fn(values[name])
         return TeacherScores(**values)
 
-    def select(self, rows: torch.Tensor | list[int]) -> TeacherScores:
-        """Keep the batch rows `rows` (used to split a generation batch into micro-batches)."""
+    def select(self, rows: torch.Tensor | list[int] | slice) -> TeacherScores:
+        """Keep the batch rows `rows` (used to split a generation batch into micro-batches); a slice gives views."""
+        if isinstance(rows, slice):
+            return self._map(lambda t: t[rows])
         index = torch.as_tensor(rows, dtype=torch.long)
         return self._map(lambda t: t[index.to(t.device)])
 
