@@ -419,6 +419,11 @@ def summarise(task: str, prep: dict, runs: list[dict]) -> dict:
                  "accuracy": spread([r["points"][i]["accuracy"] for r in mine])}
                 for i in range(n_points)
             ],
+            "accuracy_at": {  # by the evaluation's nominal budget point (CPU-s rounded to 10)
+                str(10 * round(r0["cpu_s"] / 10)): spread([r["points"][i]["accuracy"] for r in mine])
+                for i, r0 in enumerate(mine[0]["points"][:n_points])
+            },
+            "budget": 10 * round(finals[0]["cpu_s"] / 10),
             "final_accuracy": spread([f["accuracy"] for f in finals]),
             "final_fraction_of_teacher": spread([f["accuracy"] / teacher for f in finals]),
             "phases_s": {k: statistics.mean(f["phases"].get(k, 0.0) for f in finals)
@@ -447,27 +452,37 @@ def print_table(result: dict):
     for task, block in result["tasks"].items():
         prep = block["prep"]
         print(f"\n{task} task: teacher {prep['teacher_exact_match']:.3f}, student start "
-              f"{prep['student_exact_match']:.3f}, budget {result['setup']['budget']:g} CPU-s, "
-              f"{result['setup']['eval_problems']} eval problems")  # fmt: skip
-        head = ("method", "final acc (mean [min-max])", "of teacher", "steps", "teacher gen s", "gen s", "teacher s",
-                "update s", "PFLOP", "s to 60%", "s to 90%", "vs jsd (60%)")  # fmt: skip
+              f"{prep['student_exact_match']:.3f}, {result['setup']['eval_problems']} eval problems; exact match "
+              "as mean [min-max] over seeds; phases in CPU-s at the last evaluation")  # fmt: skip
+        marks = sorted({int(k) for s in block["methods"].values() for k in s["accuracy_at"]})
+        head = ["method", "seeds", *[f"@{m} s" for m in marks], "of teacher", "steps", "teacher gen", "gen",
+                "teacher", "update", "TFLOP", "s to 60%", "s to 90%", "60%: vs jsd"]  # fmt: skip
         print(" | ".join(head))
         for method, s in block["methods"].items():
-            acc = s["final_accuracy"]
-            ph = s["phases_s"]
+            def acc(mark, s=s):
+                a = s["accuracy_at"].get(str(mark))
+                return "-" if a is None else f"{a['mean']:.3f}" + (f" [{a['min']:.3f}-{a['max']:.3f}]" if a["n"] > 1
+                                                                      else "")  # fmt: skip
 
             def hit(key, s=s):
                 h = s[key]
                 return f"{h['mean']:.0f}" if h["mean"] is not None else f"{h['reached']}/{len(h['per_seed'])} seeds"
 
-            ratio = s["cpu_s_to_60pct"]["ratio_to_" + REFERENCE]
+            ph, ratio = s["phases_s"], s["cpu_s_to_60pct"]["ratio_to_" + REFERENCE]
             print(" | ".join([
-                method, f"{acc['mean']:.3f} [{acc['min']:.3f}-{acc['max']:.3f}]",
-                f"{s['final_fraction_of_teacher']['mean']:.0%}", f"{s['steps']:.0f}",
+                method, str(len(s["seeds"])), *[acc(m) for m in marks],
+                f"{s['final_fraction_of_teacher']['mean']:.0%} @{s['budget']} s", f"{s['steps']:.0f}",
                 f"{ph['teacher_generation']:.1f}", f"{ph['generation']:.1f}", f"{ph['teacher']:.1f}",
-                f"{ph['update']:.1f}", f"{s['flops'] / 1e15:.2f}", hit("cpu_s_to_60pct"), hit("cpu_s_to_90pct"),
+                f"{ph['update']:.1f}", f"{s['flops'] / 1e12:.0f}", hit("cpu_s_to_60pct"), hit("cpu_s_to_90pct"),
                 f"{ratio:.2f}x" if ratio else "-",
             ]))  # fmt: skip
+    for task, block in result["tasks"].items():
+        for r in block["runs"]:
+            if r["method"] == "rounds":
+                four, one = r["four_rounds"]["points"][-1], r["one_round"]["points"][-1]
+                print(f"\n{task}, rounds check (d): {r['steps']} steps as 4 rounds and as 1 round: largest parameter "
+                      f"difference {r['max_abs_param_diff']:.1e}, exact match {four['accuracy']:.3f} / "
+                      f"{one['accuracy']:.3f}, {four['cpu_s']:.1f} / {one['cpu_s']:.1f} CPU-s")  # fmt: skip
 
 
 def plot(result: dict, path: Path):
@@ -582,6 +597,7 @@ def main():
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "trl_onpolicy_quality"))
     parser.add_argument("--quick", action="store_true", help="standard task, 3 methods, 1 seed, 40 s budgets")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--collect", action="store_true", help="summarise every finished run in --workdir")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "TASK", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -599,17 +615,27 @@ def main():
         args.tasks, args.seeds, args.budget, args.evals, args.eval_problems = ["standard"], [0], 40.0, 2, 100
         args.methods = args.methods or ["sft_ground_truth", "offline_sft", "onpolicy_jsd"]
         output = output.with_name("quality-quick.json")
+    if args.collect:  # every finished run in the workdir, whatever its budget (methods may differ in budget)
+        runs = [json.loads(p.read_text()) for p in sorted(Path(args.workdir).glob("run-*.json"))]
+        args.tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
+        return write_result(args, {task: prepare(task, args) for task in args.tasks}, runs, output)
     preps = {task: prepare(task, args) for task in args.tasks}
-    jobs = [(m, task, s) for task in args.tasks for m in (args.methods or (METHODS if task == "standard"
-            else HARD_METHODS)) for s in args.seeds]  # fmt: skip
+    jobs = [(m, task, s) for s in args.seeds for task in args.tasks for m in (args.methods or (METHODS
+            if task == "standard" else HARD_METHODS))]  # fmt: skip  (every method's first seed first)
     run_all(jobs, args)
     runs = [json.loads(run_path(args, *j).read_text()) for j in jobs if run_path(args, *j).exists()]
+    write_result(args, preps, runs, output)
+
+
+def write_result(args, preps: dict, runs: list[dict], output: Path) -> None:
+    budgets = sorted({r["points"][-1]["cpu_s"] // 1 for r in runs if r["method"] != "rounds"})
     result = {
         "setup": {"budget": args.budget, "evals": args.evals, "eval_problems": args.eval_problems, "pool": args.pool,
-                  "lr": args.lr, "seeds": args.seeds, "student": f"{STUDENT[0]}x{STUDENT[1]}", "tasks": TASKS},
+                  "lr": args.lr, "student": f"{STUDENT[0]}x{STUDENT[1]}", "tasks": TASKS, "budgets_seen": budgets},
         "environment": environment(),
         "tasks": {task: {"prep": preps[task], "methods": summarise(task, preps[task], [r for r in runs
-                  if r["task"] == task]), "runs": [r for r in runs if r["task"] == task]} for task in args.tasks},
+                  if r["task"] == task and r["method"] != "rounds"]), "runs": [r for r in runs if r["task"] == task]}
+                  for task in args.tasks},
     }  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
