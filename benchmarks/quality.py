@@ -128,10 +128,9 @@ class Meter:
         phases["update"] = round(charged - sum(self.phases.values()), 2)
         return {"cpu_s": round(charged, 2), "phases": phases, "flops": dict(self.flops), "tokens": dict(self.tokens)}
 
-    def watch_backbone(self, backbone, role: str, phase: str | None = None):
+    def watch_backbone(self, backbone, role: str, head_params: int = 0, phase: str | None = None):
         """Count tokens and FLOPs through `backbone` (2 N per token, 6 N under autograd); with `phase`, time it."""
         n_params = sum(p.numel() for p in backbone.parameters())
-        lm_head = getattr(backbone, "_lm_head_params", 0)
 
         def pre(module, args, kwargs):
             if phase:
@@ -144,7 +143,7 @@ class Meter:
                 mult = 6 if torch.is_grad_enabled() else 2
                 key = f"{role}_{'train' if mult == 6 else 'forward'}"
                 self.tokens[key] += tokens
-                self.flops[key] += mult * (n_params + lm_head) * tokens
+                self.flops[key] += mult * (n_params + head_params) * tokens
 
         def post(module, args, kwargs, output):
             if phase:
@@ -164,12 +163,13 @@ class Meter:
 
 
 def watch(meter: Meter, student, teacher):
-    student.model._lm_head_params = student.lm_head.weight.numel() if not student.config.tie_word_embeddings else 0
-    meter.watch_backbone(student.model, "student")
+    def head(model):  # an untied head is not in the backbone; a tied one is its embedding matrix, counted once
+        return 0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()
+
+    meter.watch_backbone(student.model, "student", head_params=head(student))
     meter.watch_generate(student)
     if teacher is not None:
-        teacher.model._lm_head_params = 0  # tied: the embedding matrix is the head, counted once
-        meter.watch_backbone(teacher.model, "teacher", phase="teacher")
+        meter.watch_backbone(teacher.model, "teacher", head_params=head(teacher), phase="teacher")
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -199,7 +199,7 @@ def completion_length(tokenizer, task: str) -> int:
     return default_max_new_tokens(tokenizer, eval_problems(task, 256))
 
 
-def teacher_pool(meter: Meter, teacher, tokenizer, task: str, n: int, seed: int):
+def teacher_pool(meter: Meter, teacher, tokenizer, task: str, n: int, seed: int, length: int):
     """The teacher's greedy completions for `n` fresh train prompts (charged as teacher_generation)."""
     from datasets import Dataset
 
@@ -211,7 +211,7 @@ def teacher_pool(meter: Meter, teacher, tokenizer, task: str, n: int, seed: int)
     prompts = [toy.prompt_text(p["question"]) for p in problems]
     with meter.phase("teacher_generation"):
         completions = toy.generate_completions(teacher, tokenizer, prompts, batch_size=64,
-                                               max_new_tokens=completion_length(tokenizer, task))  # fmt: skip
+                                               max_new_tokens=length)  # fmt: skip
     correct = sum(toy.is_correct(c, p) for c, p in zip(completions, problems)) / n
     return Dataset.from_dict({"prompt": prompts, "completion": [" " + c.strip() for c in completions]}), correct
 
@@ -243,7 +243,7 @@ def common_args(out_dir: str, seed: int, lr: float) -> dict:
     )  # fmt: skip
 
 
-def build_trainer(method: str, meter: Meter, teacher, student, tokenizer, task: str, seed: int, args):
+def build_trainer(method: str, meter: Meter, teacher, student, tokenizer, task: str, seed: int, length: int, args):
     """The method's trainer (constructed outside the charged compute: data preparation), and the pool's accuracy."""
     import trl
 
@@ -251,10 +251,9 @@ def build_trainer(method: str, meter: Meter, teacher, student, tokenizer, task: 
 
     spec = TASKS[task]
     common = common_args(f"{args.workdir}/out-{task}-{method}-{seed}", seed, args.lr)
-    length = completion_length(tokenizer, task)
     pool, pool_correct = None, None
     if method in ("offline_sft", "offline_kd_cache", "mixed_lmbda", "trl_gkd"):
-        pool, pool_correct = teacher_pool(meter, teacher, tokenizer, task, args.pool, seed)
+        pool, pool_correct = teacher_pool(meter, teacher, tokenizer, task, args.pool, seed, length)
     teacher_model = teacher
     if method == "offline_kd_cache":  # scoring the pool into the cache is the teacher's work: charged
         from trl_onpolicy.teachers import build_teacher_cache
@@ -364,7 +363,7 @@ def run_one(method: str, task: str, seed: int, args) -> dict:
     def evaluate(model):
         return toy.evaluate_exact_match(model, tokenizer, problems, max_new_tokens=length)
 
-    trainer, pool_correct = build_trainer(method, meter, teacher, student, tokenizer, task, seed, args)
+    trainer, pool_correct = build_trainer(method, meter, teacher, student, tokenizer, task, seed, length, args)
     if method == "offline_kd_cache":
         teacher = None  # the cache is the teacher: no forward passes of it while training
     points: list[dict] = []
