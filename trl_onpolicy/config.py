@@ -146,9 +146,17 @@ class OnPolicyDistillConfig(SFTConfig):
             `log(teacher / reference)` in the per-token reward. `1.0` with no reference model is standard OPD.
         reference_model_name_or_path (`str`, *optional*):
             Reference model of Generalized On-Policy Distillation; `None` uses the student itself (detached).
-        loss_chunk_size (`int`, *optional*, defaults to `1024`):
-            Completion tokens projected to the vocabulary at once. Peak memory of the loss grows with this, not with
-            the sequence length.
+        loss_chunk_size (`int`, *optional*):
+            Completion tokens whose loss is computed at once. Peak memory of the loss grows with this, not with the
+            sequence length. `None` picks 4096 where the loss walks the vocabulary in tiles (every divergence but
+            `"sampled_reverse_kl"` against a full teacher distribution, both output heads plain linear layers) and
+            1024 where a chunk is projected to the whole vocabulary (`"sampled_reverse_kl"`, top-k or sampled-token
+            teachers, soft-capped or adapter-wrapped heads, several teachers mixed).
+        loss_vocab_tile (`int`, *optional*):
+            Vocabulary columns per tile of the tiled loss, which never holds more than one tile's width of the
+            `(chunk, V)` logits and writes their gradient in closed form. `None` picks about 0.5 M chunk x tile
+            elements on CPU (cache-sized) and 16 M on GPUs (4096 columns for 4096 tokens); `0` projects every chunk to
+            the whole vocabulary (the autograd path) for every loss.
 
         > Parameters that control the loss temperature
 
@@ -297,7 +305,12 @@ class OnPolicyDistillConfig(SFTConfig):
     reference_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model of Generalized OPD; None = the student, detached."}
     )
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Completion tokens projected to the vocab at once."})
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Completion tokens per chunk of the loss; None: 4096 tiled, 1024 else."}
+    )
+    loss_vocab_tile: int | None = field(
+        default=None, metadata={"help": "Vocabulary columns per tile of the loss; None: by device; 0: no tiles."}
+    )
 
     # Loss temperature
     loss_temperature_schedule: str = field(
@@ -375,7 +388,14 @@ class OnPolicyDistillConfig(SFTConfig):
             self.teacher_top_k is None or self.teacher_top_k >= 1,
             f"`teacher_top_k` must be None (full vocabulary) or >= 1, got {self.teacher_top_k}.",
         )
-        check(self.loss_chunk_size >= 1, f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}.")
+        check(
+            self.loss_chunk_size is None or self.loss_chunk_size >= 1,
+            f"`loss_chunk_size` must be None (automatic) or >= 1, got {self.loss_chunk_size}.",
+        )
+        check(
+            self.loss_vocab_tile is None or self.loss_vocab_tile >= 0,
+            f"`loss_vocab_tile` must be None (automatic), 0 (no tiles) or >= 1, got {self.loss_vocab_tile}.",
+        )
         check(self.num_rounds >= 1, f"`num_rounds` must be >= 1, got {self.num_rounds}.")
         check(self.max_nonfinite_steps >= 1, f"`max_nonfinite_steps` must be >= 1, got {self.max_nonfinite_steps}.")
         check(

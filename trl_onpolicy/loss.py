@@ -2,11 +2,16 @@
 
 The student's final hidden states at the `N` completion positions are projected to the vocabulary `chunk_size`
 tokens at a time, and each chunk's gradient (with respect to its hidden states and the output head's parameters) is
-taken as soon as its loss is known, inside the forward pass ([`_ChunkwiseBackward`]). A chunk's `(n, V)` graph is gone
-before the next chunk starts, and nothing is projected twice: the peak memory of the loss grows with `chunk_size`, not
-with the number of completion tokens, what waits for the backward pass is `(N, H)` plus one gradient per head
-parameter, and the `(B, C, V)` logits of the student and the teacher never exist (a head given without its parameters
-falls back to activation checkpointing per chunk).
+taken as soon as its loss is known, inside the forward pass ([`_ChunkwiseBackward`]). What a chunk built is gone
+before the next chunk starts, and the backward pass recomputes nothing: the peak memory of the loss grows with
+`chunk_size`, not with the number of completion tokens, what waits for the backward pass is `(N, H)` plus one
+gradient per head parameter, and the `(B, C, V)` logits of the student and the teacher never exist (a head given
+without its parameters falls back to activation checkpointing per chunk).
+
+Two ways to compute a chunk: the KLs, skewed KLs and the JSD against a full teacher distribution, with a plain
+linear student head ([`linear_head`]), walk the vocabulary in tiles of `vocab_tile` columns and write the gradient in
+closed form ([`~trl_onpolicy.fused_divergence.tiled_divergence`]: nothing wider than one `(n, tile)` tile); everything
+else projects the chunk to the whole vocabulary and differentiates [`~trl_onpolicy.divergences`] with autograd.
 
 Normalisation: the per-token losses are summed and divided by `num_items`, the number of completion tokens of the
 whole optimizer step on all processes, then multiplied by the number of processes (DDP averages gradients). So
@@ -21,7 +26,21 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import divergences as D
+from .fused_divergence import TILED_LOSS_TYPES, LinearHead, tiled_divergence
 from .teachers.base import TeacherScores
+
+
+CHUNK_SIZE = 1024  # default tokens per chunk where each chunk is projected to the whole vocabulary
+TILED_CHUNK_SIZE = 4096  # default tokens per chunk where the vocabulary is walked in tiles
+# Default elements (chunk tokens x tile columns) of one vocabulary tile: on CPU, float32 tiles that stay in cache (at
+# N = 512, V = 152k, tiles of 0.25-0.5 M elements ran 1.3-2x faster than 1-4 M); GPUs want large matmuls.
+CPU_TILE_ELEMENTS, GPU_TILE_ELEMENTS = 2**19, 2**24
+
+
+def default_vocab_tile(chunk_tokens: int, device: torch.device | str) -> int:
+    """Vocabulary columns per tile: the device's tile elements over the chunk's tokens, a multiple of 256."""
+    budget = CPU_TILE_ELEMENTS if torch.device(device).type == "cpu" else GPU_TILE_ELEMENTS
+    return max(256, budget // max(chunk_tokens, 1) // 256 * 256)
 
 
 def logit_multiplier(config) -> float:
@@ -61,6 +80,31 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def linear_head(model, detach: bool = False) -> LinearHead | None:
+    """
+    The model's output head as a [`~trl_onpolicy.fused_divergence.LinearHead`] (the same function as
+    [`output_logits`]), or None where the tiled loss cannot walk it: a head that is not a plain `nn.Linear` (a LoRA or
+    `modules_to_save` wrapper, a quantised layer) or that has accelerate hooks (offloading), `final_logit_softcapping`,
+    or a weight that is not all here (FSDP2 DTensor, DeepSpeed ZeRO-3, the meta device).
+
+    Args:
+        model: A causal LM.
+        detach: Detach the weights (a teacher's head).
+    """
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    if type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook"):
+        return None
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return None
+    weight, bias = head.weight, head.bias
+    if type(weight.data) is not torch.Tensor or weight.numel() == 0 or weight.is_meta or hasattr(weight, "ds_id"):
+        return None
+    if detach:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return LinearHead(weight, bias, logit_multiplier(config))
 
 
 @dataclass
@@ -129,29 +173,24 @@ class _ChunkwiseBackward(torch.autograd.Function):
     """
     The loss over all chunks, with each chunk's gradient taken as soon as its loss is known.
 
-    Forward runs `chunk_loss(hidden_chunk, start, end)` chunk by chunk with autograd on, and immediately takes the
-    gradient of that chunk's (already normalised) loss with respect to the chunk's hidden states and the head's
-    parameters; the chunk's `(n, V)` graph is freed before the next chunk starts. Backward only scales the stored
-    gradients by the incoming one. So nothing vocabulary-wide outlives a chunk, and nothing is recomputed (activation
-    checkpointing would project every chunk to the vocabulary twice). What is kept: `(N, H)` for the hidden states and
-    one gradient per head parameter.
+    Forward runs `step(hidden_chunk, start, end, grad_params)` chunk by chunk: it returns the chunk's (already
+    normalised) loss and its gradient with respect to the chunk's hidden states, and adds its gradient with respect to
+    the head's parameters into `grad_params`; whatever vocabulary-wide it built is freed before the next chunk starts
+    ([`_autograd_step`] takes the gradient with autograd, the tiled loss writes it in closed form). Backward only
+    scales the stored gradients by the incoming one. So nothing vocabulary-wide outlives a chunk, and nothing is
+    recomputed in the backward pass (activation checkpointing would project every chunk to the vocabulary twice).
+    What is kept: `(N, H)` for the hidden states and one gradient per head parameter.
     """
 
     @staticmethod
-    def forward(ctx, hidden, chunk_loss, bounds, *params):
+    def forward(ctx, hidden, step, bounds, *params):
         grad_hidden = torch.zeros_like(hidden)  # (N, H)
         grad_params = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, end in bounds:
-            with torch.enable_grad():
-                chunk = hidden[start:end].detach().requires_grad_()  # (n, H)
-                value = chunk_loss(chunk, start, end)  # () float32
-                grads = torch.autograd.grad(value, [chunk, *params], allow_unused=True)
-            grad_hidden[start:end] = grads[0]
-            for acc, g in zip(grad_params, grads[1:]):
-                if g is not None:
-                    acc.add_(g)
-            total += value.detach()
+            value, grad_chunk = step(hidden[start:end], start, end, grad_params)
+            grad_hidden[start:end] = grad_chunk
+            total += value
         ctx.save_for_backward(grad_hidden, *grad_params)
         return total
 
@@ -159,6 +198,72 @@ class _ChunkwiseBackward(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, *grad_params = ctx.saved_tensors
         return (grad_hidden * grad_output, None, None, *(g * grad_output for g in grad_params))
+
+
+def _autograd_step(chunk_loss, params):
+    """A step of [`_ChunkwiseBackward`] that differentiates `chunk_loss(hidden_chunk, start, end)` with autograd."""
+
+    def step(hidden, start, end, grad_params):
+        with torch.enable_grad():
+            chunk = hidden.detach().requires_grad_()  # (n, H)
+            value = chunk_loss(chunk, start, end)  # () float32
+            grads = torch.autograd.grad(value, [chunk, *params], allow_unused=True)
+        for acc, g in zip(grad_params, grads[1:]):
+            if g is not None:
+                acc.add_(g)
+        return value.detach(), grads[0]
+
+    return step
+
+
+def _teacher_tiles(teacher: TeacherScores, start: int, end: int, vocab_size: int):
+    """`(t0, t1)` -> `(n, t1 - t0)` float32 teacher logits / T of positions `start:end`: a matmul per tile for a
+    [`LinearHead`], else slices of the `(n, V)` logits the teacher's head computes once for the chunk."""
+    width = teacher.vocab_size or (teacher.head.weight.shape[0] if isinstance(teacher.head, LinearHead) else None)
+    if width is not None and width != vocab_size:
+        raise ValueError(f"The teacher compares {width} logit columns and the student {vocab_size}.")
+    k = 1.0 / teacher.temperature
+    hidden = teacher.hidden[start:end]  # (n, H_t)
+    if isinstance(teacher.head, LinearHead):
+        return lambda t0, t1: teacher.head.tile(hidden, t0, t1, k)
+    logits = teacher.logits(start, end)  # (n, V)
+    if logits.shape[-1] != vocab_size:
+        raise ValueError(f"The teacher's head gives {logits.shape[-1]} logit columns and the student {vocab_size}.")
+    return lambda t0, t1: logits[:, t0:t1] * k
+
+
+class _Statistics:
+    """The detached per-chunk statistics of [`LossSums`], each chunk counted once (a checkpoint's recomputation in the
+    backward pass must not add a chunk twice)."""
+
+    def __init__(self, shares: torch.Tensor | None):
+        self.shares = shares  # (N, T) each teacher's share of each token, or None
+        self.per_teacher = None if shares is None else torch.zeros(shares.shape[-1], dtype=torch.float64)  # (T,)
+        self.sums = {"div": 0.0, "s_ent": 0.0, "t_ent": 0.0, "t_n": 0}
+        self.s_tok, self.t_tok, self.seen = [], [], set()
+
+    def record(self, start, per_token, s_ent, t_ent, s_tok, t_tok):
+        """Per-token divergence, entropies and sampled-token log-probs `(n,)` of the chunk starting at `start`."""
+        if start in self.seen:
+            return
+        self.seen.add(start)
+        self.s_tok.append(s_tok)
+        self.t_tok.append(t_tok)
+        finite = ~torch.isnan(t_ent)
+        for key, value in (("div", per_token.detach().sum()), ("s_ent", s_ent.sum()), ("t_ent", t_ent[finite].sum())):
+            self.sums[key] += value.item()
+        self.sums["t_n"] += int(finite.sum().item())
+        if self.shares is not None:
+            shares = self.shares[start : start + per_token.shape[0]]  # (n, T)
+            self.per_teacher.add_((shares * per_token.detach()[:, None]).sum(0).double().cpu())  # (T,)
+
+    def result(self, loss: torch.Tensor, n_tokens: int) -> LossSums:
+        s = self.sums
+        sums = LossSums(loss, s["div"], s["s_ent"], s["t_ent"], s["t_n"], n_tokens, torch.cat(self.s_tok),
+                        torch.cat(self.t_tok))  # fmt: skip
+        if self.shares is not None:
+            sums.teacher_divergence, sums.teacher_tokens = self.per_teacher, self.shares.sum(0).double().cpu()
+        return sums
 
 
 def distillation_loss(
@@ -176,15 +281,22 @@ def distillation_loss(
     vocab_size: int,
     num_items: float,
     scale: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     head_params: list[torch.Tensor] | None = None,
+    vocab_tile: int | None = None,
 ) -> LossSums:
     """
     Sum of per-token divergences over the completion tokens, normalised by the global token count.
 
+    The KLs, skewed KLs and the JSD against a full teacher distribution, with a student head given as a
+    [`~trl_onpolicy.fused_divergence.LinearHead`] (see [`linear_head`]), walk the vocabulary in tiles of `vocab_tile`
+    columns with a closed-form gradient ([`~trl_onpolicy.fused_divergence.tiled_divergence`]); everything else
+    projects each chunk to the whole vocabulary and differentiates [`~trl_onpolicy.divergences`] with autograd.
+
     Args:
         student_hidden: `(N, H)` student final hidden states predicting the `N` completion tokens.
-        student_head: Maps `(n, H)` -> `(n, V_s)` logits (see [`output_logits`]).
+        student_head: Maps `(n, H)` -> `(n, V_s)` logits: a `LinearHead` (a plain `nn.Linear` is taken as one), an
+            `nn.Module` or a function (see [`output_logits`]).
         teacher: Flattened [`TeacherScores`] `(N, ...)` at the loss temperature.
         targets: `(N,)` the completion tokens.
         loss_type: A divergence of [`~trl_onpolicy.divergences`] or `"sampled_reverse_kl"`.
@@ -193,54 +305,64 @@ def distillation_loss(
         vocab_size: Logit columns compared (the tokenizer's real vocabulary when embeddings are padded).
         num_items: Divisor: completion tokens of the optimizer step, all processes (times 1/processes for DDP).
         scale: Multiplier of the loss (`T**2` gradient scaling).
-        chunk_size: Tokens projected to the vocabulary at once.
+        chunk_size: Tokens per chunk; None: `TILED_CHUNK_SIZE` (4096) for the tiled loss with a `LinearHead` teacher,
+            else `CHUNK_SIZE` (1024): a teacher with any other head is projected to the whole vocabulary per chunk.
         head_params: The parameters `student_head` uses that need gradients (those of `student_head` itself when it
-            is an `nn.Module`). With them, each chunk's gradient is taken right after its loss (see
+            is an `nn.Module` or a `LinearHead`). With them, each chunk's gradient is taken right after its loss (see
             [`_ChunkwiseBackward`]); without them, chunks run under activation checkpointing.
+        vocab_tile: Vocabulary columns per tile of the tiled loss; 0 turns it off; None: [`default_vocab_tile`].
     """
+    if type(student_head) is torch.nn.Linear:
+        student_head = LinearHead(student_head.weight, student_head.bias)
+    tiled = (vocab_tile != 0 and isinstance(student_head, LinearHead) and teacher.form == "full"
+             and loss_type in TILED_LOSS_TYPES)  # fmt: skip
     n_tokens = student_hidden.shape[0]
+    chunk_size = chunk_size or (TILED_CHUNK_SIZE if tiled and isinstance(teacher.head, LinearHead) else CHUNK_SIZE)
+    vocab_tile = vocab_tile or default_vocab_tile(min(chunk_size, n_tokens), student_hidden.device)
     divisor = max(float(num_items), 1e-8)
-    stats = {"div": 0.0, "s_ent": 0.0, "t_ent": 0.0, "t_n": 0, "s_tok": [], "t_tok": []}
-    shares = teacher.teacher_weights  # (N, T) or None
-    per_teacher_div = None if shares is None else torch.zeros(shares.shape[-1], dtype=torch.float64)  # (T,)
-
-    recorded = set()  # chunks whose statistics are in; a checkpoint's recomputation must not add them twice
+    stats = _Statistics(teacher.teacher_weights)
 
     def chunk_loss(hidden, start, end):
-        per_token, s_ent, t_ent, s_tok, t_tok = _chunk_terms(
+        per_token, *terms = _chunk_terms(
             hidden, start, end, student_head, teacher, targets[start:end], loss_type, beta, skew_alpha, reward_scale,
             ref_token_logps, behaviour_logps, vocab_size,
         )  # fmt: skip
-        if start in recorded:
-            return per_token.sum() * scale / divisor
-        recorded.add(start)
-        stats["s_tok"].append(s_tok)
-        stats["t_tok"].append(t_tok)
-        stats["div"] += per_token.detach().sum().item()
-        stats["s_ent"] += s_ent.sum().item()
-        finite = ~torch.isnan(t_ent)
-        stats["t_ent"] += t_ent[finite].sum().item()
-        stats["t_n"] += int(finite.sum().item())
-        if shares is not None:
-            per_teacher_div.add_((shares[start:end] * per_token.detach()[:, None]).sum(0).double().cpu())  # (T,)
+        stats.record(start, per_token, *terms)
         return per_token.sum() * scale / divisor
 
-    if head_params is None and isinstance(student_head, torch.nn.Module):
-        head_params = [p for p in student_head.parameters() if p.requires_grad]
+    def tiled_step(hidden, start, end, grad_params=None):
+        """`chunk_loss` tile by tile; the gradient too (into `grad_params`) when `grad_params` is given."""
+        grads = dict(zip(map(id, params), grad_params)) if grad_params is not None else {}
+        bias = student_head.bias
+        terms = tiled_divergence(
+            hidden, student_head, _teacher_tiles(teacher, start, end, vocab_size), targets[start:end],
+            loss_type=loss_type, beta=beta, skew_alpha=skew_alpha, temperature=teacher.temperature,
+            vocab_size=vocab_size, tile=vocab_tile,
+            grad_scale=None if grad_params is None else scale / divisor, grad_w=grads.get(id(student_head.weight)),
+            grad_b=None if bias is None else grads.get(id(bias)),
+        )  # fmt: skip
+        t_token = terms.teacher_token_logps if teacher.token_logps is None else teacher.token_logps[start:end]
+        stats.record(start, terms.per_token, terms.student_entropy, terms.teacher_entropy, terms.student_token_logps,
+                     t_token)  # fmt: skip
+        value = terms.per_token.sum() * scale / divisor
+        return value, None if terms.grad_hidden is None else terms.grad_hidden.to(hidden.dtype)
+
+    params = head_params
+    if params is None and isinstance(student_head, (torch.nn.Module, LinearHead)):
+        params = [p for p in student_head.parameters() if p.requires_grad]
     bounds = [(start, min(start + chunk_size, n_tokens)) for start in range(0, n_tokens, chunk_size)]
-    if torch.is_grad_enabled() and head_params is not None and (student_hidden.requires_grad or head_params):
-        loss = _ChunkwiseBackward.apply(student_hidden, chunk_loss, bounds, *head_params)
-    else:
-        use_checkpoint = n_tokens > chunk_size and torch.is_grad_enabled()
-        loss = student_hidden.new_zeros((), dtype=torch.float32)
-        for start, end in bounds:
-            hidden = student_hidden[start:end]
-            if use_checkpoint:
-                loss = loss + checkpoint(chunk_loss, hidden, start, end, use_reentrant=False)
-            else:
-                loss = loss + chunk_loss(hidden, start, end)
-    sums = LossSums(loss, stats["div"], stats["s_ent"], stats["t_ent"], stats["t_n"], n_tokens,
-                    torch.cat(stats["s_tok"]), torch.cat(stats["t_tok"]))  # fmt: skip
-    if shares is not None:
-        sums.teacher_divergence, sums.teacher_tokens = per_teacher_div, shares.sum(0).double().cpu()
-    return sums
+    if torch.is_grad_enabled() and params is not None and (student_hidden.requires_grad or params):
+        step = tiled_step if tiled else _autograd_step(chunk_loss, params)
+        return stats.result(_ChunkwiseBackward.apply(student_hidden, step, bounds, *params), n_tokens)
+    use_checkpoint = n_tokens > chunk_size and torch.is_grad_enabled() and not tiled
+    loss = student_hidden.new_zeros((), dtype=torch.float32)
+    for start, end in bounds:
+        hidden = student_hidden[start:end]
+        if tiled:  # no gradient wanted: values only
+            with torch.no_grad():
+                loss = loss + tiled_step(hidden, start, end)[0]
+        elif use_checkpoint:
+            loss = loss + checkpoint(chunk_loss, hidden, start, end, use_reentrant=False)
+        else:
+            loss = loss + chunk_loss(hidden, start, end)
+    return stats.result(loss, n_tokens)

@@ -37,7 +37,7 @@ from . import checkpoints, hidden_states, model_card
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
-from .loss import LossSums, distillation_loss, output_logits
+from .loss import LossSums, distillation_loss, linear_head, output_logits
 from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
@@ -369,11 +369,10 @@ class OnPolicyDistillTrainer(SFTTrainer):
         )
         hidden = out.hidden_states[-1][:, -n_completion - 1 : -1]  # (B, C, H)
         mask = inputs["completion_mask"].bool()  # (B, C)
-        temperature = self.loss_temperature.value
         teacher = inputs["teacher"].flatten(mask)
         sums = distillation_loss(
             hidden[mask],  # (N, H)
-            lambda h: output_logits(causal_lm, h),
+            linear_head(causal_lm) or (lambda h: output_logits(causal_lm, h)),
             teacher,
             inputs["completion_ids"][mask],  # (N,)
             loss_type=self.args.loss_type,
@@ -384,9 +383,10 @@ class OnPolicyDistillTrainer(SFTTrainer):
             behaviour_logps=inputs["behaviour_logps"][mask] if "behaviour_logps" in inputs else None,  # reused
             vocab_size=self.vocab_size,
             num_items=num_items,
-            scale=grad_scale(temperature, self.args.temperature_grad_scale),
+            scale=grad_scale(self.loss_temperature.value, self.args.temperature_grad_scale),
             chunk_size=self.args.loss_chunk_size,
             head_params=[p for p in causal_lm.get_output_embeddings().parameters() if p.requires_grad],
+            vocab_tile=self.args.loss_vocab_tile,
         )
         if self.hidden_pairs:
             term, sums.hidden_distance = hidden_states.matching_term(

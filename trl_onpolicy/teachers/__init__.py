@@ -8,6 +8,7 @@ import os
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
+from ..loss import CHUNK_SIZE
 from .base import Teacher, TeacherScores
 from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
 from .ensemble import EnsembleTeacher
@@ -77,6 +78,7 @@ def _is_url(value) -> bool:
 
 def _one_teacher(spec, args, student, tokenizer) -> Teacher:
     """One backend from a spec: a `Teacher`, a model, a server URL, a cache folder, or a model id or path."""
+    chunk_size = args.loss_chunk_size or CHUNK_SIZE  # positions per whole-vocabulary projection (top-k, tokens)
     if isinstance(spec, TeacherCache):
         spec.check_config(args)  # lmbda, temperature and top-k must fit what the cache holds
         return spec
@@ -87,9 +89,9 @@ def _one_teacher(spec, args, student, tokenizer) -> Teacher:
     if isinstance(spec, (str, os.PathLike)):
         if is_teacher_cache(spec):
             return TeacherCache.from_config(spec, args, tokenizer)
-        return LocalTeacher(load_teacher_model(str(spec), args, tokenizer), chunk_size=args.loss_chunk_size)
+        return LocalTeacher(load_teacher_model(str(spec), args, tokenizer), chunk_size=chunk_size)
     if isinstance(spec, PreTrainedModel) or is_peft_model(spec):
-        return LocalTeacher(spec, chunk_size=args.loss_chunk_size)
+        return LocalTeacher(spec, chunk_size=chunk_size)
     raise TypeError(
         "A teacher must be a model id or path, a server URL, a teacher-cache folder, a `PreTrainedModel`, or a "
         f"`trl_onpolicy.teachers.Teacher`, got {type(spec).__name__}."
@@ -112,14 +114,15 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
     """
     if teacher_model is None:
         teacher_model = args.teacher_model_name_or_path
+    chunk_size = args.loss_chunk_size or CHUNK_SIZE
     if isinstance(teacher_model, dict):
         members = {str(name): _one_teacher(spec, args, student, tokenizer) for name, spec in teacher_model.items()}
         teacher = EnsembleTeacher(
-            members, args.teacher_mixture, args.teacher_routing_column, args.teacher_weights, args.loss_chunk_size
+            members, args.teacher_mixture, args.teacher_routing_column, args.teacher_weights, chunk_size
         )
     elif teacher_model is None and is_peft_model(student):
         logger.info("No teacher given: the LoRA student's base network (adapters disabled) is the teacher.")
-        teacher = LocalTeacher(student, disable_adapters=True, chunk_size=args.loss_chunk_size)
+        teacher = LocalTeacher(student, disable_adapters=True, chunk_size=chunk_size)
     elif teacher_model is None:
         raise ValueError(
             "No teacher: pass `teacher_model=` to the trainer or set `teacher_model_name_or_path` in the config "

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from .._compat import is_peft_model
-from ..loss import output_logits
+from ..loss import linear_head, output_logits
 from ..rollouts import position_kwargs, sample
 from .base import Teacher, TeacherScores
 
@@ -104,6 +104,8 @@ class LocalTeacher(Teacher):
         def head(h):
             with self._context(), torch.no_grad():
                 return output_logits(lm, h)
+
+        head = linear_head(lm, detach=True) or head  # a plain linear head: the loss walks it tile by tile
 
         scores = TeacherScores(
             temperature, hidden=hidden, head=head, vocab_size=self.compare_vocab, layer_hidden=layer_hidden
