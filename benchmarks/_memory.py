@@ -32,14 +32,17 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
+                self._track(t.untyped_storage(), inputs)
         return out
 
-    def _track(self, storage):
+    def _track(self, storage, inputs: set[int]):
         key = storage.data_ptr()
-        if key == 0 or key in self._sizes:  # empty, or a view / in-place result of a storage already counted
+        # empty, a storage already counted, or a view / in-place result of an input (a slice of a weight that was
+        # live before the block is not new memory)
+        if key == 0 or key in self._sizes or key in inputs:
             return
         self._sizes[key] = storage.nbytes()
         self.live += storage.nbytes()

@@ -1,4 +1,4 @@
-"""Steps/s and peak memory of a tiny distillation run, with the loss chunked (64 tokens) and not chunked.
+"""Steps/s and peak memory of a tiny distillation run, with the loss chunked (64 tokens), not chunked, and tiled.
 
     OMP_NUM_THREADS=1 python benchmarks/chunking.py            # writes benchmarks/results/chunking.json
     OMP_NUM_THREADS=1 python benchmarks/chunking.py --quick    # fewer steps, for a smoke check
@@ -7,8 +7,10 @@ The run: student and teacher are Llama 2 layers x 64 wide with a 32,000-token ou
 whose embedding matrix is padded to 32,000 rows, so every logit row is as wide as Llama-2's), batch 8, dataset
 completions of exactly 128 tokens (`lmbda=0`: no sampling, so the steps are identical in both settings and the
 comparison is of the loss alone), `loss_type="jsd"`, full teacher distribution. That is N = 1,024 completion tokens per
-step; `loss_chunk_size=64` projects them to the vocabulary 64 at a time under activation checkpointing, and
-`loss_chunk_size=4096` (>= N) projects all of them at once, which is what "no chunking" means here.
+step. The first two settings take the whole-vocabulary path (`loss_vocab_tile=0`: each chunk projected to all V
+columns, autograd of `divergences.py`): `loss_chunk_size=64` projects the tokens 64 at a time, `4096` (>= N) all of
+them at once, which is what "no chunking" means here. The third is the defaults: one chunk of up to 4,096 tokens whose
+vocabulary is walked in tiles with a closed-form gradient (`fused_divergence.py`).
 
 What is measured, and how:
 
@@ -54,7 +56,7 @@ from transformers import LlamaForCausalLM, TrainerCallback
 
 import trl_onpolicy
 from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
-from trl_onpolicy.loss import distillation_loss, output_logits
+from trl_onpolicy.loss import distillation_loss, linear_head, output_logits
 from trl_onpolicy.rollouts import Rollouts
 from trl_onpolicy.toy.tokenizer import CHARS, char_tokenizer
 
@@ -64,6 +66,8 @@ LAYERS, HIDDEN = 2, 64
 BATCH = 8
 COMPLETION_TOKENS = 128  # including the EOS
 CHUNKED, UNCHUNKED = 64, 4096  # UNCHUNKED >= BATCH * COMPLETION_TOKENS: one chunk holds every token
+# (label, loss_chunk_size, loss_vocab_tile): two whole-vocabulary settings, then the defaults (tiled)
+SETTINGS = [("64, whole vocab", CHUNKED, 0), ("4096, whole vocab", UNCHUNKED, 0), ("default, tiled", None, None)]
 MiB = 2**20
 RESULTS = Path(__file__).parent / "results" / "chunking.json"
 
@@ -104,12 +108,12 @@ class Probe(TrainerCallback):
             self.counter.__exit__(None, None, None)
 
 
-def train_run(chunk_size: int, warmup: int, timed: int, out_dir: str) -> dict:
+def train_run(label: str, chunk_size: int | None, tile: int | None, warmup: int, timed: int, out_dir: str) -> dict:
     tok = char_tokenizer()
     steps = warmup + timed + 1
     args = OnPolicyDistillConfig(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=BATCH, lmbda=0.0, loss_type="jsd",
-        max_completion_length=COMPLETION_TOKENS, loss_chunk_size=chunk_size, logging_steps=1, report_to=[],
+        max_completion_length=COMPLETION_TOKENS, loss_chunk_size=chunk_size, loss_vocab_tile=tile, logging_steps=1, report_to=[],
         save_strategy="no", seed=0, use_cpu=True, dataloader_pin_memory=False,
     )  # fmt: skip
     probe = Probe(warmup, timed)
@@ -122,7 +126,9 @@ def train_run(chunk_size: int, warmup: int, timed: int, out_dir: str) -> dict:
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     working = probe.counter.peak
     return {
+        "setting": label,
         "loss_chunk_size": chunk_size,
+        "loss_vocab_tile": tile,
         "completion_tokens_per_step": int(logs[0]["completion_length"] * BATCH),
         "steps_per_second": timed / (probe.t1 - probe.t0),
         "step_peak_MiB": (probe.resting + working) / MiB,
@@ -134,7 +140,7 @@ def train_run(chunk_size: int, warmup: int, timed: int, out_dir: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- the loss alone
-def loss_peak(trainer, n_tokens: int, chunk_size: int) -> float:
+def loss_peak(trainer, n_tokens: int, chunk_size: int | None, tile: int | None) -> float:
     """MiB allocated at the high point of `distillation_loss` forward + backward on `n_tokens` tokens."""
     student = trainer.accelerator.unwrap_model(trainer.model)
     rows = [trainer.train_dataset[i] for i in range(n_tokens // COMPLETION_TOKENS)]
@@ -149,8 +155,8 @@ def loss_peak(trainer, n_tokens: int, chunk_size: int) -> float:
     counter = LiveTensorBytes()
     with counter:
         sums = distillation_loss(
-            hidden, lambda h: output_logits(student, h), teacher, targets, loss_type="jsd", vocab_size=VOCAB,
-            num_items=n_tokens, chunk_size=chunk_size,
+            hidden, linear_head(student) if tile != 0 else lambda h: output_logits(student, h), teacher, targets,
+            loss_type="jsd", vocab_size=VOCAB, num_items=n_tokens, chunk_size=chunk_size, vocab_tile=tile,
         )  # fmt: skip
         sums.loss.backward()
         del sums
@@ -193,36 +199,42 @@ def main():
     warmup, timed = (1, 2) if cli.quick else (2, 8)
 
     runs, loss_rows = [], []
-    for chunk in (CHUNKED, UNCHUNKED):
-        run, trainer = train_run(chunk, warmup, timed, f"/tmp/trl-onpolicy-bench-chunk{chunk}")
+    for label, chunk, tile in SETTINGS:
+        run, trainer = train_run(label, chunk, tile, warmup, timed, f"/tmp/trl-onpolicy-bench-chunk{chunk}-{tile}")
         runs.append(run)
         for n_tokens in (BATCH * COMPLETION_TOKENS, 4 * BATCH * COMPLETION_TOKENS):
             if n_tokens // COMPLETION_TOKENS <= len(trainer.train_dataset):
                 loss_rows.append(
                     {
-                        "loss_chunk_size": chunk,
+                        "setting": label,
                         "tokens": n_tokens,
-                        "loss_peak_MiB": loss_peak(trainer, n_tokens, chunk),
+                        "loss_peak_MiB": loss_peak(trainer, n_tokens, chunk, tile),
                     }
                 )
         del trainer
-    chunked, whole = runs
+    chunked, whole, tiled = runs
     ratios = {
         "steps_per_second_chunked_over_unchunked": chunked["steps_per_second"] / whole["steps_per_second"],
         "step_peak_unchunked_over_chunked": whole["step_peak_MiB"] / chunked["step_peak_MiB"],
         "step_working_unchunked_over_chunked": whole["step_working_MiB"] / chunked["step_working_MiB"],
         "max_relative_loss_difference": max(abs(a - b) / abs(b) for a, b in zip(chunked["losses"], whole["losses"])),
+        "steps_per_second_tiled_over_chunked": tiled["steps_per_second"] / chunked["steps_per_second"],
+        "step_peak_chunked_over_tiled": chunked["step_peak_MiB"] / tiled["step_peak_MiB"],
+        "step_working_chunked_over_tiled": chunked["step_working_MiB"] / tiled["step_working_MiB"],
+        "max_relative_loss_difference_tiled": max(
+            abs(a - b) / abs(b) for a, b in zip(tiled["losses"], whole["losses"])
+        ),
     }
 
     print(f"Llama {LAYERS}x{HIDDEN}, vocab {VOCAB}, batch {BATCH} x {COMPLETION_TOKENS} completion tokens, jsd, "
           f"{torch.get_num_threads()} thread, {warmup} warm-up + {timed} timed steps")  # fmt: skip
-    print(f"{'loss_chunk_size':>16} {'steps/s':>8} {'step peak MiB':>14} {'resting MiB':>12} {'working MiB':>12}")
+    print(f"{'setting':>18} {'steps/s':>8} {'step peak MiB':>14} {'resting MiB':>12} {'working MiB':>12}")
     for r in runs:
-        print(f"{r['loss_chunk_size']:>16} {r['steps_per_second']:>8.2f} {r['step_peak_MiB']:>14.1f} "
+        print(f"{r['setting']:>18} {r['steps_per_second']:>8.2f} {r['step_peak_MiB']:>14.1f} "
               f"{r['step_resting_MiB']:>12.1f} {r['step_working_MiB']:>12.1f}")  # fmt: skip
-    print(f"\n{'loss_chunk_size':>16} {'tokens':>7} {'loss fwd+bwd peak MiB':>22}")
+    print(f"\n{'setting':>18} {'tokens':>7} {'loss fwd+bwd peak MiB':>22}")
     for r in loss_rows:
-        print(f"{r['loss_chunk_size']:>16} {r['tokens']:>7} {r['loss_peak_MiB']:>22.1f}")
+        print(f"{r['setting']:>18} {r['tokens']:>7} {r['loss_peak_MiB']:>22.1f}")
     print("\n" + "\n".join(f"{k}: {v:.3g}" for k, v in ratios.items()))
 
     result = {
