@@ -76,9 +76,9 @@ def _is_url(value) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
-def _one_teacher(spec, args, student, tokenizer) -> Teacher:
-    """One backend from a spec: a `Teacher`, a model, a server URL, a cache folder, or a model id or path."""
-    chunk_size = args.loss_chunk_size or CHUNK_SIZE  # positions per whole-vocabulary projection (top-k, tokens)
+def _one_teacher(spec, args, tokenizer, chunk_size: int) -> Teacher:
+    """One backend from a spec: a `Teacher`, a model, a server URL, a cache folder, or a model id or path.
+    `chunk_size`: positions a local teacher projects to the whole vocabulary at once (top-k, sampled tokens)."""
     if isinstance(spec, TeacherCache):
         spec.check_config(args)  # lmbda, temperature and top-k must fit what the cache holds
         return spec
@@ -116,7 +116,7 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
         teacher_model = args.teacher_model_name_or_path
     chunk_size = args.loss_chunk_size or CHUNK_SIZE
     if isinstance(teacher_model, dict):
-        members = {str(name): _one_teacher(spec, args, student, tokenizer) for name, spec in teacher_model.items()}
+        members = {str(name): _one_teacher(spec, args, tokenizer, chunk_size) for name, spec in teacher_model.items()}
         teacher = EnsembleTeacher(
             members, args.teacher_mixture, args.teacher_routing_column, args.teacher_weights, chunk_size
         )
@@ -129,7 +129,7 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
             "(or train a LoRA student, whose base network can serve as its own teacher)."
         )
     else:
-        teacher = _one_teacher(teacher_model, args, student, tokenizer)
+        teacher = _one_teacher(teacher_model, args, tokenizer, chunk_size)
     student_vocab = student.get_output_embeddings().weight.shape[0]
     members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
     vocab = min(compared_vocab_size(student_vocab, t.vocab_size, len(tokenizer)) for t in members)
