@@ -22,8 +22,6 @@ no infinities). With an API key (read from the environment variable `--api-key-e
 requests without `Authorization: Bearer <key>` get HTTP 401; the key is never printed.
 """
 
-from __future__ import annotations
-
 import argparse
 import functools
 import hmac
@@ -35,6 +33,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch, transformers and the teacher are imported when a server starts, not for `--help`
     from .teachers.local import LocalTeacher
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, local request models included.
 
 MIN_LOGPROB = -9999.0  # vLLM's clamp: JSON cannot carry -inf
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
@@ -105,7 +105,7 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     return model.to(device).eval(), tokenizer
 
 
-def score_sequences(teacher: LocalTeacher, sequences: list[list[int]], k: int, temperature: float, decode=str):
+def score_sequences(teacher: "LocalTeacher", sequences: list[list[int]], k: int, temperature: float, decode=str):
     """
     vLLM's `prompt_logprobs` for each sequence, and its greedy next token.
 
