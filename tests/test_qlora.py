@@ -127,8 +127,7 @@ def test_qlora_student_trains(tmp_path, tok, base_dir, lmbda, teacher, eval_befo
     student = trainer.accelerator.unwrap_model(trainer.model)
     assert (trainer.teacher.model is student) == (teacher == "self")
     quantized_before, float_before = four_bit_state(student), float_params(student)
-    assert len(quantized_before) == 2 * 7 * 2  # 2 blocks x 7 linear layers, all 4-bit (bytes, weight); the tied
-    # head stays float
+    assert len(quantized_before) == 2 * 7 * 2  # (bytes, weight) of 2 blocks x 7 linears; the tied head stays float
 
     trainer.train()
 
@@ -160,8 +159,8 @@ def test_qlora_through_the_distill_command(tmp_path, tok, base_dir):
     flags = [
         "--model_name_or_path", base_dir, "--teacher_model_name_or_path", str(teacher_dir),
         "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--lmbda", "1",
-        "--per_device_train_batch_size", "2",
-        "--max_completion_length", "6", "--learning_rate", "1e-2", "--report_to", "none", "--save_strategy", "no",
+        "--per_device_train_batch_size", "2", "--max_completion_length", "6", "--learning_rate", "1e-2",
+        "--report_to", "none", "--save_strategy", "no",
         "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0", "--dtype", "float32",
         "--load_in_4bit", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
     ]  # fmt: skip
