@@ -205,7 +205,7 @@ def test_bitsandbytes_repacking_blocks_gradients():
     # max |logit difference| measured (logits up to ~0.65): QLoRA float32 4.1e-3, because TRL casts a quantized
     # student's adapters to bf16 (sft_trainer.py, "QLoRA ... converted to bf16"), so the student's LoRA branch rounds
     # its activations to bf16 while the merged weights do not (with the adapters cast back to float32 the difference
-    # is 3e-7, checked below); QLoRA bf16 1.8e-2 (bf16 rounding of the merged W + BA, ~4 bf16 ulps at |logit| 0.64);
+    # is 3e-7, checked below); QLoRA bf16 (bf16=True) 1.8e-2 (bf16 rounding of the merged W + BA, ~4 ulps at 0.64);
     # LoRA float32 3e-7
     [("4bit", torch.float32, 1e-2), ("4bit", torch.bfloat16, 3e-2), ("lora", torch.float32, 1e-5)],
     ids=["qlora-float32", "qlora-bf16", "lora-float32"],
@@ -215,7 +215,7 @@ def test_save_merged_model_is_a_float_model(tmp_path, tok, base_dir, monkeypatch
     the trained PEFT student's logits; saving leaves the student in training with its adapters."""
     model = load_4bit(base_dir, dtype) if kind == "4bit" else AutoModelForCausalLM.from_pretrained(base_dir)
     trainer = OnPolicyDistillTrainer(
-        model=model, args=config(tmp_path, save_merged_model=True),
+        model=model, args=config(tmp_path, save_merged_model=True, bf16=dtype == torch.bfloat16, use_cpu=True),
         train_dataset=dataset(), processing_class=tok, peft_config=lora(),
     )  # fmt: skip
     trainer.train()
