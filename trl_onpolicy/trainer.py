@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from . import checkpoints, hidden_states, model_card, precision
+from . import checkpoints, hidden_states, merge, model_card, precision, quantized
 from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
@@ -115,6 +115,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a dataset of prompts for the student to complete.")
         check_columns(train_dataset, "train")
+        quantized.check_student(model, peft_config, kwargs.get("quantization_config"), args.model_init_kwargs)
         processing_class = self._ensure_pad_token(processing_class, model, args)
         loss_type, args.loss_type = args.loss_type, "nll"  # SFTTrainer only knows "nll"/"dft"; ours is restored below
         try:
@@ -134,6 +135,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             args.loss_type = loss_type
         self._check_completion_sources(train_dataset)
         student = self.accelerator.unwrap_model(self.model)
+        quantized.keep_trainable(student)  # before any forward (see quantized.py)
+        merge.check_merge(self, student)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
         self.teacher.to(self.accelerator.device)
         if isinstance(self.teacher, EnsembleTeacher):
@@ -540,12 +543,12 @@ class OnPolicyDistillTrainer(SFTTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         """The student's weights as `from_pretrained` expects them; a learned hidden-state projector in its own file;
-        with `save_merged_model`, a LoRA student's final save merged into plain weights (checkpoints keep adapters)."""
+        with `save_merged_model`, a LoRA student's final save merged into a float model (checkpoints keep adapters)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         folder = output_dir if output_dir is not None else self.args.output_dir
         is_checkpoint = os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR)
         if self.args.save_merged_model and is_peft_model(unwrapped) and not is_checkpoint:
-            return checkpoints.save_merged(unwrapped, folder, self.processing_class) if self.args.should_save else None
+            return merge.save_merged(self, folder, state_dict)
         if hidden_states.projector_of(unwrapped) is None:
             return super()._save(output_dir, state_dict)
         state_dict = hidden_states.without_projector(state_dict if state_dict is not None else unwrapped.state_dict())
