@@ -51,13 +51,13 @@ class Rollouts:
                 f"{len(self.truncated)} truncation flags, {len(self.rows)} rows."
             )
         if self.sampling_logps is not None:
-            lengths = [len(c) for c in self.completion_ids]
-            bad = [i for i, (lp, n) in enumerate(zip(self.sampling_logps, lengths)) if len(lp) != n]
+            bad = [i for i, (lp, c) in enumerate(zip(self.sampling_logps, self.completion_ids)) if len(lp) != len(c)]
             if len(self.sampling_logps) != n or bad:
+                where = f"completions {bad[:5]}" if bad else f"{len(self.sampling_logps)} rows for {n} completions"
                 raise ValueError(
-                    f"`sampling_logps` must hold one log-prob per completion token; they disagree at completions "
-                    f"{bad[:5] or list(range(n, len(self.sampling_logps)))[:5]}. A callback that edits completions "
-                    "must edit `sampling_logps` alike or set them to `None` (no importance-sampling correction)."
+                    f"`sampling_logps` must hold one log-prob per completion token, got {where}. A callback that "
+                    "edits completions must edit `sampling_logps` alike (NaN for a token the sampler did not draw) "
+                    "or set them to `None` (no importance-sampling correction)."
                 )
 
     def __len__(self) -> int:
