@@ -255,6 +255,14 @@ class OffByKnownAmounts(FakeVLLMGeneration):
         return [math.nan if (t == 1 and len(completion) > 4) else v for t, v in enumerate(out)]
 
 
+class ShortThenLong(OffByKnownAmounts):
+    """The first two completions of a call stop early, the others run to the limit: with two micro-batches of two,
+    the first is trimmed to its own (shorter) length."""
+
+    def completion(self, i, eos, limit):
+        return [10, 11, eos, 12] if i < 2 else [13] * limit
+
+
 class Snapshots(DistillCallback):
     """The student's weights before each step, its gradients right before each optimizer step, and the rollouts."""
 
@@ -297,11 +305,13 @@ def vllm_run(tmp_path, callbacks=(), **overrides):
 def test_tis_weight_and_its_composition_with_reuse_equal_the_hand_written_reference(tmp_path, engine_class):
     """Step 1 (fresh): loss = sum_t w_t (log q_t - log p_t) / N, w_t = min(q_t / mu_t, 3); gradient
     sum_t w_t (log q_t - log p_t) grad log q_t / N. Step 2 reuses the batch: w_t = min(q0_t / mu_t, 3) times the ratio
-    q_t / q0_t, q0 the student that sampled (vLLM synced from it). mu = q0 * exp(OFFSETS): some clipped, one NaN."""
-    engine_class(OffByKnownAmounts)
+    q_t / q0_t, q0 the student that sampled (vLLM synced from it). mu = q0 * exp(OFFSETS): some clipped, some NaN.
+    Two micro-batches, the first trimmed to its shorter completions."""
+    engine_class(ShortThenLong)
     snapshots = Snapshots()
     # lr 0.1: the student moves (reuse ratios 0.02 to 21), but not so far that float32 round-off is amplified
-    tr, _, teacher, tok = vllm_run(tmp_path, [snapshots], num_iterations=2, max_steps=2, learning_rate=0.1)
+    tr, _, teacher, tok = vllm_run(tmp_path, [snapshots], num_iterations=2, max_steps=2, learning_rate=0.1,
+                                   per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
     tr.train()
     (engine,) = FakeVLLMGeneration.instances
     assert len(snapshots.rollouts) == 1 and engine.syncs == 1  # step 2 reuses step 1's vLLM rollouts

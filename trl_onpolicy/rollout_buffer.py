@@ -32,7 +32,8 @@ from .rollouts import Rollouts
 from .teachers.base import TeacherScores
 
 INPUTS = ("input_ids", "attention_mask", "completion_ids", "completion_mask")  # what a teacher scores
-COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "reference", "behaviour_logps")  # (B, C) tensors
+# (B, C) tensors; `sampling_logps`: vLLM's log-probs of its tokens
+COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "reference", "behaviour_logps", "sampling_logps")
 
 
 def buffer_file(folder: str, process_index: int) -> str:
