@@ -44,7 +44,7 @@ class StepClock(TrainerCallback):
         if state.global_step == self.warmup and self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             self.resting = torch.cuda.memory_allocated()
-        if state.global_step > self.warmup and time.perf_counter() > self.deadline < float("inf"):
+        if state.global_step > self.warmup and time.perf_counter() > self.deadline:
             control.should_training_stop = self.stopped_early = state.global_step < state.max_steps
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -97,7 +97,10 @@ def train_block(name: str, sizes: Sizes, device: str, dtype, deadline: float, wo
         "teacher_s": [t for _, t in probe.phases[warmup:]], "completion_tokens": probe.tokens[warmup:],
         "warmup_step_s": probe.step_times[:warmup], "losses": [h["loss"] for h in logs],
         "stopped_early": clock.stopped_early, "allocated_before_GiB": none_or(allocated_before, GiB),
-        "resting_GiB": none_or(clock.resting, GiB), "peak_GiB": none_or(clock.peak, GiB),
+        "max_memory_allocated_GiB": none_or(clock.peak, GiB),
+        # this run's own: what it allocated (models, optimizer state, the steps), not what an earlier block left
+        "resting_GiB": none_or(clock.resting and clock.resting - allocated_before, GiB),
+        "peak_GiB": none_or(clock.peak and clock.peak - allocated_before, GiB),
     }  # fmt: skip
     del trainer, teacher_model, probe
     free_memory(device)

@@ -102,7 +102,7 @@ TINY_STUDENT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers"
 TINY_TEACHER = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1}  # fmt: skip
 FULL = Sizes(QWEN25_SHAPES["0.5B"], QWEN25_SHAPES["1.5B"], QWEN25_VOCAB, batch=16, completion=512, blocks=2,
-             timed_steps=5, loss_repeats=10, few_steps=3, budget_s=480)  # fmt: skip
+             timed_steps=5, loss_repeats=10, few_steps=3, budget_s=460)  # fmt: skip
 QUICK = Sizes(TINY_STUDENT, TINY_TEACHER, 512, batch=4, completion=8, blocks=2, timed_steps=2, loss_repeats=3,
               few_steps=1, budget_s=300, name="quick")  # fmt: skip
 # (part, share of the budget); a part's deadline is the run's start plus the shares up to and including its own
@@ -123,7 +123,7 @@ def part_fsdp2(sizes: Sizes, device: str, dtype, deadline: float, workdir: str) 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=env)  # fmt: skip
     try:
-        log = proc.communicate(timeout=seconds + 240)[0]  # a step of slack past the deadline, and the start-up
+        log = proc.communicate(timeout=seconds + 120)[0]  # a step's slack past the deadline
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its worker
         log = proc.communicate()[0]
@@ -281,7 +281,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
-    parser.add_argument("--budget-s", type=float, default=None, help="the whole run (default 480 s; quick 300 s)")
+    parser.add_argument("--budget-s", type=float, default=None, help="the whole run (default 460 s; quick 300 s)")
     parser.add_argument("--commit", default=None, help="the commit measured (the device machine's copy has no git)")
     parser.add_argument("--workdir", default=None)
     cli = parser.parse_args(argv)
