@@ -104,8 +104,10 @@ def part_loss(sizes: Sizes, device: str, dtype, deadline: float, workdir: str) -
         "grad_hidden_relative_difference": ((gh - th).norm() / th.norm()).item(),
         "grad_head_relative_difference": ((gw - tw).norm() / tw.norm()).item(),
     }
-    result["trl_kernel"] = "triton" if _use_triton(torch.device(device)) else "torch fallback (no Triton on this device)"
-    result["ratios_ours_over_trl"] = {"median_s": result["ours"]["seconds"]["median"] / result["trl"]["seconds"]["median"]}
+    triton = _use_triton(torch.device(device))
+    result["trl_kernel"] = "triton" if triton else "torch fallback (no Triton on this device)"
+    medians = {name: result[name]["seconds"]["median"] for name in fns}
+    result["ratios_ours_over_trl"] = {"median_s": medians["ours"] / medians["trl"]}
     if device == "cuda":
         result["ratios_ours_over_trl"]["working_memory"] = result["ours"]["working_GiB"] / result["trl"]["working_GiB"]
     return result

@@ -67,16 +67,17 @@ def free_memory(device: str) -> None:
 
 # ------------------------------------------------------------------------------------------ whole training steps
 def train_block(name: str, sizes: Sizes, device: str, dtype, deadline: float, workdir: str, steps: int,
-                student=None, callbacks=(), trainer_kwargs=None, **overrides) -> dict:  # fmt: skip
+                make_student=None, callbacks=(), trainer_kwargs=None, **overrides) -> dict:  # fmt: skip
     """
     One run of `name` ("ours" or "trl"): `sizes.warmup_steps` + `steps` optimizer steps (fewer where `deadline`
-    passes), through `vs_trl.build` with the Qwen-shaped models. Returns the timed steps' clocks and memory.
+    passes), through `vs_trl.build` with the Qwen-shaped models (`make_student()` builds another student). Returns
+    the timed steps' clocks and memory.
     """
     from vs_trl import Probe, build
 
     free_memory(device)
     allocated_before = torch.cuda.memory_allocated() if device == "cuda" else None
-    student = student or qwen2(0, sizes.student, sizes.vocab, dtype, device)
+    student = make_student() if make_student else qwen2(0, sizes.student, sizes.vocab, dtype, device)
     teacher = qwen2(1, sizes.teacher, sizes.vocab, dtype, device)
     warmup = sizes.warmup_steps
     clock, probe = StepClock(device, warmup, deadline), Probe()
@@ -113,12 +114,14 @@ def none_or(value, unit):
 
 def summarize(blocks: list[dict], batch: int) -> dict:
     """One trainer's blocks: the spread of every timed step, tokens/s at the median step, the largest peak."""
-    pooled = {k: [v for b in blocks for v in b[k]] for k in ("step_s", "generation_s", "teacher_s", "completion_tokens")}
+    keys = ("step_s", "generation_s", "teacher_s", "completion_tokens")
+    pooled = {k: [v for b in blocks for v in b[k]] for k in keys}
     step = spread(pooled["step_s"])
     tokens = statistics.mean(pooled["completion_tokens"])
     peaks = [b["peak_GiB"] for b in blocks if b["peak_GiB"] is not None]
     return {
-        "step_s": step, "all_step_s": pooled["step_s"], "generation_s_median": statistics.median(pooled["generation_s"]),
+        "step_s": step, "all_step_s": pooled["step_s"],
+        "generation_s_median": statistics.median(pooled["generation_s"]),
         "teacher_s_median": statistics.median(pooled["teacher_s"]),
         "update_s_median": statistics.median(s - g - t for s, g, t in zip(pooled["step_s"], pooled["generation_s"],
                                                                           pooled["teacher_s"])),

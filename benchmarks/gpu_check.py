@@ -2,24 +2,22 @@
 at Qwen2.5 shapes in bf16, the loss alone against TRL's chunked divergence kernel, a one-GPU FSDP2 launch, QLoRA.
 
     python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json          # on a GPU: every part, ~8 minutes
-    python3 benchmarks/gpu_check.py --quick --device cpu --out x.json   # every part at tiny sizes on CPU (a smoke test)
-    python3 benchmarks/gpu_check.py --parts loss training               # some parts only
+    python3 benchmarks/gpu_check.py --quick --device cpu --out x.json   # every part, tiny, on CPU (a smoke test)
+    python3 benchmarks/gpu_check.py --quick --parts loss                # tiny, on the GPU: Triton and our loss run
 
-On a lent GPU machine (the device tool; its image has torch, transformers, accelerate and peft, not trl or datasets,
-and nothing can be downloaded there), prepare the wheels here once, in the checkout the tool sends (ignored by git):
+On a lent GPU machine (the device tool: Python 3.12, torch 2.11+cu130, transformers 5.17, accelerate 1.15, peft; no
+trl, datasets or lm-eval, and nothing can be downloaded there), first prepare the wheels here, once, from the root of
+the checkout that the tool sends: `bash benchmarks/gpu_wheels.sh` (writes `.whl/`, 18 MiB, ignored by git). Then,
+with the device tool's `run`, `carry: [".whl"]`:
 
-    echo /.whl/ >> .git/info/exclude
-    P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl
-       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64"
-    python3 -m pip download $P trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-    python3 -m pip download $P bitsandbytes==0.50.2     # 41 MiB: benchmarks/README.md says how to slim it to ~5
+    # sanity, ~1 minute (timeout_s 180): versions, and the loss part at tiny sizes on the GPU
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; python3 -c "import torch, transformers, accelerate, peft, trl, datasets, pyarrow, fsspec, bitsandbytes, trl_onpolicy as t; print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__, accelerate.__version__, peft.__version__, trl.__version__, datasets.__version__, pyarrow.__version__, fsspec.__version__, bitsandbytes.__version__, t.__version__)" && python3 benchmarks/gpu_check.py --quick --parts loss --out $OUT/sanity.json
 
-then run (the device tool's `run`, `carry: [".whl"]`, `timeout_s: 600`; the first line is a sanity check alone):
+    # the measurement, ~8-9 minutes (timeout_s 600); <sha>: the commit measured (the machine's copy has no git)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; set -o pipefail; python3 benchmarks/gpu_check.py --commit <sha> --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; python3 -c "import trl, datasets, \
-      trl_onpolicy, torch; print(trl.__version__, torch.cuda.get_device_name())"
-    ... || exit; python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json --commit <sha>
+A machine stays warm 30 s after a call: a second call later than that starts a fresh one (a minute or more of the
+session's device time).
 
 Parts, each guarded (a part that fails records its error and the rest go on; the JSON is rewritten after each part,
 so a run cut short keeps what finished), in this order, each with a share of `--budget-s` (unused time rolls over):
@@ -50,12 +48,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,10 +62,10 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "
     os.environ.setdefault(_name, "1")
 
 import torch
-from transformers import TrainerCallback
 from _gpu_loss import part_loss  # benchmarks/_gpu_*.py, _models.py (the script's folder is on sys.path)
 from _gpu_training import GiB, free_memory, part_training, recorded, summarize, train_block
 from _models import QWEN25_SHAPES, QWEN25_VOCAB, qwen2
+from transformers import TrainerCallback
 
 HERE = Path(__file__).resolve().parent
 
@@ -113,12 +109,13 @@ SHARES = (("loss", 0.08), ("training", 0.62), ("fsdp2", 0.16), ("qlora", 0.14))
 
 # ------------------------------------------------------------------------------------------------------- fsdp2
 def part_fsdp2(sizes: Sizes, device: str, dtype, deadline: float, workdir: str) -> dict:
-    """`gpu_check_fsdp2.py` under `torchrun --nproc_per_node 1`; its JSON, or its exit status and the end of its log."""
+    """`gpu_check_fsdp2.py` under `torchrun --nproc_per_node 1`: its JSON, or its exit status and its log's end."""
     out = Path(workdir) / "fsdp2.json"
     seconds = max(deadline - time.perf_counter(), 1.0)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            str(HERE / "gpu_check_fsdp2.py"), "--out", str(out), "--device", device, "--dtype", str(dtype)[6:],
-           "--seconds", f"{seconds:.0f}", "--workdir", workdir] + (["--quick"] if sizes.name == "quick" else [])  # fmt: skip
+           "--seconds", f"{seconds:.0f}", "--workdir", workdir]  # fmt: skip
+    cmd += ["--quick"] if sizes.name == "quick" else []
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash in C++ leaves the Python stack in the log
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=env)  # fmt: skip
@@ -129,7 +126,8 @@ def part_fsdp2(sizes: Sizes, device: str, dtype, deadline: float, workdir: str) 
         log = proc.communicate()[0]
     if proc.returncode != 0 or not out.exists():
         return {"error": f"the FSDP2 launch exited with {proc.returncode}: {failure(log)}", "log_tail": log[-6000:]}
-    return {"launch": "torchrun --standalone --nproc_per_node 1 benchmarks/gpu_check_fsdp2.py", **json.loads(out.read_text())}
+    launch = "torchrun --standalone --nproc_per_node 1 benchmarks/gpu_check_fsdp2.py"
+    return {"launch": launch, **json.loads(out.read_text())}
 
 
 def failure(log: str) -> str:
@@ -152,11 +150,12 @@ class AdapterWatch(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         after = dict(model.named_parameters())
-        lora = [n for n in self.before if "lora_" in n]
-        base = [n for n in self.before if "lora_" not in n]
+        moved = {n: not torch.equal(self.before[n], after[n]) for n in self.before}
+        lora = [n for n in moved if "lora_" in n]
+        base = [n for n in moved if "lora_" not in n]
         self.result = {
-            "lora_tensors": len(lora), "lora_tensors_moved": sum(not torch.equal(self.before[n], after[n]) for n in lora),
-            "base_tensors": len(base), "base_tensors_moved": sum(not torch.equal(self.before[n], after[n]) for n in base),
+            "lora_tensors": len(lora), "lora_tensors_moved": sum(moved[n] for n in lora),
+            "base_tensors": len(base), "base_tensors_moved": sum(moved[n] for n in base),
             "quantized_tensors": sum(p.dtype == torch.uint8 for p in after.values()),
         }  # fmt: skip
 
@@ -170,20 +169,23 @@ def part_qlora(sizes: Sizes, device: str, dtype, deadline: float, workdir: str) 
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = f"{workdir}/qlora-base"
-    qwen2(0, sizes.student, sizes.vocab, dtype, device).save_pretrained(path)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    student = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
-                                                   device_map={"": 0 if device == "cuda" else "cpu"})  # fmt: skip
-    if device == "cpu":  # on CPUs with avx512_bf16 an eval-mode forward (generation) repacks the 4-bit weights for a
-        # kernel that passes no gradient and fails on a bias (../shared/ARCHITECTURE.md, "Launchers on CPU")
-        for module in student.modules():
-            if isinstance(module, bitsandbytes.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
+    def quantized_student():
+        path = f"{workdir}/qlora-base"
+        qwen2(0, sizes.student, sizes.vocab, dtype, device).save_pretrained(path)
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        student = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
+                                                       device_map={"": 0 if device == "cuda" else "cpu"})  # fmt: skip
+        if device == "cpu":  # on CPUs with avx512_bf16 an eval-mode forward (generation) repacks the 4-bit weights
+            # for a kernel that passes no gradient and fails on a bias (../shared/ARCHITECTURE.md, "Launchers on CPU")
+            for module in student.modules():
+                if isinstance(module, bitsandbytes.nn.Linear4bit):
+                    module.support_avx512bf16_for_cpu = False
+        return student
+
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     watch = AdapterWatch()
-    result = train_block("ours", sizes, device, dtype, deadline, workdir, sizes.few_steps, student=student,
-                         callbacks=[watch], trainer_kwargs={"peft_config": lora})  # fmt: skip
+    result = train_block("ours", sizes, device, dtype, deadline, workdir, sizes.few_steps,
+                         make_student=quantized_student, callbacks=[watch], trainer_kwargs={"peft_config": lora})
     result = summarize([result], sizes.batch)
     result.update(watch.result, bitsandbytes=bitsandbytes.__version__, lora="r 16, alpha 32, all-linear; NF4 base")
     return result
@@ -232,8 +234,9 @@ def settings(sizes: Sizes, device: str, dtype, budget_s: float) -> dict:
         "student": "Qwen2 shaped like Qwen2.5-0.5B" if sizes.name == "full" else "tiny Qwen2",
         "teacher": "Qwen2 shaped like Qwen2.5-1.5B" if sizes.name == "full" else "tiny Qwen2",
         "weights": "random (seeds 0 and 1), tied heads", "tokenizer": "character tokenizer (55 ids), models padded",
-        "both trainers": "bf16=(dtype is bfloat16), JSD beta 0.5, temperature 1, top_k 0, top_p 1, AdamW (adamw_torch) "
-        "lr 1e-5 constant, clip 1.0, no gradient checkpointing, gradient_accumulation_steps 1 (vs_trl.common_args)",
+        "both trainers": "bf16=(dtype is bfloat16), JSD beta 0.5, temperature 1, top_k 0, top_p 1, AdamW "
+        "(adamw_torch) lr 1e-5 constant, clip 1.0, no gradient checkpointing, gradient_accumulation_steps 1 "
+        "(vs_trl.common_args)",
         "ours": "OnPolicyDistillConfig(lmbda=1.0, loss_type='jsd'), loss defaults (tiles)",
         "trl": "trl.DistillationConfig (on-policy by design), shuffle_dataset=False",
     }  # fmt: skip
@@ -250,7 +253,8 @@ def step_line(label: str, r: dict) -> str:
     s = r["step_s"]
     peak = "n/a" if r["peak_GiB"] is None else f"{r['peak_GiB']:.2f} GiB"
     return (f"{label}: median step {s['median']:.3f} s (n={s['n']}, {s['min']:.3f}-{s['max']:.3f}), "
-            f"{r['completion_tokens_per_s']:.0f} tok/s, len {r['mean_completion_length']:.1f}, peak {peak}")  # fmt: skip
+            f"{r['completion_tokens_per_s']:.0f} tok/s, len {r['mean_completion_length']:.1f}, "
+            f"peak {peak}")  # fmt: skip
 
 
 def summary_lines(parts: dict) -> list[str]:
@@ -261,8 +265,9 @@ def summary_lines(parts: dict) -> list[str]:
             lines.append(outcome(name, r))
         elif name == "loss":
             for k in ("ours", "trl"):
-                lines.append(f"loss {k}: median {r[k]['seconds']['median'] * 1e3:.1f} ms (n={r[k]['seconds']['n']}), "
-                             f"working {r[k].get('working_GiB', float('nan')):.2f} GiB, loss {r[k]['loss']:.6f}")  # fmt: skip
+                t, working = r[k]["seconds"], r[k].get("working_GiB", float("nan"))
+                lines.append(f"loss {k}: median {t['median'] * 1e3:.1f} ms (n={t['n']}), working {working:.2f} GiB, "
+                             f"loss {r[k]['loss']:.6f}")  # fmt: skip
             lines.append(f"loss ours/trl: {r['ratios_ours_over_trl']}; {r['trl_kernel']}; agreement {r['agreement']}")
         elif name == "training":
             lines += [outcome(f"training {k}", r[k]) or step_line(f"training {k}", r[k]) for k in ("ours", "trl")]
@@ -293,8 +298,8 @@ def main(argv=None):
     workdir = cli.workdir or tempfile.mkdtemp(prefix="gpu-check-")
     if cli.device == "cpu":
         torch.set_num_threads(1)
-    result = {"settings": settings(sizes, cli.device, dtype, budget), "environment": environment(cli.device, cli.commit),
-              "parts": {}}  # fmt: skip
+    result = {"settings": settings(sizes, cli.device, dtype, budget),
+              "environment": environment(cli.device, cli.commit), "parts": {}}  # fmt: skip
     start, share = time.perf_counter(), 0.0
     for name, part_share in SHARES:
         share += part_share

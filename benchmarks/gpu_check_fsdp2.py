@@ -94,11 +94,13 @@ def main():
 
     check = ShardCheck()
     args = training_arguments(cli.device)
-    block = train_block(cli.trainer, sizes, cli.device, getattr(torch, cli.dtype), deadline, cli.workdir, sizes.few_steps,
+    dtype = getattr(torch, cli.dtype)
+    block = train_block(cli.trainer, sizes, cli.device, dtype, deadline, cli.workdir, sizes.few_steps,
                         callbacks=[check], **args)  # fmt: skip
     state = PartialState()
     result = {**summarize([block], sizes.batch), **check.result, "distributed_type": str(state.distributed_type),
-              "num_processes": state.num_processes, "trainer": cli.trainer, "fsdp_config": args["fsdp_config"]}  # fmt: skip
+              "num_processes": state.num_processes, "trainer": cli.trainer,
+              "fsdp_config": args["fsdp_config"]}  # fmt: skip
     if state.is_main_process:
         Path(cli.out).write_text(json.dumps(result, indent=1))
 

@@ -21,7 +21,7 @@ PARTS = ("loss", "training", "fsdp2", "qlora")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check") / "gpu_check.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this checkout's package, not an installed one
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # this checkout's package, not another
     cmd = [sys.executable, "benchmarks/gpu_check.py", "--quick", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -102,7 +102,8 @@ def test_fsdp2_launch_shards_the_student(report):
     no_error(r)
     assert r["distributed_type"] == "DistributedType.FSDP" and r["num_processes"] == 1
     assert r["all_parameters_dtensor"] and r["parameters"] > 0
-    assert r["fsdp_config"]["version"] == 2 and r["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
+    assert r["fsdp_config"]["version"] == 2
+    assert r["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
     assert_steps(r, 1)
 
 
