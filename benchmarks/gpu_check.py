@@ -105,8 +105,6 @@ QUICK = Sizes(TINY_STUDENT, TINY_TEACHER, 512, batch=4, completion=8, blocks=2, 
 SHARES = (("loss", 0.08), ("training", 0.62), ("fsdp2", 0.16), ("qlora", 0.14))
 
 
-
-
 # ------------------------------------------------------------------------------------------------------- fsdp2
 def part_fsdp2(sizes: Sizes, device: str, dtype, deadline: float, workdir: str) -> dict:
     """`gpu_check_fsdp2.py` under `torchrun --nproc_per_node 1`: its JSON, or its exit status and its log's end."""
