@@ -31,10 +31,8 @@ def report(tmp_path_factory):
 # Failures of our trainer that issue 13 lists, as this script meets them on CPU: a part that fails with one of these
 # xfails with the reason (and passes once it is fixed); any other error fails.
 KNOWN_FAILURES = {
-    "expected m1 and m2 to have the same dtype": "issue 13: bf16 weights crash our loss (hidden states float32, head "
-    "bf16 in fused_divergence.py); the precision policy is pending",
-    "Segmentation fault": "issue 13: our trainer under FSDP2 (a sharded lm_head in loss.py's head-gradient path) "
-    "crashes in backward with SIGSEGV on CPU; TRL's DistillationTrainer runs under the same launch",
+    "Segmentation fault": "issue 13: under FSDP2 our loss's head-gradient path (`_ChunkwiseBackward` adding into the "
+    "sharded lm_head's gradient) crashes the first backward with SIGSEGV on CPU; with head_params=None it trains",
 }
 
 
