@@ -376,8 +376,11 @@ class OnPolicyDistillConfig(SFTConfig):
         on_cuda = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = bool(on_cuda and torch.cuda.is_bf16_supported()) and not self.fp16
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = on_cuda  # TRL's default on GPUs; on a CPU it only costs time
+        # TRL's default on GPUs; on a CPU it only costs time. Older transformers (5.17, the GPU machines' image) have
+        # only `gradient_checkpointing`, not its newer name.
+        name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else "gradient_checkpointing"
+        if getattr(self, name) is None and self.gradient_checkpointing is None:
+            setattr(self, name, on_cuda)
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every trainable weight is used each step: skip DDP's extra pass
         if isinstance(self.stop_strings, str):
