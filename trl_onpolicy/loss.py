@@ -21,6 +21,7 @@ gradient accumulation and multi-process runs give the gradient of one big batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -28,7 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from . import divergences as D
 from . import precision
 from .fused_divergence import TILED_LOSS_TYPES, LinearHead, tiled_divergence
-from .teachers.base import TeacherScores
+
+if TYPE_CHECKING:  # annotations only: the teachers import the loss's heads, not the other way round
+    from .teachers.base import TeacherScores
 
 
 CHUNK_SIZE = 1024  # default tokens per chunk where each chunk is projected to the whole vocabulary
