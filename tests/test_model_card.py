@@ -53,6 +53,36 @@ def test_card_records_student_teacher_settings_rounds_compute_and_versions(tmp_p
     assert "OnPolicyDistill" in card and "trl-onpolicy" in card  # TRL's card part: trainer name and tags
 
 
+def test_card_of_a_student_given_as_a_local_path_names_the_path_without_hub_links(tmp_path):
+    """TRL's template said "fine-tuned version of [None](https://huggingface.co/None)" and `model="None"` for a student
+    loaded from a folder; the card names the folder (no Hub link) and the pipeline loads the output folder."""
+    tok = tm.tokenizer()
+    tm.model(tok, seed=0).save_pretrained(tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    tr = tm.trainer(tmp_path / "out", student, tm.model(tok, seed=1), tok, max_steps=1)
+    tr.train()
+    tr.create_model_card(model_name="tiny", dataset_name=str(tmp_path / "data.jsonl"))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "None" not in card.split("## On-policy distillation")[0], card
+    assert (f"This model is a fine-tuned version of a local model (`{tmp_path / 'student'}`) on a local dataset "
+            f"(`{tmp_path / 'data.jsonl'}`).") in card  # fmt: skip
+    assert "huggingface.co/" + str(tmp_path) not in card
+    assert f'generator = pipeline("text-generation", model="{tmp_path / "out"}", device_map="auto")' in card
+
+
+def test_card_of_a_hub_student_links_it_and_its_dataset(tmp_path):
+    tok = tm.tokenizer()
+    student = tm.model(tok, seed=0)
+    student.config._name_or_path = "org/tiny-student"
+    tr = tm.trainer(tmp_path, student, tm.model(tok, seed=1), tok, max_steps=1, hub_model_id="me/tiny-distilled")
+    tr.train()
+    tr.create_model_card(model_name="tiny", dataset_name="openai/gsm8k")
+    card = (tmp_path / "README.md").read_text()
+    assert ("This model is a fine-tuned version of [org/tiny-student](https://huggingface.co/org/tiny-student) on the "
+            "[openai/gsm8k](https://huggingface.co/datasets/openai/gsm8k) dataset.") in card  # fmt: skip
+    assert 'model="me/tiny-distilled"' in card
+
+
 def test_card_names_several_teachers_and_how_they_mix(tmp_path):
     tok = tm.tokenizer()
     tr = tm.trainer(tmp_path, teacher={"a": tm.model(tok, seed=1), "b": tm.model(tok, seed=2)}, tok=tok,

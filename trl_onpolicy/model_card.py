@@ -7,7 +7,10 @@ the environment, so no token or key can reach the card.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import re
 
 import torch
 import transformers
@@ -25,11 +28,64 @@ SETTINGS = (  # config fields that define the method, in the order a reader want
 PHASES = (("time/generation", "generation"), ("time/teacher", "teacher scoring"), ("time/update", "updates"))
 
 
-def _student_name(trainer) -> str:
+def _student_base(trainer):
+    """The unwrapped student without its adapters, and whether it had any."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base, base is not model
+
+
+def _student_name(trainer) -> str:
+    base, adapted = _student_base(trainer)
     name = base.config._name_or_path or type(base).__name__
-    return f"`{name}`" + (" with LoRA adapters" if base is not model else "")
+    return f"`{name}`" + (" with LoRA adapters" if adapted else "")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it is a Hub repo id (`org/model`, `gpt2`) and no local path; `None` for a path or nothing."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _origin_sentence(base_model: str | None, dataset_name: str | None) -> str:
+    """TRL's "This model is a fine-tuned version of [...]" line, with Hub links only for Hub ids."""
+    if hub_id(base_model):
+        text = f"This model is a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})"
+    elif base_model:
+        text = f"This model is a fine-tuned version of a local model (`{base_model}`)"
+    else:
+        text = "This model was fine-tuned from a model built in memory"
+    if hub_id(dataset_name):
+        text += f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset"
+    elif dataset_name:
+        text += f" on a local dataset (`{dataset_name}`)"
+    return text + "."
+
+
+def finish_card(trainer, path: str, dataset_name: str | None = None) -> None:
+    """
+    Rewrite TRL's card at `path` where its template assumes Hub ids (a student given as a local path read "fine-tuned
+    from [None](https://huggingface.co/None)" and `pipeline(..., model="None")`), then append [`card_section`].
+    The pipeline loads `hub_model_id` when the run has one, else the output folder.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    base, _ = _student_base(trainer)
+    repo = trainer.hub_model_id or trainer.args.hub_model_id or trainer.args.output_dir
+    for i, line in enumerate(lines):
+        if line.startswith("This model is a fine-tuned version of "):
+            lines[i] = _origin_sentence(base.config._name_or_path, dataset_name)
+        elif line.startswith("generator = pipeline(") and 'model="' in line:
+            lines[i] = re.sub(r'model="[^"]*"', lambda _: f"model={json.dumps(repo)}", line)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n" + card_section(trainer))
 
 
 def _settings(args) -> str:

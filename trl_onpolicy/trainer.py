@@ -575,8 +575,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             return
         path = os.path.join(self.args.output_dir, "README.md")
         if os.path.isfile(path):
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n" + model_card.card_section(self))
+            model_card.finish_card(self, path, dataset_name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
