@@ -70,6 +70,19 @@ def test_teacher_of_wrong_type(tmp_path):
         tm.trainer(tmp_path, teacher=123)
 
 
+def test_teacher_init_kwargs_with_a_loaded_teacher_are_refused(tmp_path):
+    """They only apply to a teacher the trainer loads; with a model object they would silently do nothing."""
+    message = (
+        "teacher_model_init_kwargs={'dtype': 'bfloat16'} is set, but the teacher was passed as an already loaded "
+        "model, so they would be ignored. Either load the teacher with them yourself "
+        "(`AutoModelForCausalLM.from_pretrained(path, **kwargs)`) and unset `teacher_model_init_kwargs`, or pass the "
+        "teacher's id or path (`teacher_model=` or `teacher_model_name_or_path`) so the trainer loads it with them."
+    )
+    with pytest.raises(ValueError, match=f"^{fragment(message)}$"):
+        tm.trainer(tmp_path, teacher_model_init_kwargs={"dtype": "bfloat16"})
+    tm.trainer(tmp_path, teacher_model_init_kwargs={})  # empty: nothing ignored, accepted
+
+
 # ------------------------------------------------------------------------------------------ vocabularies
 def test_vocab_mismatch_names_both_sizes(tmp_path):
     tok = tm.tokenizer()

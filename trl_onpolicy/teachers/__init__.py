@@ -90,6 +90,19 @@ def _is_url(value) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
+def _refuse_unused_init_kwargs(args) -> None:
+    """`teacher_model_init_kwargs` only apply to a teacher loaded here; with a model object they would do nothing (TRL's
+    `DistillationTrainer` refuses them too)."""
+    if args.teacher_model_init_kwargs:
+        raise ValueError(
+            f"teacher_model_init_kwargs={args.teacher_model_init_kwargs!r} is set, but the teacher was passed as an "
+            "already loaded model, so they would be ignored. Either load the teacher with them yourself "
+            "(`AutoModelForCausalLM.from_pretrained(path, **kwargs)`) and unset `teacher_model_init_kwargs`, or pass "
+            "the teacher's id or path (`teacher_model=` or `teacher_model_name_or_path`) so the trainer loads it "
+            "with them."
+        )
+
+
 def _one_teacher(spec, args, tokenizer, chunk_size: int) -> Teacher:
     """One backend from a spec: a `Teacher`, a model, a server URL, a cache folder, or a model id or path.
     `chunk_size`: positions a local teacher projects to the whole vocabulary at once (top-k, sampled tokens); a local
@@ -108,6 +121,7 @@ def _one_teacher(spec, args, tokenizer, chunk_size: int) -> Teacher:
         model = load_teacher_model(str(spec), args, tokenizer)
         return LocalTeacher(model, chunk_size=chunk_size, micro_batch_size=rows)
     if isinstance(spec, PreTrainedModel) or is_peft_model(spec):
+        _refuse_unused_init_kwargs(args)
         return LocalTeacher(spec, chunk_size=chunk_size, micro_batch_size=rows)
     raise TypeError(
         "A teacher must be a model id or path, a server URL, a teacher-cache folder, a `PreTrainedModel`, or a "
