@@ -175,3 +175,38 @@ def test_eval_with_an_unknown_task_names_close_matches(toy_models, tmp_path, cap
     assert cli.main(["eval", toy_models["student"], "--tasks", "gsm8kk", "--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "did you mean 'gsm8k'" in err and err.rstrip().endswith("(add --debug for the traceback)")
+
+
+# --------------------------------------------------------------------------------------------------- input errors
+
+
+def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`trl-onpolicy ARGV` in a fresh process, as a user runs it."""
+    code = "import sys\nfrom trl_onpolicy import cli\nsys.exit(cli.main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def _error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The one error message of a failed command (no traceback)."""
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"trl-onpolicy {command}: error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0].removeprefix(f"trl-onpolicy {command}: error: ")
+
+
+def test_empty_datasets_get_the_trainers_message(assets, tmp_path):
+    """`datasets` raised StopIteration for an empty .jsonl and IndexError for an empty save_to_disk folder."""
+    from datasets import Dataset, DatasetDict
+
+    (tmp_path / "empty.jsonl").write_text("\n")
+    Dataset.from_dict({"prompt": []}).save_to_disk(tmp_path / "empty_ds")
+    DatasetDict({"train": Dataset.from_dict({"prompt": []})}).save_to_disk(tmp_path / "empty_dict")
+    for name, where in (("empty.jsonl", "empty.jsonl"), ("empty_ds", "empty_ds"), ("empty_dict", "empty_dict/train")):
+        flags = train_flags(assets, tmp_path / "out")
+        flags[flags.index("--dataset_name") + 1] = str(tmp_path / name)
+        message = _error_line(_cli("distill", *flags), "distill")
+        assert message == (
+            f"The train dataset is empty ({tmp_path / where} has no rows): pass a dataset with at least one prompt."
+        )
+    proc = _cli("cache-teacher", assets["teacher"], str(tmp_path / "empty.jsonl"), str(tmp_path / "cache"))
+    assert _error_line(proc, "cache-teacher").startswith("The train dataset is empty (")

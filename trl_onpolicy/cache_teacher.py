@@ -48,6 +48,9 @@ def load_rows(name: str, split: str = "train", subset: str | None = None, num_ro
     """The dataset a command line names (see the module docstring)."""
     from datasets import load_dataset, load_from_disk
 
+    from .distill_command import refuse_empty_source
+
+    refuse_empty_source(name, split)
     if name == "toy":
         from .toy import make_dataset
 
@@ -72,8 +75,8 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.max_length is not None and args.max_length <= args.max_completion_length:
         raise SystemExit(f"--max-length ({args.max_length}) must exceed --max-completion-length.")
+    dataset = load_rows(args.dataset, args.split, args.subset, args.num_rows)  # a bad dataset fails before loading
     model, tokenizer = load_model(args.teacher, args.dtype, args.trust_remote_code)
-    dataset = load_rows(args.dataset, args.split, args.subset, args.num_rows)
     max_prompt = None if args.max_length is None else args.max_length - args.max_completion_length
     start = time.perf_counter()
     cache = build_teacher_cache(

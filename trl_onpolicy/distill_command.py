@@ -27,6 +27,8 @@ DDP/DeepSpeed and transformers' bitsandbytes loader places the model on the curr
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -103,6 +105,25 @@ def to_conversational(row: dict, system_prompt: str | None = None) -> dict:
     }
 
 
+def refuse_empty_source(name: str, split: str = "train") -> None:
+    """Raise the trainer's empty-dataset error for a local data file or `save_to_disk` folder without rows, which
+    `datasets` would otherwise fail on (`StopIteration` for an empty `.jsonl`, `IndexError` for an empty folder)."""
+    from .prompts import EMPTY_DATASET_ERROR
+
+    if os.path.isfile(name) and os.path.getsize(name) <= 4096:  # empty, or only blank lines
+        with open(name, "rb") as f:
+            blank = not f.read().strip()
+        if blank:
+            raise ValueError(EMPTY_DATASET_ERROR.format(name=split, where=f" ({name} has no rows)"))
+    folder = glob.escape(name)
+    states = glob.glob(os.path.join(folder, "state.json")) + glob.glob(os.path.join(folder, "*", "state.json"))
+    for state in states if os.path.isdir(name) else []:
+        with open(state, encoding="utf-8") as f:
+            if json.load(f).get("_data_files") == []:
+                where = os.path.dirname(state)
+                raise ValueError(EMPTY_DATASET_ERROR.format(name=split, where=f" ({where} has no rows)"))
+
+
 def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
     """The train split (and the test split when `need_eval` and it exists) that `dataset_name` names."""
     from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
@@ -115,6 +136,7 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
 
         train = make_dataset(script_args.max_train_samples or 640, split="train")
         return train.select_columns(["prompt", "completion"]), None
+    refuse_empty_source(name, script_args.dataset_train_split)
     if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
         dataset = load_from_disk(name)  # a Dataset or DatasetDict written by `save_to_disk`
     elif name.rsplit(".", 1)[-1] in DATA_FILE_TYPES and os.path.isfile(name):

@@ -29,6 +29,7 @@ from jinja2.exceptions import TemplateError
 
 logger = logging.getLogger(__name__)
 
+EMPTY_DATASET_ERROR = "The {name} dataset is empty{where}: pass a dataset with at least one prompt."
 TEXT_DATASET_ERROR = (
     "The dataset has a `text` column but no `prompt` or `messages` column. On-policy distillation needs prompts for "
     "the student to complete. Convert it, e.g. `dataset.map(lambda x: {{'prompt': x['text'][:n]}})` for a prompt-only "
@@ -68,7 +69,7 @@ def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
 def check_columns(dataset: Dataset | IterableDataset, name: str = "train") -> None:
     """Raise a `ValueError` that names the fix when `dataset` is empty or has no prompt column."""
     if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one prompt.")
+        raise ValueError(EMPTY_DATASET_ERROR.format(name=name, where=""))
     columns = _column_names(dataset)
     if "prompt" in columns or "messages" in columns:
         return
