@@ -210,3 +210,88 @@ def test_empty_datasets_get_the_trainers_message(assets, tmp_path):
         )
     proc = _cli("cache-teacher", assets["teacher"], str(tmp_path / "empty.jsonl"), str(tmp_path / "cache"))
     assert _error_line(proc, "cache-teacher").startswith("The train dataset is empty (")
+
+
+# --------------------------------------------------------------------------------------------------- help text
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """Each flag's help entry (its lines joined), by its first spelling."""
+    entries, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            entries[name] = line
+        elif name and line.startswith("    "):
+            entries[name] += " " + line.strip()
+        else:
+            name = None
+    return entries
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_distill_help_puts_the_distillation_options_first_in_plain_text(capsys):
+    """It printed 1,081 lines, `--lmbda` at line 915 after ~600 lines of generic Trainer options, doc markup
+    ([`~trl_onpolicy.eval.LmEvalCallback`]) and "(default: torch's choice). (default: None)"."""
+    short = _help(["distill", "--help"], capsys)
+    lines = short.splitlines()
+    headings = [line for line in lines if line.endswith(":") and not line.startswith(" ")]
+    assert headings == ["options:", "data:", "distillation (OnPolicyDistillConfig):", "student model (trl.ModelConfig):",
+                        "training:"]  # fmt: skip
+    assert len(lines) < 350 and lines[-1].endswith("trl-onpolicy distill --help-all")
+    entries = _help_entries(short)
+    assert list(entries)[:3] == ["-h", "--help-all", "--config"]
+    for flag in ("--teacher_model_name_or_path", "--lmbda", "--loss_type", "--teacher_top_k", "--model_name_or_path",
+                 "--use_peft", "--max_steps", "--learning_rate", "--output_dir"):  # fmt: skip
+        assert flag in entries, flag
+    assert "--adam_beta1" not in entries and "--lora_dropout" not in entries  # in --help-all only
+    assert entries["--lmbda"].split() == ["--lmbda", "FLOAT", "Probability", "that", "the", "student", "writes", "the",
+                                          "completions.", "(default:", "1.0)"]  # fmt: skip
+    assert entries["--num_threads"].endswith("torch CPU threads (default: torch's choice).")
+    full = _help(["distill", "--help-all"], capsys)
+    every = _help_entries(full)
+    assert "--adam_beta1" in every and "--lora_dropout" in every and "--teacher_top_k" in every
+    for text in (short, full):
+        assert "`" not in text and "[~" not in text
+        assert all(entry.count("(default") <= 1 for entry in _help_entries(text).values())
+        assert "--teacher-top-k" not in text and "--no_bf16" not in text  # one spelling per flag
+
+
+@pytest.mark.parametrize("command, flag, default", [
+    ("quickstart", "--steps-per-round", "100"), ("eval", "--batch-size", "8"), ("serve-teacher", "--port", "8000"),
+    ("cache-teacher", "--top-k", "20"),
+])  # fmt: skip
+def test_subcommand_help_shows_each_default_once(command, flag, default, capsys):
+    text = _help([command, "--help"], capsys)
+    entries = _help_entries(text)
+    assert entries[flag].endswith(f"(default: {default})"), entries[flag]
+    assert all(entry.count("(default") <= 1 for entry in entries.values())
+    assert "(default: None)" not in text and "(default: False)" not in text and "`" not in text
+    if command == "eval":
+        assert "The tasks are the eval hook's\n(LmEvalCallback)" in text  # was [`~trl_onpolicy.eval.LmEvalCallback`]
+
+
+def test_plain_text_drops_doc_markup():
+    from trl_onpolicy.help_format import plain_text
+
+    assert plain_text("hook's ([`~trl_onpolicy.eval.LmEvalCallback`]), [`trl.ModelConfig`] and `lmbda`") == (
+        "hook's (LmEvalCallback), trl.ModelConfig and lmbda"
+    )
+    assert plain_text("see [the docs](https://example.org/x).") == "see the docs (https://example.org/x)."
+
+
+def test_a_misspelt_field_names_the_closest_one(tmp_path):
+    """TRL said "Please remove them, add them to the dataclass, or set `fail_with_unknown_args=False`"."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lmdba: 0.5\n")
+    proc = _cli("distill", "--config", str(recipe), "--max_stepz", "3")
+    assert _error_line(proc, "distill") == (
+        f"Unknown field `lmdba` in {recipe} (did you mean `lmbda`?); unknown field `max_stepz` on the command line "
+        "(did you mean `max_steps`?). See `trl-onpolicy distill --help-all` for every field."
+    )

@@ -20,6 +20,7 @@ import sys
 import traceback
 
 from . import __version__
+from .help_format import HelpFormatter
 
 EPILOG = """\
 examples:
@@ -70,7 +71,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f".{module_name}", __package__)
         sub = commands.add_parser(
-            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            name, help=help_text, description=module.__doc__, formatter_class=HelpFormatter
         )
         module.add_arguments(sub)
         sub.set_defaults(func=module.run)

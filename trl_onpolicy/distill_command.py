@@ -26,16 +26,16 @@ DDP/DeepSpeed and transformers' bitsandbytes loader places the model on the curr
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments
 
 from .config import OnPolicyDistillConfig
+from .distill_parser import DistillParser
 
 TOY = "toy"
 DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
@@ -68,29 +68,16 @@ class DistillScriptArguments(ScriptArguments):
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 USAGE_NOTE = """\
-Distill a teacher into a student. Every field below can also come from a YAML recipe:
-
-  --config recipe.yaml   read the fields from the file (examples/recipes/*.yaml); flags after it win
-
-Three groups of fields: the data (dataset_name, system_prompt, max_train_samples, eval_tasks, ...),
-OnPolicyDistillConfig (teacher_model_name_or_path, lmbda, loss_type, beta, max_completion_length, every
-Trainer and SFT setting, ...) and trl.ModelConfig (model_name_or_path, dtype, use_peft, lora_r, load_in_4bit, ...).
+Distill a teacher into a student. Every field is a flag (--field value) and can come from a YAML recipe
+(--config recipe.yaml; flags on the command line win). A switch takes true or false (--use_peft true).
+Below: the data, the distillation options, the student model's main options and the common training options.
 """
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
+def make_parser(prog: str | None = None) -> DistillParser:
     """The parser of the script's three argument groups; `parse_args_and_config()` reads `--config` first."""
-    return TrlParser(
-        (DistillScriptArguments, OnPolicyDistillConfig, ModelConfig),
-        prog=prog,
-        description=USAGE_NOTE,
-        formatter_class=_HelpFormatter,
-    )
+    return DistillParser(DistillScriptArguments, OnPolicyDistillConfig, prog=prog, description=USAGE_NOTE)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
