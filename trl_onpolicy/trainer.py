@@ -113,6 +113,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         **kwargs,
     ):
         args = self._as_config(args, model)
+        if args.accelerator_config.dispatch_batches:
+            logger.warning("`dispatch_batches` is set to False: batches are rows of text, which cannot be broadcast.")
+        args.accelerator_config.dispatch_batches = False  # else an iterable eval set's rows fail in accelerate
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a dataset of prompts for the student to complete.")
         check_columns(train_dataset, "train")
