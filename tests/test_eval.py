@@ -172,6 +172,49 @@ def test_peft_student(tokenizer, task_dir):
     assert model.training
 
 
+def test_generation_is_capped_to_a_short_context(tokenizer, task_dir, caplog):
+    """A student with max_position_embeddings=256 on the real gsm8k task (256 new tokens by default) failed with
+    "requested max tokens to generate (256) must be less than model's maximum sequence length (256)"; now its requests
+    generate at most half the context, with one warning per task however many evaluations."""
+    model = build_model(1, 32, tokenizer)
+    model.config.max_position_embeddings = 256
+    cb = LmEvalCallback(tasks=["gsm8k", "toy_gsm8k"], limit=1, task_dir=task_dir, toy_eval_size=20,
+                        batch_size=1)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="trl_onpolicy.eval_model"):
+        for _ in range(2):
+            out = cb.evaluate(model, tokenizer)
+            assert set(out["scores"]) == {"gsm8k", "toy_gsm8k"}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "trl_onpolicy.eval_model"]
+    assert warnings == [
+        "Task 'gsm8k' asks for up to 256 generated tokens but the model's maximum sequence length is 256: "
+        "generating at most 128 tokens (the prompt keeps its last 128). Scores can be lower than with a longer "
+        "context. To choose the length, set gen_kwargs={'max_gen_toks': N} on LmEvalCallback (trl-onpolicy eval "
+        "--max-gen-toks N) with N < 256."
+    ]  # toy_gsm8k asks for fewer tokens than the context holds: untouched
+    lm_eval_warnings = [r.getMessage() for r in caplog.records if r.name == "lm_eval.models.huggingface"]
+    assert any(m.startswith("Left truncation applied.") for m in lm_eval_warnings)  # lm-eval's others still show
+    assert not any("launch via accelerate" in m or "already-initialized model" in m for m in lm_eval_warnings)
+
+
+def test_short_context_generates_what_fits(tokenizer, task_dir):
+    """The capped requests really generate up to half the context: lm-eval gets `max_gen_toks=128`."""
+    from trl_onpolicy.eval_model import ContextCappedHFLM
+
+    model = build_model(1, 32, tokenizer)
+    model.config.max_position_embeddings = 256
+    lm = ContextCappedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    seen = []
+    lm._model_generate = lambda context, max_length, stop, **kwargs: seen.append(max_length - context.shape[1]) or (
+        torch.cat([context, context.new_full((context.shape[0], 1), tokenizer.eos_token_id)], dim=1)
+    )
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance("generate_until", {}, ("Q: 1+1?", {"until": ["\n"], "max_gen_toks": n}), 0, ("t", 0, 1))
+                for n in (300, 256, 255, 8)]  # fmt: skip
+    lm.generate_until(requests)
+    assert sorted(seen) == [8, 128, 128, 255]
+
+
 def test_failing_evaluation_does_not_stop_training(tokenizer, task_dir, tmp_path, caplog):
     class Broken(torch.nn.Module):
         def __init__(self):

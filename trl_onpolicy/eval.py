@@ -70,12 +70,15 @@ def unwrap_model(model, trainer=None):
     return getattr(model, "_orig_mod", model)
 
 
-def make_lm(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
-    """lm-eval's `HFLM` around an in-memory model (causal LM or PEFT model)."""
+def make_lm(model, tokenizer, batch_size: int = 8, max_length: int | None = None, warned: set[str] | None = None):
+    """lm-eval's `HFLM` around an in-memory model (causal LM or PEFT model), with generation capped to fit the
+    model's context (see [`~trl_onpolicy.eval_model.ContextCappedHFLM`]; `warned`: tasks already warned about)."""
     require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
+    from .eval_model import ContextCappedHFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return ContextCappedHFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, warned=warned
+    )
 
 
 @contextlib.contextmanager
@@ -239,6 +242,7 @@ class LmEvalCallback(DistillCallback, ExportableState):
         self._round = 0  # rounds finished so far
         self._prepared: PreparedTasks | None = None
         self._task_manager = None
+        self._warned: set[str] = set()  # tasks whose generation length was capped to the model's context
 
     # ------------------------------------------------------------------------------------------------ evaluating
 
@@ -273,8 +277,8 @@ class LmEvalCallback(DistillCallback, ExportableState):
         model.eval()
         try:
             with torch.no_grad():
-                return score_lm(make_lm(model, tokenizer, self.batch_size, self.max_length), prepared,
-                                self._task_manager, **kwargs)
+                lm = make_lm(model, tokenizer, self.batch_size, self.max_length, warned=self._warned)
+                return score_lm(lm, prepared, self._task_manager, **kwargs)
         finally:
             tokenizer.padding_side = padding_side
             model.train(was_training)
