@@ -2,6 +2,7 @@
 `eval` scores a saved model (full or LoRA adapters) on the offline toy tasks and writes the report."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def toy_models(tmp_path_factory):
 
 
 def _step_logs(printed: str) -> list[str]:
-    return [line for line in printed.splitlines() if line.startswith("{'loss'")]
+    return [line for line in printed.splitlines() if re.match(r"step \d+/\d+ \| loss ", line)]
 
 
 # --------------------------------------------------------------------------------------------------- help
@@ -110,7 +111,9 @@ def test_distill_from_a_recipe_with_overrides(assets, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert cli.main(["distill", "--config", str(path), "--max_steps", "2"]) == 0
-    assert _step_logs(capsys.readouterr().out)  # the Trainer printed training rows
+    printed = capsys.readouterr().out
+    assert [line.split(" | ")[0] for line in _step_logs(printed)] == ["step 1/2", "step 2/2"]  # one line per step
+    assert "{'loss'" not in printed and "'grad_norm'" not in printed  # not also the Trainer's dicts
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())  # the round-end checkpoint
     assert state["global_step"] == state["max_steps"] == 2
     assert (out / "model.safetensors").is_file()
@@ -294,4 +297,22 @@ def test_a_misspelt_field_names_the_closest_one(tmp_path):
     assert _error_line(proc, "distill") == (
         f"Unknown field `lmdba` in {recipe} (did you mean `lmbda`?); unknown field `max_stepz` on the command line "
         "(did you mean `max_steps`?). See `trl-onpolicy distill --help-all` for every field."
+    )
+
+
+def test_step_line_is_one_readable_line():
+    """The Trainer printed ~400-character dicts of quoted strings with no step number."""
+    from trl_onpolicy.step_log import format_step_line
+
+    logs = {"loss": 0.001655, "grad_norm": 0.008, "learning_rate": 2e-05, "completion_length": 8.0,
+            "truncated_fraction": 1.0, "loss_temperature": 1.0, "time/generation": 0.03355, "time/teacher": 0.001921,
+            "divergence": 0.001655, "student_entropy": 3.928, "teacher_entropy": 3.929, "time/update": 0.0129,
+            "tokens_per_second": 330.8, "nonfinite_skipped": 0.0, "epoch": 0.5}  # fmt: skip
+    assert format_step_line(logs, 10, 300) == (
+        "step 10/300 | loss 0.001655 | divergence 0.001655 | entropy student 3.928 teacher 3.929 | lr 2e-05 | "
+        "completions 8.0 tokens | 331 tokens/s | seconds: generation 0.034 teacher 0.002 update 0.013"
+    )
+    assert format_step_line({**logs, "nonfinite_skipped": 2.0}, 10, 300).endswith(" | nonfinite_skipped 2")
+    assert format_step_line({"eval/toy_mmlu/acc": 0.25, "eval/seconds": 1.5}, 10, 300) == (
+        "step 10/300 | eval/toy_mmlu/acc 0.25 | eval/seconds 1.5"
     )

@@ -2,7 +2,7 @@
 `accelerate launch`) on tiny local models; every recipe and accelerate config parses; the custom teacher backend and the
 custom generation callbacks do what their docstrings say."""
 
-import ast
+import re
 import dataclasses
 import importlib.util
 import math
@@ -49,7 +49,8 @@ def _run_script(monkeypatch, capsys, flags: list[str]) -> list[dict]:
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *flags])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     printed = capsys.readouterr().out.splitlines()
-    return [ast.literal_eval(line) for line in printed if line.startswith("{'loss'")]  # the Trainer's PrinterCallback
+    steps = [re.match(r"step (\d+)/\d+ \| loss (\S+) \|.* completions (\S+) tokens \|", line) for line in printed]
+    return [{"step": int(m[1]), "loss": float(m[2]), "completion_length": float(m[3])} for m in steps if m]
 
 
 def _changed(before: dict, after: dict) -> list[str]:
@@ -62,7 +63,7 @@ def _changed(before: dict, after: dict) -> list[str]:
 def test_script_full_finetuning_two_steps(assets, tmp_path, monkeypatch, capsys):
     out = tmp_path / "full"
     logs = _run_script(monkeypatch, capsys, train_flags(assets, out, dataset="jsonl"))
-    assert [round(float(h["epoch"]) * 4) for h in logs] == [1, 2]  # two steps of batch 2 over 8 rows
+    assert [h["step"] for h in logs] == [1, 2]
     assert all(float(h["loss"]) >= 0 and float(h["completion_length"]) > 0 for h in logs)
     before = load_file(os.path.join(assets["student"], "model.safetensors"))
     after = load_file(out / "model.safetensors")

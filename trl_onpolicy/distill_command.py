@@ -158,6 +158,7 @@ def main(
     import torch
     from trl import get_peft_config, get_quantization_config
 
+    from .step_log import use_step_lines
     from .trainer import OnPolicyDistillTrainer
 
     if script_args.num_threads:
@@ -216,6 +217,7 @@ def main(
         quantization_config=get_quantization_config(model_args) if isinstance(student, str) else None,
         peft_config=get_peft_config(model_args),
     )
+    use_step_lines(trainer)  # one readable line per logging step instead of the Trainer's dicts
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     from .config import OnPolicyDistillConfig
     from .eval import LmEvalCallback
     from .reports import format_table, write_report
+    from .step_log import use_step_lines
     from .trainer import OnPolicyDistillTrainer
 
     hf_logging.set_verbosity_error()
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=tokenizer,
         callbacks=[hook],
     )  # fmt: skip
+    use_step_lines(trainer)
     trainer.train()
 
     print("[4/4] Report")
