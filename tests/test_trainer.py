@@ -432,3 +432,24 @@ def test_rollouts_sample_from_the_whole_distribution_unless_top_k_is_set(tmp_pat
         assert distinct > 100  # ~128 expected; 50 at most if a hidden top-k applied
     else:
         assert distinct <= most
+
+
+def test_no_gradient_checkpointing_future_warning_at_checkpoint_saves(tmp_path):
+    """TRL's generation helper reads transformers' deprecated `is_gradient_checkpointing`; its FutureWarning printed
+    again after every checkpoint save (4 times in 4 steps with save_steps=1). Only that message is filtered. In a fresh
+    process with Python's default warning filters (pytest's configuration ignores FutureWarnings)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\nimport tiny_models as tm\n"
+        "trainer = tm.trainer(sys.argv[1], max_steps=3, save_strategy='steps', save_steps=1)\ntrainer.train()\n"
+        "warnings.warn('another FutureWarning', FutureWarning)\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300, check=True)  # fmt: skip
+    assert "is_gradient_checkpointing" not in proc.stderr
+    assert "FutureWarning: another FutureWarning" in proc.stderr

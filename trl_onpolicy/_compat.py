@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 
 import torch
 
@@ -29,6 +30,11 @@ except ImportError:  # pragma: no cover
     @contextlib.contextmanager
     def unwrap_model_for_generation(model, accelerator, **kwargs):
         yield accelerator.unwrap_model(model)
+
+# TRL 1.16's `unwrap_model_for_generation` reads transformers 5's deprecated `is_gradient_checkpointing` at every
+# generation; its FutureWarning is nothing a user can act on, and it printed again after every checkpoint save (saving
+# resets the warnings registry). That one message is ignored; every other warning is left as it is.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def is_peft_model(model) -> bool:
