@@ -34,3 +34,31 @@ def test_ci_runs_the_readme_test_command():
 def test_main_command_is_the_quickstart():
     args = build_parser("quickstart").parse_args(["quickstart", "--rounds", "2"])
     assert args.command == "quickstart" and args.rounds == 2
+
+
+def test_docs_name_the_real_cache_folder_and_its_variable(monkeypatch):
+    """examples/README.md named `~/.cache/trl-onpolicy`; the folder is `~/.cache/trl_onpolicy`."""
+    from trl_onpolicy.toy.recipe import cache_dir
+
+    monkeypatch.delenv("TRL_ONPOLICY_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert str(cache_dir()) == "/home/someone/.cache/trl_onpolicy"
+    monkeypatch.setenv("TRL_ONPOLICY_CACHE", "/data/cache")
+    assert str(cache_dir()) == "/data/cache"
+    for doc in ("README.md", "examples/README.md"):
+        text = (ROOT / doc).read_text()
+        assert "~/.cache/trl_onpolicy" in text and "TRL_ONPOLICY_CACHE" in text, doc
+        assert ".cache/trl-onpolicy" not in text, doc
+
+
+def test_every_example_output_folder_is_ignored_by_git():
+    """`toy-cpu-out/` and `custom-callback-out/` showed up as untracked files after running the examples."""
+    import subprocess
+
+    sources = [*ROOT.glob("examples/*.py"), *ROOT.glob("examples/recipes/*.yaml"), *ROOT.glob("trl_onpolicy/*.py")]
+    folders = {m for path in sources for m in re.findall(r"\b([a-z0-9][a-z0-9-]*-out)\b", path.read_text())}
+    assert {"toy-cpu-out", "custom-callback-out", "quickstart-out", "eval-out"} <= folders
+    for folder in sorted(folders):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x"], cwd=ROOT)
+        assert ignored.returncode == 0, f"{folder}/ is not in .gitignore"
