@@ -73,3 +73,38 @@ def test_build_report_accepts_numpy_scalars():
     report = build_report(history, {"t": np.float32(1)})
     json.dumps(report)
     assert report["rounds"][0]["scores"]["t"] == 0.5
+
+
+def _legend_and_axes(fig):
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    (ax,) = fig.axes
+    return fig.legends[0].get_window_extent(renderer), ax.get_window_extent(renderer), ax
+
+
+def test_plot_legend_sits_beside_the_lines_with_a_chance_line_per_level():
+    """The legend covered the teacher's line; there was no chance line (0.25 on four-choice tasks, 0 on generation)."""
+    from trl_onpolicy.reports import make_figure
+
+    legend, axes, ax = _legend_and_axes(make_figure(HISTORY, TEACHER))
+    assert legend.x0 >= axes.x1  # entirely to the right of the plotting area
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["chance (toy_mmlu)"].get_ydata()) == [0.25, 0.25]
+    assert list(lines["chance (toy_gsm8k)"].get_ydata()) == [0.0, 0.0]
+    assert list(lines["toy_mmlu (teacher)"].get_ydata()) == [TEACHER["toy_mmlu"]] * 2
+    several = make_figure([{"round": 0, "step": 0, "kind": "before", "scores": {"mmlu": 0.3, "toy_mmlu": 0.2}}], None)
+    labels = [line.get_label() for line in several.axes[0].get_lines()]
+    assert labels == ["mmlu", "toy_mmlu", "chance (mmlu, toy_mmlu)"]  # one line per chance level, naming its tasks
+
+
+def test_plot_x_axis_is_the_tables_step():
+    """`eval` of one saved model drew "round 1" where its table said step 0: the x axis is the step of each row."""
+    from trl_onpolicy.reports import make_figure
+
+    one = [{"round": 1, "label": "student, out", "step": 0, "kind": "round", "scores": {"toy_gsm8k": 0.2}}]
+    (ax,) = make_figure(one, None).axes
+    assert [line.get_xydata().tolist() for line in ax.get_lines() if line.get_label() == "toy_gsm8k"] == [[[0, 0.2]]]
+    assert list(ax.get_xticks()) == [0] and ax.get_xlabel() == "optimizer step"
+    (ax,) = make_figure(HISTORY, TEACHER).axes
+    assert list(ax.get_xticks()) == [0, 10, 20, 30] and ax.get_xlabel() == "optimizer step (0 = before training)"
+    assert [x for x, _ in ax.get_lines()[0].get_xydata()] == [0, 10, 30]  # the failed round 2 has no point

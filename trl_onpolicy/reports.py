@@ -15,6 +15,8 @@ import math
 import os
 from typing import Any
 
+from .tasks import chance_level
+
 
 def _rows(history: list[dict]) -> list[dict]:
     return [e for e in history if e.get("kind", "round") != "step"]
@@ -72,33 +74,47 @@ def format_table(history: list[dict], teacher_scores: dict[str, float] | None = 
     return "\n".join(lines) + "\n"
 
 
-def plot_scores(history: list[dict], teacher_scores: dict[str, float] | None, path: str) -> str:
-    """Score per round for every task (solid, with markers) and the teacher's score (dashed, same colour)."""
+def make_figure(history: list[dict], teacher_scores: dict[str, float] | None):
+    """The plot of [`plot_scores`] as a matplotlib `Figure` (Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows, teacher = _rows(history), teacher_scores or {}
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    tasks = _tasks(rows, teacher)
+    fig = Figure(figsize=(8.0, 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # Agg without pyplot: leaves the user's matplotlib backend alone
     ax = fig.add_subplot(1, 1, 1)
-    for i, task in enumerate(_tasks(rows, teacher)):
+    for i, task in enumerate(tasks):
         color = f"C{i % 10}"
-        points = [(r["round"], r["scores"][task]) for r in rows if task in (r.get("scores") or {})]
+        points = [(r["step"], r["scores"][task]) for r in rows if task in (r.get("scores") or {})]
         if points:
             ax.plot(*zip(*points), marker="o", color=color, label=task)
         if task in teacher:
             ax.axhline(teacher[task], color=color, linestyle="--", linewidth=1, label=f"{task} (teacher)")
-    ax.set_xlabel("round (0 = before training)")
+    chances: dict[float, list[str]] = {}
+    for task in tasks:
+        if chance_level(task) is not None:
+            chances.setdefault(chance_level(task), []).append(task)
+    for level, names in sorted(chances.items()):
+        ax.axhline(level, color="0.45", linestyle=":", linewidth=1.2, label=f"chance ({', '.join(names)})")
+    before = any(r.get("kind") == "before" for r in rows)
+    ax.set_xlabel("optimizer step (0 = before training)" if before else "optimizer step")
     ax.set_ylabel("score")
     ax.set_ylim(-0.02, 1.02)
     if rows:
-        ax.set_xticks(sorted({r["round"] for r in rows}))
+        ax.set_xticks(sorted({r["step"] for r in rows}))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
+        fig.legend(fontsize=8, loc="outside right upper")  # beside the axes: it never covers a line
     ax.set_title("Student score per round of on-policy distillation")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    return fig
+
+
+def plot_scores(history: list[dict], teacher_scores: dict[str, float] | None, path: str) -> str:
+    """Score per evaluated step for every task (solid, with markers), the teacher's score (dashed, same colour) and
+    the chance level (dotted grey; 0.25 for four-choice tasks, 0 for generation), with the legend beside the plot.
+    The x axis is the optimizer step, as in the table."""
+    make_figure(history, teacher_scores).savefig(path, format="png")
     return path
 
 

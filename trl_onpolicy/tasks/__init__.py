@@ -51,6 +51,8 @@ PRIMARY_METRICS = {
     "mmlu": "acc,none",
     "humaneval": "pass@1,create_test",
 }
+# What guessing scores (the chance line of the plot): 1/4 on four-choice questions, nothing on open generation.
+CHANCE_LEVELS = {"toy_gsm8k": 0.0, "toy_mmlu": 0.25, "gsm8k": 0.0, "mmlu": 0.25, "humaneval": 0.0}
 _METRIC_PREFERENCE = ("acc,none", "exact_match,strict-match", "exact_match,none", "pass@1,create_test", "pass@1,none")
 MMLU_DATA_VERSION = "1"
 
@@ -74,6 +76,13 @@ def packaged_data_file(benchmark: str) -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / relpath
     return path if path.is_file() else None
+
+
+def chance_level(task: str) -> float | None:
+    """The score of random guessing on `task` (MMLU's subjects included), or None when unknown."""
+    if task in CHANCE_LEVELS:
+        return CHANCE_LEVELS[task]
+    return CHANCE_LEVELS["mmlu"] if task.startswith("mmlu_") else None
 
 
 def primary_metric(task: str, task_results: dict) -> str | None:
