@@ -6,6 +6,7 @@ Tiny models from `tiny_models.py`; a cache of 8 rows builds in milliseconds.
 import gc
 import json
 import os
+import re
 import weakref
 
 import pytest
@@ -170,6 +171,36 @@ def test_a_cache_object_is_checked_against_the_config(tmp_path):
     cache = build(tmp_path, tm.model(tok, seed=1), tok)
     with pytest.raises(CacheError, match="lmbda=0.0"):
         tm.trainer(tmp_path / "out", teacher=cache, tok=tok, lmbda=1.0)
+
+
+def test_rows_cut_otherwise_than_the_cache_are_refused_when_the_trainer_is_built(tmp_path):
+    """A cache built with max_completion_length=8 and a run with 4 failed only at the first step; now the trainer's
+    construction fails, naming both lengths and both fixes (2 rows, with completions of 4 tokens or fewer, are cut alike
+    and found). Rows from another dataset are refused the same way."""
+    from trl_onpolicy import OnPolicyDistillTrainer
+
+    tok = tm.tokenizer()
+    build(tmp_path, tm.model(tok, seed=1), tok)
+    cache = str(tmp_path / "cache")
+
+    def trainer(dataset, **overrides):
+        args = tm.config(tmp_path / "out", teacher_model_name_or_path=cache, lmbda=0.0, **overrides)
+        return OnPolicyDistillTrainer(tm.model(tok), args=args, train_dataset=dataset, processing_class=tok)
+
+    message = (
+        f"6 of 8 training rows (row 1 first) are not in the teacher cache at {cache}: it was built with "
+        "max_prompt_length=56 and max_completion_length=8, but this run cuts rows at max_prompt_length=60 "
+        "(`max_length - max_completion_length`) and max_completion_length=4. Train with the cache's lengths "
+        "(`max_length=64`, `max_completion_length=8`), or rebuild the cache with this run's (`trl-onpolicy "
+        "cache-teacher ... --max-length 64 --max-completion-length 4 --overwrite`)."
+    )
+    with pytest.raises(CacheError, match=f"^{re.escape(message)}$"):
+        trainer(tm.dataset(), max_completion_length=4)
+    other = tm.dataset().map(lambda row: {"completion": "~" + row["completion"]})
+    with pytest.raises(CacheError, match=r"^8 of 8 training rows \(row 0 first\) are not in the teacher cache at .*: "
+                                         r"it was built from other rows"):
+        trainer(other)
+    assert isinstance(trainer(tm.dataset()).teacher, TeacherCache)  # the rows it was built from: accepted
 
 
 # ------------------------------------------------------------------------------------------ refused

@@ -44,7 +44,8 @@ from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
 from .teachers import (
-    EnsembleTeacher, LocalTeacher, build_teacher, load_teacher_model, local_models, micro_batch_rows,
+    EnsembleTeacher, LocalTeacher, build_teacher, check_cached_rows, load_teacher_model, local_models,
+    micro_batch_rows,
 )  # fmt: skip
 from .teachers.ensemble import per_teacher_metrics
 from .temperature import LossTemperature, grad_scale
@@ -142,6 +143,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         quantized.keep_trainable(student)  # before any forward (see quantized.py)
         merge.check_merge(self, student)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
+        check_cached_rows(self.teacher, self.train_dataset, args)
         self.teacher.to(self.accelerator.device)
         if isinstance(self.teacher, EnsembleTeacher):
             self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))

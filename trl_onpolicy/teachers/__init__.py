@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
@@ -28,6 +29,7 @@ __all__ = [
     "TeacherServerError",
     "build_teacher",
     "build_teacher_cache",
+    "check_cached_rows",
     "compared_vocab_size",
     "local_models",
     "micro_batch_rows",
@@ -127,6 +129,13 @@ def _one_teacher(spec, args, tokenizer, chunk_size: int) -> Teacher:
         "A teacher must be a model id or path, a server URL, a teacher-cache folder, a `PreTrainedModel`, or a "
         f"`trl_onpolicy.teachers.Teacher`, got {type(spec).__name__}."
     )
+
+
+def check_cached_rows(teacher: Teacher, dataset, args) -> None:
+    """A teacher cache must hold every row of a map-style training set, as this run cuts them (see
+    [`TeacherCache.check_rows`]); checked when the trainer is built, not at the first step that misses one."""
+    if isinstance(teacher, TeacherCache) and isinstance(dataset, Dataset):
+        teacher.check_rows(dataset, args)
 
 
 def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int]:

@@ -517,6 +517,34 @@ class TeacherCache(Teacher):
             f"and max_completion_length={m.get('max_completion_length')}."
         )
 
+    def check_rows(self, dataset, args) -> None:
+        """
+        Refuse, when the trainer is built, a training set whose rows (cut as this run cuts them) are not all in the
+        cache: each would fail at the first step that draws it. Names the lengths the cache was built with when the
+        run's differ (the usual cause), and the two fixes.
+        """
+        rows = zip(dataset["prompt_ids"], dataset["completion_ids"])
+        missing = [i for i, (p, c) in enumerate(rows) if len(c) and row_key(p, c) not in self._index]
+        if not missing:
+            return
+        where = f"{len(missing)} of {len(dataset)} training rows (row {missing[0]} first) are not in the teacher cache "
+        built = (self.manifest.get("max_prompt_length"), self.manifest.get("max_completion_length"))
+        run = (args.max_prompt_length, args.max_completion_length)
+        if built == run:
+            raise CacheError(
+                f"{where}at {self.path}: it was built from other rows (another dataset or split, or another chat "
+                "template). Rebuild it from this training set with `trl-onpolicy cache-teacher` or "
+                "`build_teacher_cache(..., overwrite=True)`."
+            )
+        cache_max_length = None if None in built else built[0] + built[1]
+        raise CacheError(
+            f"{where}at {self.path}: it was built with max_prompt_length={built[0]} and max_completion_length="
+            f"{built[1]}, but this run cuts rows at max_prompt_length={run[0]} (`max_length - max_completion_length`) "
+            f"and max_completion_length={run[1]}. Train with the cache's lengths (`max_length={cache_max_length}`, "
+            f"`max_completion_length={built[1]}`), or rebuild the cache with this run's (`trl-onpolicy cache-teacher "
+            f"... --max-length {args.max_length} --max-completion-length {run[1]} --overwrite`)."
+        )
+
     # -------------------------------------------------------------- scoring
     def score(self, batch, *, temperature=1.0, top_k=None, need="full", hidden_layers=None) -> TeacherScores:
         """Top-k form (`need="full"`) or token form (`need="token"`) of the cached scores of `batch`'s rows."""
