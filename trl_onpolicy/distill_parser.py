@@ -96,9 +96,10 @@ class DistillParser(TrlParser):
     def print_help(self, file=None, show_all: bool = False):
         self._print_message(self.format_help(show_all=show_all), sys.stdout if file is None else file)
 
-    def parse_args_and_config(self, args=None, **kwargs):
+    def parse_args_and_config(self, args=None):
         """TRL's parsing; an unknown field (recipe or flag) raises a `ValueError` naming the closest known field."""
         args = list(sys.argv[1:] if args is None else args)
+        args = [part for a in args for part in (a.split("=", 1) if a.startswith("--config=") else [a])]  # TRL: 2 words
         recipe = args[args.index("--config") + 1] if "--config" in args[:-1] else "the --config file"
         *groups, from_config, from_flags = super().parse_args_and_config(
             args, return_remaining_strings=True, separate_remaining_strings=True
