@@ -37,6 +37,7 @@ from . import checkpoints, hidden_states, model_card
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
+from .launchers import call_with_whole_head
 from .loss import LossSums, distillation_loss, linear_head, output_logits
 from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats
@@ -132,7 +133,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._check_completion_sources(train_dataset)
         student = self.accelerator.unwrap_model(self.model)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
-        self.teacher.to(self.accelerator.device)
+        self.teacher.prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
         if isinstance(self.teacher, EnsembleTeacher):
             self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
@@ -220,7 +221,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if args.reference_model_name_or_path is None:
             return None
         reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer)
-        return LocalTeacher(reference.to(self.accelerator.device), vocab_size=self.vocab_size)
+        return LocalTeacher(reference, vocab_size=self.vocab_size).prepare(self.accelerator)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if formatting_func is not None:
@@ -370,9 +371,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         hidden = out.hidden_states[-1][:, -n_completion - 1 : -1]  # (B, C, H)
         mask = inputs["completion_mask"].bool()  # (B, C)
         teacher = inputs["teacher"].flatten(mask)
-        sums = distillation_loss(
-            hidden[mask],  # (N, H)
-            linear_head(causal_lm) or (lambda h: output_logits(causal_lm, h)),
+        sums = call_with_whole_head(causal_lm, lambda h: distillation_loss(  # a sharded head gathered once
+            h,  # (N, H)
+            linear_head(causal_lm) or (lambda x: output_logits(causal_lm, x)),
             teacher,
             inputs["completion_ids"][mask],  # (N,)
             loss_type=self.args.loss_type,
@@ -387,7 +388,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             chunk_size=self.args.loss_chunk_size,
             head_params=[p for p in causal_lm.get_output_embeddings().parameters() if p.requires_grad],
             vocab_tile=self.args.loss_vocab_tile,
-        )
+        ), hidden[mask])
         if self.hidden_pairs:
             term, sums.hidden_distance = hidden_states.matching_term(
                 out.hidden_states, mask, teacher.layer_hidden, self.hidden_pairs, student, self.args, num_items

@@ -8,6 +8,7 @@ import os
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
+from ..frozen_models import vocab_size
 from ..loss import CHUNK_SIZE
 from .base import Teacher, TeacherScores
 from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
@@ -130,7 +131,7 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
         )
     else:
         teacher = _one_teacher(teacher_model, args, tokenizer, chunk_size)
-    student_vocab = student.get_output_embeddings().weight.shape[0]
+    student_vocab = vocab_size(student)  # from the config: a ZeRO-3 partitioned weight reads shape (0,)
     members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
     vocab = min(compared_vocab_size(student_vocab, t.vocab_size, len(tokenizer)) for t in members)
     for member in members:

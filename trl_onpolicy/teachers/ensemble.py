@@ -75,6 +75,11 @@ class EnsembleTeacher(Teacher):
             teacher.to(device)
         return self
 
+    def prepare(self, accelerator) -> EnsembleTeacher:
+        for teacher in self.teachers.values():
+            teacher.prepare(accelerator)
+        return self
+
     def describe(self) -> str:
         how = {"route": f"each row routed by its `{self.routing_column}` column", "weighted": "weighted mixture per "
                f"token ({', '.join(f'{n}: {w:g}' for n, w in zip(self.names, self.weights or []))})",

@@ -7,7 +7,9 @@ import contextlib
 import torch
 
 from .._compat import is_peft_model
-from ..loss import linear_head, output_logits
+from ..frozen_models import base_model_outputs, frozen_head, place_frozen_model, vocab_size
+from ..launchers import has_sharded_parameters
+from ..loss import output_logits
 from ..rollouts import position_kwargs, sample
 from .base import Teacher, TeacherScores
 
@@ -34,13 +36,22 @@ class LocalTeacher(Teacher):
         self.disable_adapters = disable_adapters
         self.compare_vocab = vocab_size
         self.chunk_size = chunk_size
+        self.sharded = False  # set by `prepare`: a forward pass is then a collective
         if not disable_adapters:
             model.eval()
             model.requires_grad_(False)
 
     @property
     def vocab_size(self) -> int | None:
-        return self.model.get_output_embeddings().weight.shape[0]
+        return vocab_size(self.model)
+
+    def prepare(self, accelerator) -> LocalTeacher:
+        """Place the model for the launcher (sharded under FSDP2 and ZeRO-3, see [`~trl_onpolicy.frozen_models`]);
+        the student's own base network (`disable_adapters`) is where the student is."""
+        if not self.disable_adapters:
+            self.model = place_frozen_model(self.model, accelerator)
+        self.sharded = has_sharded_parameters(self.model)
+        return self
 
     def _context(self):
         if self.disable_adapters and is_peft_model(self.model):
@@ -62,9 +73,12 @@ class LocalTeacher(Teacher):
         lm.eval()
         n_completion = batch["completion_ids"].shape[1]
         positions = slice(-n_completion - 1, -1)
+        # a sharded model's weights are gathered into tensors that must outlive inference mode
+        no_grad = torch.no_grad() if self.sharded else torch.inference_mode()
         try:
-            with self._context(), torch.inference_mode():
-                out = lm.base_model(
+            with self._context(), no_grad:
+                out = base_model_outputs(
+                    lm,
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     **position_kwargs(lm.base_model, batch["attention_mask"]),
@@ -105,7 +119,7 @@ class LocalTeacher(Teacher):
             with self._context(), torch.no_grad():
                 return output_logits(lm, h)
 
-        head = linear_head(lm, detach=True) or head  # a plain linear head: the loss walks it tile by tile
+        head = frozen_head(lm) or head  # a plain linear head: the loss walks it tile by tile
 
         scores = TeacherScores(
             temperature, hidden=hidden, head=head, vocab_size=self.compare_vocab, layer_hidden=layer_hidden

@@ -1,0 +1,222 @@
+"""The teacher and the reference model: frozen models, placed the way the launcher places the student.
+
+[`place_frozen_model`] puts a frozen model (evaluation mode, `requires_grad=False`, in no optimizer) where the launcher
+(see [`~trl_onpolicy.launchers`]) puts the student's weights:
+
+| launcher | frozen model |
+| --- | --- |
+| one process, DDP, FSDP1, ZeRO-1/2 | whole on every device (refused up front when it is larger than one GPU) |
+| FSDP2 | sharded with `fully_shard` (one unit per decoder layer, then the rest), in its own dtype |
+| ZeRO-3 | partitioned by a DeepSpeed inference engine (ZeRO-3, no optimizer; `offload_param` as configured) |
+
+Loading on the meta device: with `fsdp_cpu_ram_efficient_loading`, `from_pretrained` gives the weights to the main
+process only (the others hold `meta` tensors); they are broadcast from it here, then sharded (FSDP2) or kept whole.
+Under ZeRO-3, `from_pretrained` already partitions a model it loads (`zero.Init`), and the engine takes it as it is.
+
+A sharded frozen model's forward pass is a collective. Callers keep the count equal on every process (see
+[`~trl_onpolicy.teachers.LocalTeacher`]), and read the vocabulary size from the config ([`vocab_size`]), since a
+partitioned weight reads `shape == (0,)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ._compat import DTensor, fully_shard
+from .fused_divergence import LinearHead
+from .launchers import FSDP2, ZERO3, any_process, is_fsdp_module_of, launcher
+from .loss import linear_head, logit_multiplier
+
+logger = logging.getLogger(__name__)
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's output head, from its config (a ZeRO-3 partitioned weight reads `shape == (0,)`)."""
+    return int(model.config.get_text_config().vocab_size)
+
+
+def place_frozen_model(model, accelerator):
+    """`model` frozen and placed for the launcher of `accelerator` (see the module docstring). Returns the model."""
+    model.eval()
+    model.requires_grad_(False)
+    kind = launcher(accelerator)
+    if kind == ZERO3:
+        return _zero3_engine(model, accelerator)
+    if any_process(accelerator, any(t.is_meta for t in model.state_dict().values())):
+        _load_from_main(model, accelerator, shard=kind == FSDP2)
+    elif kind == FSDP2:
+        _fully_shard(model, accelerator)
+    if kind != FSDP2:
+        check_fits(model_bytes(model), device_memory(accelerator.device), kind)
+        model.to(accelerator.device)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- replicated
+def model_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (whole, as a replicated copy holds them)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def device_memory(device) -> int | None:
+    """Total memory of a GPU, None for other devices (nothing to compare against)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def check_fits(needed: int, available: int | None, kind: str) -> None:
+    """Refuse a replicated frozen model larger than one device, naming the launchers that shard it."""
+    if available is None or needed <= available:
+        return
+    launched = {"zero": "DeepSpeed ZeRO-1/2 replicates", "fsdp1": "FSDP1 keeps", "ddp": "DDP replicates"}
+    how = launched.get(kind, "a single process holds")
+    raise ValueError(
+        f"The teacher (or reference model) needs {needed / 2**30:.1f} GiB and one device has {available / 2**30:.1f} "
+        f"GiB, and {how} it whole on every device. Launch with DeepSpeed ZeRO-3 "
+        "(examples/accelerate_configs/zero3.yaml) or FSDP2 (fsdp2.yaml), which shard it, or serve the teacher on its "
+        "own machines (`trl-onpolicy serve-teacher`, or vLLM) and pass its URL as `teacher_model`."
+    )
+
+
+def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
+    """The non-persistent buffers (rotary frequencies...): not in the state dict, computed on every process."""
+    names = {f"{m}.{b}" if m else b for m, module in model.named_modules() for b in module._non_persistent_buffers_set}
+    return {name: buf.clone() for name, buf in model.named_buffers() if name in names and not buf.is_meta}
+
+
+def _restore_buffers(model, buffers: dict[str, torch.Tensor], device) -> None:
+    for name, buf in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attr, buf.to(device), persistent=False)
+
+
+def _load_from_main(model, accelerator, shard: bool) -> None:
+    """The main process's weights on every process: broadcast into the others' meta tensors (then sharded)."""
+    import torch.distributed as dist
+
+    if accelerator.is_main_process and any(t.is_meta for t in model.state_dict().values()):
+        raise ValueError("The main process holds the teacher on the meta device: there are no weights to broadcast.")
+    buffers, full = _non_persistent_buffers(model), model.state_dict()
+    if shard:
+        from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+
+        model.to(torch.device("meta"))
+        _fully_shard(model, accelerator)
+        fsdp2_load_full_state_dict(accelerator, model, full)
+    else:
+        loaded = {}
+        for name, tensor in full.items():
+            local = tensor.to(accelerator.device) if accelerator.is_main_process else torch.empty(
+                tensor.shape, dtype=tensor.dtype, device=accelerator.device
+            )  # fmt: skip
+            dist.broadcast(local, src=0)
+            loaded[name] = local
+        model.load_state_dict(loaded, assign=True)
+    _restore_buffers(model, buffers, accelerator.device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------------- FSDP2
+def _fully_shard(model, accelerator) -> None:
+    """One FSDP2 unit per decoder layer (the model's `_no_split_modules`), then the root: every unit reshards after its
+    forward pass (no backward pass follows). No mixed-precision policy: the model computes in its own dtype."""
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    kwargs = {"reshard_after_forward": True, "offload_policy": plugin.cpu_offload}
+    if mesh is not None:
+        kwargs["mesh"] = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in reversed(list(model.modules())[1:]):  # inner units before the ones that hold them
+        if type(module).__name__ in layer_names:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    model._is_fsdp_managed_module = True  # transformers' `generate` then syncs the processes (`synced_gpus`)
+
+
+# ------------------------------------------------------------------------------------------------------ ZeRO-3
+def _zero3_engine(model, accelerator):
+    """A DeepSpeed ZeRO-3 inference engine around `model` (partitioned now if `zero.Init` did not already); the
+    student's config without its optimizer, scheduler and optimizer offload. Returns the engine's module."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler", "gradient_clipping", "train_batch_size"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"] = 1, 1
+    engine, *_ = deepspeed.initialize(model=model, config=_without_auto(config))
+    engine.module.eval()
+    engine.module.__dict__["_deepspeed_engine"] = engine  # kept alive with the model, not registered as a submodule
+    return engine.module
+
+
+def _without_auto(config):
+    """The config without the `"auto"` values the Trainer fills in only when it prepares the student."""
+    if isinstance(config, dict):
+        return {k: _without_auto(v) for k, v in config.items() if v != "auto"}
+    return config
+
+
+# ------------------------------------------------------------------------------------------------------- calls
+def base_model_outputs(lm, **kwargs):
+    """
+    `lm.base_model(**kwargs)` (the final hidden states, without the head). An FSDP2-sharded model runs through its own
+    forward instead, whose root unit gathers the weights the inner model uses (the embeddings, the final norm), and
+    the inner model's output is caught with a hook; the head then projects one position per row only.
+    """
+    if DTensor is None or not any(isinstance(p, DTensor) for p in lm.parameters()):
+        return lm.base_model(**kwargs)
+    caught = []
+    handle = lm.base_model.register_forward_hook(lambda module, args, output: caught.append(output))
+    try:
+        lm(**kwargs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return caught[0]
+
+
+# ------------------------------------------------------------------------------------------------------- heads
+def frozen_head(model):
+    """
+    The output head of a frozen model as the loss calls it, `(n, H)` -> `(n, V)` logits. A whole plain linear head
+    is a [`~trl_onpolicy.fused_divergence.LinearHead`] over its weights; a sharded one is gathered once here (a
+    collective) into a copy that lives as long as the scores; any other head is its module, called per chunk.
+    """
+    head = linear_head(model, detach=True)
+    if head is not None:
+        return head
+    module = model.get_output_embeddings()
+    params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+    if not (any(hasattr(p, "ds_id") for p in params) or (DTensor is not None and isinstance(params[0], DTensor))):
+        return None  # a whole head that is not plain linear: the caller projects through the module
+    if not is_fsdp_module_of(module, torch.nn.Linear):
+        raise ValueError(
+            f"The teacher's output head is a sharded {type(module).__name__}, which the loss cannot gather; a sharded "
+            "teacher needs a plain linear head. Serve the teacher instead (`trl-onpolicy serve-teacher`)."
+        )
+    weight, bias = _gathered_copies(params)
+    config = model.config.get_text_config()
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return LinearHead(weight, bias, logit_multiplier(config))
+    scale = logit_multiplier(config)
+    return lambda h: torch.tanh(F.linear(h, weight, bias) * scale / cap) * cap  # (n, V)
+
+
+def _gathered_copies(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if DTensor is not None and isinstance(params[0], DTensor):
+        copies = [p.detach().full_tensor() for p in params]
+    else:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            copies = [p.detach().clone() for p in params]
+    return copies[0], copies[1] if len(copies) > 1 else None
