@@ -251,10 +251,12 @@ class LmEvalCallback(DistillCallback, ExportableState):
 
     # ------------------------------------------------------------------------------------------------ evaluating
 
-    def prepare(self, output_dir: str | None = None) -> PreparedTasks:
-        """Write the run-time task files (once) and build the task index (once)."""
+    def prepare(self, output_dir: str | None = None, process_index: int = 0) -> PreparedTasks:
+        """Write the run-time task files (once) and build the task index (once); a process other than the main one
+        (several evaluate a sharded student) writes its own copy in a `process-<index>` subfolder."""
         if self._prepared is None:
             task_dir = self.task_dir or os.path.join(output_dir or ".", "lm_eval_tasks")
+            task_dir = os.path.join(task_dir, f"process-{process_index}") if process_index else task_dir
             self._prepared = prepare_tasks(
                 self.tasks, task_dir, include_path=self.include_path, local_data=self.local_data,
                 toy_eval_size=self.toy_eval_size, toy_seed=self.toy_seed,
@@ -264,7 +266,7 @@ class LmEvalCallback(DistillCallback, ExportableState):
 
     def evaluate(self, model=None, tokenizer=None, lm=None, output_dir: str | None = None, trainer=None) -> dict:
         """Score `model` (or any lm-eval `LM` given as `lm`) now; raises on failure. Restores training mode."""
-        prepared = self.prepare(output_dir)
+        prepared = self.prepare(output_dir, getattr(getattr(trainer, "args", None), "process_index", 0))
         kwargs = {
             "limit": self.limit, "num_fewshot": self.num_fewshot, "apply_chat_template": self.apply_chat_template,
             "confirm_run_unsafe_code": self.confirm_run_unsafe_code, "gen_kwargs": self.gen_kwargs, "seed": self.seed,
@@ -306,13 +308,9 @@ class LmEvalCallback(DistillCallback, ExportableState):
         entry = {"round": round_index, "step": state.global_step, "kind": kind}
         start = time.perf_counter()
         logs = {}
-        # every process that evaluates writes its own copy of the run-time task files
-        output_dir = args.output_dir if args.process_index == 0 else os.path.join(
-            args.output_dir, f"process-{args.process_index}"
-        )  # fmt: skip
         try:
             out = self.evaluate(kwargs.get("model"), kwargs.get("processing_class") or kwargs.get("tokenizer"),
-                                output_dir=output_dir, trainer=trainer)
+                                output_dir=args.output_dir, trainer=trainer)
         except Exception as e:  # a failed evaluation must not lose the training run
             logger.exception(  # the message names the task and the exception; the traceback follows
                 "lm-eval evaluation of tasks %s failed at step %d (round %d), training continues: %s: %s",

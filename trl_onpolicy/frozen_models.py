@@ -9,8 +9,9 @@
 | FSDP2 | sharded with `fully_shard` (one unit per decoder layer, then the rest), in its own dtype |
 | ZeRO-3 | partitioned by a DeepSpeed inference engine (ZeRO-3, no optimizer; `offload_param` as configured) |
 
-Loading on the meta device: with `fsdp_cpu_ram_efficient_loading`, `from_pretrained` gives the weights to the main
-process only (the others hold `meta` tensors); they are broadcast from it here, then sharded (FSDP2) or kept whole.
+Loading on the meta device: with `fsdp_cpu_ram_efficient_loading`, [`load_frozen_model`] reads the weights on the
+main process only (the others hold `meta` tensors), and [`place_frozen_model`] broadcasts them from it, then shards
+them (FSDP2) or keeps them whole (FSDP1).
 Under ZeRO-3, `from_pretrained` already partitions a model it loads (`zero.Init`), and the engine takes it as it is.
 
 A sharded frozen model's forward pass is a collective. Callers keep the count equal on every process (see
@@ -37,6 +38,39 @@ logger = logging.getLogger(__name__)
 def vocab_size(model) -> int:
     """Rows of the model's output head, from its config (a ZeRO-3 partitioned weight reads `shape == (0,)`)."""
     return int(model.config.get_text_config().vocab_size)
+
+
+def load_frozen_model(path: str, **init_kwargs):
+    """
+    `AutoModelForCausalLM.from_pretrained(path, **init_kwargs)`, except under FSDP with `cpu_ram_efficient_loading`
+    (examples/accelerate_configs/fsdp2.yaml): there the main process alone reads the weights and the others build the
+    model on the meta device, as accelerate does for the student (transformers 5 reads them on every process: as many
+    copies in host RAM at once as there are processes); [`place_frozen_model`] then broadcasts them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not _loads_on_meta():
+        return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
+    trust = init_kwargs.get("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(path, revision=init_kwargs.get("revision"), trust_remote_code=trust)
+    dtype = init_kwargs.get("dtype", init_kwargs.get("torch_dtype"))
+    kwargs = {"trust_remote_code": trust, "dtype": getattr(config, "dtype", None) if dtype == "auto" else dtype}
+    if "attn_implementation" in init_kwargs:
+        kwargs["attn_implementation"] = init_kwargs["attn_implementation"]
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _loads_on_meta() -> bool:
+    """This process is not the main one of an FSDP run with `cpu_ram_efficient_loading`."""
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:
+        return False
+    state = AcceleratorState()
+    plugin = getattr(state, "fsdp_plugin", None)
+    ram_efficient = plugin is not None and bool(getattr(plugin, "cpu_ram_efficient_loading", False))
+    return ram_efficient and state.num_processes > 1 and not state.is_main_process
 
 
 def place_frozen_model(model, accelerator):
@@ -84,25 +118,35 @@ def check_fits(needed: int, available: int | None, kind: str) -> None:
     )
 
 
-def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
-    """The non-persistent buffers (rotary frequencies...): not in the state dict, computed on every process."""
+def _broadcast(tensor: torch.Tensor, accelerator) -> torch.Tensor:
+    """The main process's `tensor` on every process (the others' may be on the meta device)."""
+    import torch.distributed as dist
+
+    local = tensor.to(accelerator.device) if accelerator.is_main_process else torch.empty(
+        tensor.shape, dtype=tensor.dtype, device=accelerator.device
+    )  # fmt: skip
+    dist.broadcast(local, src=0)
+    return local
+
+
+def _non_persistent_buffers(model, accelerator) -> dict[str, torch.Tensor]:
+    """The main process's non-persistent buffers (rotary frequencies...): computed in `__init__`, not in the state
+    dict, so neither loaded nor broadcast with it."""
     names = {f"{m}.{b}" if m else b for m, module in model.named_modules() for b in module._non_persistent_buffers_set}
-    return {name: buf.clone() for name, buf in model.named_buffers() if name in names and not buf.is_meta}
+    return {name: _broadcast(buf, accelerator) for name, buf in model.named_buffers() if name in names}
 
 
-def _restore_buffers(model, buffers: dict[str, torch.Tensor], device) -> None:
+def _restore_buffers(model, buffers: dict[str, torch.Tensor]) -> None:
     for name, buf in buffers.items():
         owner, _, attr = name.rpartition(".")
-        model.get_submodule(owner).register_buffer(attr, buf.to(device), persistent=False)
+        model.get_submodule(owner).register_buffer(attr, buf, persistent=False)
 
 
 def _load_from_main(model, accelerator, shard: bool) -> None:
     """The main process's weights on every process: broadcast into the others' meta tensors (then sharded)."""
-    import torch.distributed as dist
-
     if accelerator.is_main_process and any(t.is_meta for t in model.state_dict().values()):
         raise ValueError("The main process holds the teacher on the meta device: there are no weights to broadcast.")
-    buffers, full = _non_persistent_buffers(model), model.state_dict()
+    buffers, full = _non_persistent_buffers(model, accelerator), model.state_dict()
     if shard:
         from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
 
@@ -110,15 +154,8 @@ def _load_from_main(model, accelerator, shard: bool) -> None:
         _fully_shard(model, accelerator)
         fsdp2_load_full_state_dict(accelerator, model, full)
     else:
-        loaded = {}
-        for name, tensor in full.items():
-            local = tensor.to(accelerator.device) if accelerator.is_main_process else torch.empty(
-                tensor.shape, dtype=tensor.dtype, device=accelerator.device
-            )  # fmt: skip
-            dist.broadcast(local, src=0)
-            loaded[name] = local
-        model.load_state_dict(loaded, assign=True)
-    _restore_buffers(model, buffers, accelerator.device)
+        model.load_state_dict({name: _broadcast(tensor, accelerator) for name, tensor in full.items()}, assign=True)
+    _restore_buffers(model, buffers)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.requires_grad_(False)

@@ -57,6 +57,17 @@ def has_sharded_parameters(model) -> bool:
     return any(hasattr(p, "ds_id") or (DTensor is not None and isinstance(p, DTensor)) for p in model.parameters())
 
 
+def needs_synced_generation(model) -> bool:
+    """Generation must keep every process stepping until all are done (`synced_gpus`): several processes, and weights
+    a forward pass gathers (FSDP2 `DTensor`s, ZeRO-3 partitions not gathered beforehand). transformers 5.24 sets it
+    itself for ZeRO-3 and for the modules torch 2.13's `fully_shard` marks; this says it whatever the versions."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(is_partitioned(p) for p in model.parameters())
+
+
 def is_fsdp_module_of(module, cls: type) -> bool:
     """`module` is a `cls` (exactly), possibly as FSDP2 made it: `fully_shard` swaps the class for `FSDP<cls>`."""
     if type(module) is cls:
@@ -99,12 +110,45 @@ def call_with_whole_head(model, loss_fn, hidden: torch.Tensor):
     return loss_fn(hidden)
 
 
+def processes_with(accelerator, flag: bool) -> int:
+    """How many processes have `flag` set (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return int(bool(flag))
+    value = torch.tensor([float(bool(flag))], device=accelerator.device)
+    return int(accelerator.reduce(value, reduction="sum").item())
+
+
 def any_process(accelerator, flag: bool) -> bool:
     """`flag` or-ed over the processes (a collective: every process must call it)."""
-    if accelerator.num_processes == 1:
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+    return processes_with(accelerator, flag) > 0
+
+
+def nonfinite_update(model, accelerator, nonfinite_loss: bool) -> str | None:
+    """
+    What made this step's update non-finite, the same on every process: `"loss"` (`nonfinite_loss` is already summed
+    over the processes), `"gradients"`, or None. Call it once the step's gradients are complete.
+
+    FSDP2 keeps a shard of each gradient per process: each checks its own and the flags are or-ed. DeepSpeed keeps no
+    `p.grad` and steps its optimizer inside `backward`, before this check; version 0.19.8 skips a step whose gradient
+    norm is not finite itself (ZeRO-3 always; ZeRO-1/2 in fp32, and in bf16 with `bf16.check_grad_overflow`, its
+    default), so its verdict is read back (`was_step_applied`). An fp16 loss-scale overflow is routine and not
+    reported. A non-finite loss that DeepSpeed applied anyway is refused.
+    """
+    if not hasattr(model, "was_step_applied"):  # not DeepSpeed: the optimizer has not stepped yet
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor or ()) else p.grad for p in model.parameters()]
+        finite = [torch.isfinite(g).all() for g in grads if g is not None]
+        local = bool(finite) and not bool(torch.stack(finite).all())  # one host sync
+        return "loss" if nonfinite_loss else "gradients" if any_process(accelerator, local) else None
+    skipped = not model.was_step_applied()
+    if nonfinite_loss and not skipped:
+        raise FloatingPointError(
+            "The loss is not finite and DeepSpeed applied the update anyway (it skips a step only when it checks the "
+            "gradient norm). Set `\"bf16\": {\"check_grad_overflow\": true}` and keep `zero_optimization."
+            "compute_grad_norm` on in the DeepSpeed config, or use ZeRO-3."
+        )
+    if nonfinite_loss:
+        return "loss"
+    return "gradients" if skipped and not model.fp16_enabled() else None
 
 
 def max_over_processes(accelerator, value: int) -> int:

@@ -21,13 +21,17 @@ the same inputs as the first time, so the same scores from a deterministic teach
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable
 
 import torch
 
+from .launchers import processes_with
 from .rollouts import Rollouts
 from .teachers.base import TeacherScores
+
+logger = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask", "completion_ids", "completion_mask")  # what a teacher scores
 
@@ -156,8 +160,19 @@ class RolloutBuffer:
         """Empty the buffer, then load this process's from checkpoint `folder`, if it holds one. `rescore(batch,
         temperature)` gives the teacher's scores of a batch whose full-form scores were not saved."""
         self.batch, self.made_at, self.behaviour = None, -1, None
-        path = buffer_file(folder, accelerator.process_index) if folder else None
-        if path is None or not os.path.isfile(path):
+        if not folder:
+            return
+        path = buffer_file(folder, accelerator.process_index)
+        # every process or none: a process rescoring (a sharded teacher's forward is a collective) or reusing alone
+        # would leave the others in collectives it never joins
+        found = processes_with(accelerator, os.path.isfile(path))
+        if found < accelerator.num_processes:
+            if found > 0:
+                logger.warning(
+                    "%s holds the rollout buffers of %d of %d processes (written with another number of processes?): "
+                    "they are ignored, and the resumed run samples fresh rollouts.", folder, found,
+                    accelerator.num_processes,
+                )  # fmt: skip
             return
         state = _to(torch.load(path, map_location="cpu", weights_only=True), accelerator.device)  # "cpu:0" won't map
         batch, teacher = state["batch"], state["teacher"]

@@ -37,7 +37,7 @@ from . import checkpoints, hidden_states, model_card
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
-from .launchers import call_with_whole_head
+from .launchers import call_with_whole_head, nonfinite_update
 from .loss import LossSums, distillation_loss, linear_head, output_logits
 from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats
@@ -157,7 +157,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._rng_checkpoint = None  # a checkpoint whose RNG states are still to be restored (resuming)
         self.rollout_buffer = RolloutBuffer(args.num_iterations, keep_logps=args.loss_type == "sampled_reverse_kl")
         self.add_callback(RoundsCallback(self))
-        self.add_callback(checkpoints.SigtermCheckpoint())
+        self.add_callback(checkpoints.SigtermCheckpoint(self.accelerator))  # a signal to one process stops all
         for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
             if getattr(callback, "trainer", False) is None:
                 callback.trainer = self
@@ -433,9 +433,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
                 "hidden_distance")  # fmt: skip
         local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
         total = dict(zip(keys, self.accelerator.reduce(local, reduction="sum").tolist()))
-        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        if total["nonfinite"] > 0 or not grads_finite:
-            self._skip_update(model, "loss" if total["nonfinite"] > 0 else "gradients")
+        what = nonfinite_update(model, self.accelerator, total["nonfinite"] > 0)  # agreed by all processes
+        if what is not None:
+            self._skip_update(model, what)
         else:
             self._nonfinite_in_a_row = 0
         tokens = max(total["local_tokens"], 1.0)

@@ -149,6 +149,8 @@ class EnsembleTeacher(Teacher):
             rows = [i for i, o in enumerate(owner) if o == k]
             rows_of.append(rows)
             if not rows:
+                if getattr(teacher, "sharded", False):  # its passes are collectives: join the processes that route rows
+                    teacher.score({k: v[:1] for k, v in batch.items() if isinstance(v, torch.Tensor)})
                 parts.append(None)
                 continue
             index = torch.tensor(rows, device=batch["input_ids"].device)
