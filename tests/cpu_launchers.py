@@ -60,6 +60,8 @@ def config_kwargs(launcher: str) -> dict:
         return {"use_cpu": True}
     if launcher == "fsdp2":
         enable_fsdp2_on_cpu()
+        os.environ["ACCELERATE_USE_FSDP"] = "true"  # as `accelerate launch --config_file fsdp2.yaml` sets them
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
         layers = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "cpu_ram_efficient_loading": True}
         return {"use_cpu": True, "ddp_backend": "gloo", "fsdp": "full_shard", "fsdp_config": layers}
     if launcher == "zero3":

@@ -62,14 +62,21 @@ def load_frozen_model(path: str, **init_kwargs):
 
 
 def _loads_on_meta() -> bool:
-    """This process is not the main one of an FSDP run with `cpu_ram_efficient_loading`."""
-    from accelerate.state import AcceleratorState
+    """This process is not the main one of an FSDP run with `cpu_ram_efficient_loading` (the trainer's FSDP plugin,
+    or, before it exists, the environment `accelerate launch` sets from an FSDP config)."""
+    import os
 
-    if not AcceleratorState._shared_state:
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not PartialState._shared_state:
         return False
-    state = AcceleratorState()
-    plugin = getattr(state, "fsdp_plugin", None)
-    ram_efficient = plugin is not None and bool(getattr(plugin, "cpu_ram_efficient_loading", False))
+    plugin = getattr(AcceleratorState(), "fsdp_plugin", None) if AcceleratorState._shared_state else None
+    if plugin is not None:
+        ram_efficient = bool(getattr(plugin, "cpu_ram_efficient_loading", False))
+    else:
+        flags = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+        ram_efficient = all(os.environ.get(flag, "false").lower() == "true" for flag in flags)
+    state = PartialState()
     return ram_efficient and state.num_processes > 1 and not state.is_main_process
 
 
