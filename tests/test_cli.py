@@ -2,6 +2,8 @@
 `eval` scores a saved model (full or LoRA adapters) on the offline toy tasks and writes the report."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -66,6 +68,28 @@ def test_every_subcommand_has_its_own_help(command, capsys):
     assert text.startswith(f"usage: trl-onpolicy {command}")
     if command == "distill":  # TrlParser: every field of the three argument groups, and --config
         assert all(flag in text for flag in ("--config", "--teacher_model_name_or_path", "--use_peft", "--lmbda"))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["quickstart", "--help"], ["eval", "--help"],
+                                  ["serve-teacher", "--help"], ["cache-teacher", "--help"]])  # fmt: skip
+def test_help_and_version_load_no_heavy_library(argv):
+    """Start-up: `--help` and `--version` (of every command but `distill`, whose flags are TRL's dataclasses) import
+    neither torch nor transformers, TRL, PEFT or lm-eval (they took 6-13 s to load before anything was printed)."""
+    code = (
+        "import sys\nfrom trl_onpolicy import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted({'torch', 'transformers', 'trl', 'peft', 'lm_eval', 'datasets'} & set(sys.modules))\n"
+        "print('HEAVY', heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY []", proc.stdout[-2000:]
+
+
+def test_cache_teacher_flag_defaults_are_the_configs():
+    from trl_onpolicy import OnPolicyDistillConfig
+    from trl_onpolicy.cache_teacher import DEFAULTS
+
+    fields = OnPolicyDistillConfig.__dataclass_fields__
+    assert DEFAULTS == {name: fields[name].default for name in DEFAULTS}
 
 
 def test_no_command_prints_help_and_fails(capsys):

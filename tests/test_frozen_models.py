@@ -3,8 +3,8 @@ tests/test_launchers.py, on two processes).
 
 - a local teacher is frozen, in evaluation mode and in no optimizer;
 - a launcher that replicates the teacher refuses one larger than one GPU, naming the launchers that shard it;
-- the non-finite-step verdict: gradients checked here, DeepSpeed's own verdict read back (it steps inside `backward`),
-  a non-finite loss that DeepSpeed applied anyway refused;
+- DeepSpeed's own verdict on a non-finite step is read back (it steps inside `backward`), and a non-finite loss that
+  DeepSpeed applied anyway is refused;
 - a sharded teacher routed no rows still makes its pass (the others' collectives need it).
 """
 
@@ -16,6 +16,7 @@ import torch
 
 import tiny_models as tm
 from trl_onpolicy import frozen_models, launchers
+from trl_onpolicy.nonfinite import deepspeed_skipped
 from trl_onpolicy.teachers import EnsembleTeacher, LocalTeacher
 
 
@@ -63,11 +64,10 @@ def test_zero3_is_not_a_replicating_launcher():
 
 
 class Engine(torch.nn.Module):
-    """A DeepSpeed engine as `nonfinite_update` sees it after `backward` stepped it."""
+    """A DeepSpeed engine as the trainer sees it after `backward` stepped it (or skipped the step)."""
 
     def __init__(self, applied: bool, fp16: bool = False):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(2))
         self.applied, self.fp16 = applied, fp16
 
     def was_step_applied(self):
@@ -77,21 +77,14 @@ class Engine(torch.nn.Module):
         return self.fp16
 
 
-def test_nonfinite_update_reads_gradients_or_the_deepspeed_verdict():
-    single = accelerator()
-    model = torch.nn.Linear(2, 2)
-    model.weight.grad, model.bias.grad = torch.ones(2, 2), torch.ones(2)
-    assert launchers.nonfinite_update(model, single, nonfinite_loss=False) is None
-    assert launchers.nonfinite_update(model, single, nonfinite_loss=True) == "loss"
-    model.bias.grad[1] = float("inf")
-    assert launchers.nonfinite_update(model, single, nonfinite_loss=False) == "gradients"
-    # DeepSpeed: no p.grad, the engine already stepped (or skipped) inside `backward`
-    assert launchers.nonfinite_update(Engine(applied=True), single, nonfinite_loss=False) is None
-    assert launchers.nonfinite_update(Engine(applied=False), single, nonfinite_loss=False) == "gradients"
-    assert launchers.nonfinite_update(Engine(applied=False), single, nonfinite_loss=True) == "loss"
-    assert launchers.nonfinite_update(Engine(applied=False, fp16=True), single, nonfinite_loss=False) is None
+def test_deepspeed_verdict_on_a_nonfinite_step_is_read_back():
+    assert deepspeed_skipped(torch.nn.Linear(2, 2), loss_nonfinite=False) is None  # not DeepSpeed: checked by the trainer
+    assert deepspeed_skipped(Engine(applied=True), loss_nonfinite=False) is False
+    assert deepspeed_skipped(Engine(applied=False), loss_nonfinite=False) is True  # non-finite gradients, finite loss
+    assert deepspeed_skipped(Engine(applied=False), loss_nonfinite=True) is True
+    assert deepspeed_skipped(Engine(applied=False, fp16=True), loss_nonfinite=False) is False  # a routine overflow
     with pytest.raises(FloatingPointError, match=fragment("The loss is not finite and DeepSpeed applied the update")):
-        launchers.nonfinite_update(Engine(applied=True), single, nonfinite_loss=True)
+        deepspeed_skipped(Engine(applied=True), loss_nonfinite=True)
 
 
 def test_a_sharded_teacher_routed_no_rows_still_makes_its_pass():

@@ -32,5 +32,5 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_main_command_is_the_quickstart():
-    args = build_parser().parse_args(["quickstart", "--rounds", "2"])
+    args = build_parser("quickstart").parse_args(["quickstart", "--rounds", "2"])
     assert args.command == "quickstart" and args.rounds == 2

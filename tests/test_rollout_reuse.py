@@ -23,7 +23,7 @@ def params(model) -> dict[str, torch.Tensor]:
 
 def spy(trainer) -> dict:
     """Count generation and teacher calls, and keep each step's trained token ids and micro-batch keys."""
-    seen = {"generate": 0, "teacher": 0, "sources": [], "input_ids": [], "keys": []}
+    seen = {"generate": 0, "teacher": 0, "sources": [], "input_ids": [], "rows": [], "keys": []}
     make_rollouts, score, get_batch_samples = trainer.make_rollouts, trainer.teacher.score, trainer.get_batch_samples
 
     def counted_make_rollouts(rows, source):
@@ -38,7 +38,9 @@ def spy(trainer) -> dict:
     def recorded_get_batch_samples(*args, **kwargs):
         micro, num_items = get_batch_samples(*args, **kwargs)
         if micro:
-            seen["input_ids"].append(torch.cat([m["input_ids"] for m in micro]).clone())  # (B, P + C)
+            seen["input_ids"].append([m["input_ids"].clone() for m in micro])  # (b, p + c) each, trimmed
+            seen["rows"].append([tuple(ids[mask.bool()].tolist()) for m in micro
+                                 for ids, mask in zip(m["input_ids"], m["attention_mask"])])  # fmt: skip
             seen["keys"].append(sorted(micro[0]))
         return micro, num_items
 
@@ -69,9 +71,13 @@ def test_each_batch_is_generated_and_scored_once_then_trained_three_times(tmp_pa
     assert seen["generate"] == 2 and seen["teacher"] == 2  # steps 1 and 4
     assert seen["sources"] == sources  # a reused batch keeps its source: no new draw
     ids = seen["input_ids"]
+
+    def same(a, b):
+        return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
     for first, later in [(0, 1), (0, 2), (3, 4), (3, 5)]:
-        assert torch.equal(ids[later], ids[first])  # the same token ids, prompt and completion
-    assert ids[3].shape != ids[0].shape or not torch.equal(ids[3], ids[0])  # a fresh batch at step 4
+        assert same(ids[later], ids[first])  # the same token ids, prompt and completion
+    assert not same(ids[3], ids[0])  # a fresh batch at step 4
     logs = tm.step_logs(tr)
     assert [log["rollouts/reused"] for log in logs] == [0, 1, 1, 0, 1, 1]
     for log in logs:
@@ -90,9 +96,9 @@ def test_reuse_step_with_fewer_micro_batches_trains_on_the_whole_batch(tmp_path)
     seen = spy(tr)
     tr.train()
     assert tr.state.global_step == 4 and seen["generate"] == 2
-    assert [len(ids) for ids in seen["input_ids"]] == [4, 4, 4, 4]
-    assert torch.equal(seen["input_ids"][1], seen["input_ids"][0])
-    assert torch.equal(seen["input_ids"][3], seen["input_ids"][2])
+    assert [len(micro) for micro in seen["input_ids"]] == [2, 1, 2, 1]
+    assert [len(rows) for rows in seen["rows"]] == [4, 4, 4, 4]  # the real tokens of each rollout, padding dropped
+    assert seen["rows"][1] == seen["rows"][0] and seen["rows"][3] == seen["rows"][2]
 
 
 def test_loss_temperature_is_held_while_a_batch_is_reused(tmp_path):

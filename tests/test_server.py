@@ -265,7 +265,7 @@ def test_server_rejects_bad_requests(url):
 
 
 def test_cli_wires_serve_teacher():
-    args = build_parser().parse_args(["serve-teacher", "some/model", "--port", "1234", "--max-logprobs", "5"])
+    args = build_parser("serve-teacher").parse_args(["serve-teacher", "some/model", "--port", "1234", "--max-logprobs", "5"])
     assert args.func is serve_teacher_run and (args.model, args.port, args.max_logprobs) == ("some/model", 1234, 5)
     assert args.host == "127.0.0.1" and args.api_key_env == "TRL_ONPOLICY_TEACHER_API_KEY"
 

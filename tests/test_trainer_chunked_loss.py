@@ -71,10 +71,12 @@ def test_chunked_equals_one_chunk(loss_type, form):
     chunked, grad_hidden, grad_head = run(50, 3, loss_type, form)
     whole, grad_hidden_ref, grad_head_ref = run(50, 10_000, loss_type, form)
     torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-6, atol=1e-7)
-    assert chunked.divergence == pytest.approx(whole.divergence, rel=1e-5)
-    assert chunked.student_entropy == pytest.approx(whole.student_entropy, rel=1e-5)
-    torch.testing.assert_close(grad_hidden, grad_hidden_ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad_head, grad_head_ref, rtol=1e-5, atol=1e-7)
+    assert float(chunked.divergence) == pytest.approx(float(whole.divergence), rel=1e-5)
+    assert float(chunked.student_entropy) == pytest.approx(float(whole.student_entropy), rel=1e-5)
+    # float32 sums in another order (other chunk and tile sizes): an absolute tolerance of 1e-5 of the largest entry
+    # (an element-wise relative one fails on entries that nearly cancel: 2.8e-7 off on a gradient of 0.05 was seen)
+    for grad, ref in ((grad_hidden, grad_hidden_ref), (grad_head, grad_head_ref)):
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert grad_head.abs().sum() > 0
 
 
@@ -166,5 +168,5 @@ def test_without_head_parameters_chunks_run_under_checkpointing_with_the_same_re
     plain.loss.backward()
     torch.testing.assert_close(plain.loss, fused.loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(hidden.grad, grad_fused, rtol=1e-5, atol=1e-7)
-    assert plain.divergence == pytest.approx(fused.divergence, rel=1e-6) and plain.tokens == 50
+    assert float(plain.divergence) == pytest.approx(float(fused.divergence), rel=1e-6) and plain.tokens == 50
     assert len(plain.student_token_logps) == 50

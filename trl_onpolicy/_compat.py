@@ -64,3 +64,15 @@ def vllm_generation_class():
     from trl.generation.vllm_generation import VLLMGeneration
 
     return VLLMGeneration
+
+
+def hidden_states_request(layers: list[int]):
+    """`output_hidden_states` asking for `layers` only: transformers that record hidden states by hooks take the list
+    and keep just those (the others come back as None); older ones take True and keep every layer. No layers: False."""
+    if not layers:
+        return False
+    try:
+        from transformers.utils.output_capturing import selected_hidden_states  # noqa: F401
+    except ImportError:  # pragma: no cover - older transformers
+        return True
+    return sorted(set(layers))

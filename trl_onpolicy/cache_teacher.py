@@ -15,13 +15,8 @@ import argparse
 import os
 import time
 
-import torch
-
-from .config import OnPolicyDistillConfig
-
-
-def _default(name: str):
-    return OnPolicyDistillConfig.__dataclass_fields__[name].default
+# `OnPolicyDistillConfig`'s defaults, written out so that `--help` needs neither TRL nor torch (a test keeps them equal)
+DEFAULTS = {"max_length": 1024, "max_completion_length": 256}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-rows", type=int, default=None, help="Use the first N rows (toy: rows to make, 640).")
     parser.add_argument("--top-k", type=int, default=20, help="Log-probs kept per completion token.")
     parser.add_argument("--temperature", type=float, default=1.0, help="Loss temperature of the log-probs.")
-    parser.add_argument("--max-length", type=int, default=_default("max_length"), help="As the training config's.")
+    parser.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="As the training config's.")
     parser.add_argument(
         "--max-completion-length",
         type=int,
-        default=_default("max_completion_length"),
+        default=DEFAULTS["max_completion_length"],
         help="As the training config's.",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="Rows per teacher forward pass.")
@@ -68,6 +63,8 @@ def load_rows(name: str, split: str = "train", subset: str | None = None, num_ro
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
+
     from .serve_teacher import load_model
     from .teachers.cache import build_teacher_cache
 

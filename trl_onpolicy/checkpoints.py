@@ -67,8 +67,8 @@ def distill_state(trainer) -> dict:
     return {
         "loss_temperature": trainer.loss_temperature.state_dict(),
         "last_teacher_entropy": trainer._last_teacher_entropy,
-        "nonfinite_in_a_row": trainer._nonfinite_in_a_row,
-        "nonfinite_total": trainer._nonfinite_total,
+        "nonfinite_in_a_row": trainer.nonfinite.in_a_row,
+        "nonfinite_total": trainer.nonfinite.total,
         "callbacks": callbacks,
     }
 
@@ -77,8 +77,8 @@ def restore_distill_state(trainer, state: dict) -> None:
     """Put back what [`distill_state`] saved (callbacks matched by class name)."""
     trainer.loss_temperature.load_state_dict(state["loss_temperature"])
     trainer._last_teacher_entropy = state["last_teacher_entropy"]
-    trainer._nonfinite_in_a_row = state["nonfinite_in_a_row"]
-    trainer._nonfinite_total = state["nonfinite_total"]
+    trainer.nonfinite.in_a_row = state["nonfinite_in_a_row"]
+    trainer.nonfinite.total = state["nonfinite_total"]
     saved = state.get("callbacks", {})
     for callback in trainer.callback_handler.callbacks:
         if hasattr(callback, "load_state_dict") and type(callback).__name__ in saved:

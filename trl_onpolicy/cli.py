@@ -12,6 +12,7 @@ Run `trl-onpolicy <command> --help` for a command's flags.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import __version__
@@ -33,9 +34,23 @@ Several GPUs: accelerate launch [--config_file examples/accelerate_configs/zero3
 DISTILL_HELP = "Distill a teacher into a student from flags or a YAML recipe (--config); every config field is a flag."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import cache_teacher, eval_command, quickstart, serve_teacher
+# name, module (None: `distill`, which parses its own flags with `trl.TrlParser`), one-line help
+SUBCOMMANDS = (
+    ("quickstart", "quickstart",
+     "Distill the built-in tiny teacher into a student on a GSM8K-format task, scored after every round."),
+    ("distill", None, DISTILL_HELP),
+    ("eval", "eval_command",
+     "Score a saved student with lm-eval tasks (toy_gsm8k, gsm8k, mmlu, ...) and write a report."),
+    ("serve-teacher", "serve_teacher",
+     "Serve a local teacher model over HTTP with vLLM's prompt log-prob API (FastAPI + uvicorn)."),
+    ("cache-teacher", "cache_teacher",
+     "Score a dataset's completions with a teacher once and store its top-k log-probs for offline training."),
+)  # fmt: skip
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command's parser. Only the module of `command` (the one being run) is imported to add its flags, so
+    `trl-onpolicy --help` and `--version` start without loading torch or transformers."""
     parser = argparse.ArgumentParser(
         prog="trl-onpolicy",
         description="On-policy knowledge distillation for Hugging Face TRL: the student writes, the teacher scores "
@@ -45,26 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trl-onpolicy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command", title="commands")
-    subcommands = (
-        ("quickstart", quickstart,
-         "Distill the built-in tiny teacher into a student on a GSM8K-format task, scored after every round."),
-        ("distill", None, DISTILL_HELP),
-        ("eval", eval_command,
-         "Score a saved student with lm-eval tasks (toy_gsm8k, gsm8k, mmlu, ...) and write a report."),
-        ("serve-teacher", serve_teacher,
-         "Serve a local teacher model over HTTP with vLLM's prompt log-prob API (FastAPI + uvicorn)."),
-        ("cache-teacher", cache_teacher,
-         "Score a dataset's completions with a teacher once and store its top-k log-probs for offline training."),
-    )  # fmt: skip
-    for name, module, help_text in subcommands:
-        if module is None:  # `distill` parses its own arguments with `trl.TrlParser` (see `main`): listed only
+    for name, module_name, help_text in SUBCOMMANDS:
+        if module_name is None or name != command:  # listed only; its flags are added when it is the one run
             commands.add_parser(name, help=help_text, add_help=False)
             continue
-        command = commands.add_parser(
+        module = importlib.import_module(f".{module_name}", __package__)
+        sub = commands.add_parser(
             name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
-        module.add_arguments(command)
-        command.set_defaults(func=module.run)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
     return parser
 
 
@@ -74,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import distill_command
 
         return distill_command.run(argv[1:])
-    parser = build_parser()
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.command is None or not hasattr(args, "func"):
         parser.print_help()
         return 2
     args.func(args)

@@ -195,16 +195,19 @@ class OnPolicyDistillConfig(SFTConfig):
             Checkpoints keep the adapters, so training resumes as usual.
 
     > [!NOTE]
-    > Defaults that differ from [`~trl.SFTConfig`]: `gradient_checkpointing=False` and `bf16` only where a CUDA device
-    > supports it (nothing is forced on a CPU), `remove_unused_columns=False` (the trainer reads the raw columns),
-    > `ddp_find_unused_parameters=False` (every trainable weight is used at every step).
+    > Defaults that differ from [`~trl.SFTConfig`]: activation (gradient) checkpointing and `bf16` only where a CUDA
+    > device is used (TRL's defaults there; nothing is forced on a CPU, where checkpointing only costs time; rollouts
+    > are generated with the KV cache either way), `remove_unused_columns=False` (the trainer reads the raw columns),
+    > `ddp_find_unused_parameters=False` (every trainable weight is used at every step). `fp16=True` needs a GPU: on a
+    > CPU accelerate would quietly train in float32, so it is refused there (use `bf16=True`).
     """
 
     # Overridden defaults
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={
-            "help": "Deprecated alias of `activation_checkpointing` (off unless set): trade compute for memory."
+            "help": "Deprecated alias of `activation_checkpointing`: trade compute for memory. Defaults to True on a "
+            "CUDA device, False on a CPU."
         },
     )
     bf16: bool | None = field(
@@ -339,8 +342,11 @@ class OnPolicyDistillConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        on_cuda = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+            self.bf16 = bool(on_cuda and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = on_cuda  # TRL's default on GPUs; on a CPU it only costs time
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every trainable weight is used each step: skip DDP's extra pass
         if isinstance(self.stop_strings, str):
@@ -422,6 +428,11 @@ class OnPolicyDistillConfig(SFTConfig):
             self.max_length is None or self.max_length > self.max_completion_length,
             f"`max_length` ({self.max_length}) must exceed `max_completion_length` ({self.max_completion_length}): "
             "the prompt gets `max_length - max_completion_length` tokens.",
+        )
+        check(
+            not (self.fp16 and self.device.type == "cpu"),
+            "`fp16=True` needs a GPU: on a CPU accelerate has no float16 mixed precision and would quietly train in "
+            "float32. Set `bf16=True` (bfloat16 autocast runs on CPUs) or `fp16=False`.",
         )
         check(
             not (self.packing or self.padding_free),

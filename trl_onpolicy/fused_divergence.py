@@ -35,6 +35,9 @@ has), and the mixtures `m` are floored at float32 `tiny`. Departure: the forward
 `LOG_FLOOR` like divergences.py, but its gradient is the closed form `q - p` of the unfloored divergence, where
 autograd of divergences.py gives no gradient to an entry with `q < 1.2e-38`; everywhere else the two agree to
 rounding.
+Precision ([`~trl_onpolicy.precision`]): the matmuls run in the head's dtype ([`LinearHead`]`.dtype`: bfloat16 for
+bfloat16 weights), every tile leaves them in float32, and the row sums, `grad_h` and `grad_W` accumulate in float32;
+a float64 head and float64 hidden states (the tests' references) keep everything in float64.
 The top-k and the sampled-token forms stay on the whole-vocabulary path of [`~trl_onpolicy.loss`].
 """
 
@@ -45,9 +48,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from . import precision
 from .divergences import LOG_FLOOR
 
 
@@ -66,15 +69,22 @@ class LinearHead:
         bias (`torch.Tensor`, *optional*): `(V_w,)`.
         multiplier (`float`, *optional*, defaults to `1.0`): The architecture's logit multiplier (see
             [`~trl_onpolicy.loss.logit_multiplier`]).
+        dtype (`torch.dtype`, *optional*): The dtype its matmuls run in; defaults to the weight's (see
+            [`~trl_onpolicy.precision.matmul_dtype`]). Hidden states are cast to it; logits come out in float32.
     """
 
     weight: Tensor
     bias: Tensor | None = None
     multiplier: float = 1.0
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        if self.dtype is None:
+            self.dtype = precision.matmul_dtype(self.weight.dtype)
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)  # (n, V_w)
-        return logits * self.multiplier if self.multiplier != 1.0 else logits
+        """`(n, H)` -> `(n, V_w)` logits in float32 (float64 stays)."""
+        return precision.project(hidden, self.weight, self.bias, self.multiplier, self.dtype)
 
     def parameters(self) -> list[Tensor]:
         """The head's tensors that need gradients."""
@@ -82,15 +92,8 @@ class LinearHead:
 
     def tile(self, hidden: Tensor, start: int, end: int, scale: float) -> Tensor:
         """`(n, end - start)` float32 (float64 stays): `scale` times this head's logits of columns `start:end`."""
-        scale = scale * self.multiplier
-        weight = self.weight[start:end].t()  # (H, t)
-        if self.bias is not None:
-            logits = torch.addmm(self.bias[start:end], hidden, weight, beta=scale, alpha=scale)  # (n, t)
-        elif scale != 1.0:
-            logits = torch.addmm(hidden.new_zeros(()), hidden, weight, beta=0.0, alpha=scale)  # (n, t)
-        else:
-            logits = hidden @ weight  # (n, t)
-        return logits if logits.dtype == torch.float64 else logits.float()
+        bias = None if self.bias is None else self.bias[start:end]
+        return precision.project(hidden, self.weight[start:end], bias, scale * self.multiplier, self.dtype)
 
 
 @dataclass
@@ -230,23 +233,14 @@ def _pick(values: Tensor, targets: Tensor, start: int, end: int, out: Tensor) ->
     return torch.where(inside, picked, out)
 
 
-def _add_matmul(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
-    """out += alpha * a @ b, accumulating in `out`'s dtype."""
-    if out.dtype == a.dtype == b.dtype:
-        out.addmm_(a, b, alpha=alpha)
-    else:
-        out.add_(a @ b, alpha=alpha)
-
-
 def _backprop_tile(dz, hidden, head, start, end, alpha, grad_hidden, grad_w, grad_b) -> None:
-    """grad_h += alpha dz W[tile], grad_W[tile] += alpha dz^T h, grad_b[tile] += alpha sum_n dz."""
-    weight = head.weight[start:end]  # (t, H)
-    dz_mm = dz.to(hidden.dtype)  # (n, t) in the dtype the head's matmuls run in
+    """grad_h += alpha dz W[tile], grad_W[tile] += alpha dz^T h, grad_b[tile] += alpha sum_n dz: the matmuls in the
+    head's dtype, the sums in the accumulators' (float32)."""
     if grad_b is not None:
         grad_b[start:end].add_(dz.sum(0), alpha=alpha)
-    _add_matmul(grad_hidden, dz_mm, weight.to(hidden.dtype), alpha)  # (n, H)
+    precision.add_matmul(grad_hidden, dz, head.weight[start:end], alpha, head.dtype)  # (n, H)
     if grad_w is not None:
-        _add_matmul(grad_w[start:end], dz_mm.t(), hidden, alpha)  # (t, H)
+        precision.add_matmul(grad_w[start:end], dz.t(), hidden, alpha, head.dtype)  # (t, H)
 
 
 def tiled_divergence(
@@ -269,7 +263,7 @@ def tiled_divergence(
     Per-token divergence of one chunk, walking the vocabulary in tiles (see the module docstring).
 
     Args:
-        hidden: `(n, H)` the student's final hidden states.
+        hidden: `(n, H)` the student's final hidden states, any floating dtype (cast to the head's for its matmuls).
         head: The student's [`LinearHead`].
         teacher_tile: `(start, end)` -> `(n, end - start)` float32 (or float64) teacher logits divided by the
             temperature, a fresh tensor (it is overwritten).
@@ -279,16 +273,17 @@ def tiled_divergence(
         vocab_size: Columns compared (`[0, vocab_size)`).
         tile: Vocabulary columns per tile.
         grad_scale: d(loss) / d(per-token divergence), the same for every token; None: values only.
-        grad_w, grad_b: Accumulators of the head's weight `(V_w, H)` and bias `(V_w,)` gradients (None: not wanted).
+        grad_w, grad_b: Accumulators of the head's weight `(V_w, H)` and bias `(V_w,)` gradients, float32 for a
+            low-precision head (None: not wanted).
 
     Returns:
-        [`TiledTerms`], float32 (float64 for float64 hidden states); `grad_hidden` `(n, H)` when `grad_scale` is
-        given.
+        [`TiledTerms`], float32 (float64 for a float64 head); `grad_hidden` `(n, H)` in the same dtype when
+        `grad_scale` is given.
     """
     loss_type, w = _canonical(loss_type, beta, skew_alpha)
     k = 1.0 / temperature
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # of the math and the results
-    teacher_logits = teacher_tile if dtype == torch.float32 else lambda t0, t1: teacher_tile(t0, t1).to(dtype)
+    dtype = precision.sum_dtype(head.dtype)  # of the math and the results: float32 (float64 for a float64 head)
+    teacher_logits = lambda t0, t1: teacher_tile(t0, t1).to(dtype)  # noqa: E731  (a no-op in the same dtype)
     tiles = [(start, min(start + tile, vocab_size)) for start in range(0, vocab_size, tile)]
     lse_s, lse_t = (OnlineLogSumExp(hidden.shape[0], dtype, hidden.device) for _ in range(2))
     for start, end in tiles:  # pass 1: log-normalisers

@@ -108,9 +108,10 @@ def hidden_state_distance(student: torch.Tensor, teacher: torch.Tensor, kind: st
 
 def matching_term(
     student_states, mask, teacher_layers, pairs, model, args, num_items: float
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    The loss term `hidden_state_weight * sum_tokens distance / num_items`, and the plain sum of distances (for logs).
+    The loss term `hidden_state_weight * sum_tokens distance / num_items`, and the plain sum of distances (a detached
+    0-dim tensor, for logs).
 
     Args:
         student_states: The student's `hidden_states` tuple, each `(B, P + C, H_s)`.
@@ -125,7 +126,7 @@ def matching_term(
     target = teacher_layers if projector is None else projector(teacher_layers)  # (N, L, H_s)
     per_token = hidden_state_distance(student, target, args.hidden_state_distance)  # (N,)
     term = per_token.sum() * args.hidden_state_weight / max(float(num_items), 1e-8)
-    return term, per_token.detach().sum().item()
+    return term, per_token.detach().sum()
 
 
 def attach_projector(model, student, teacher, args) -> list[tuple[int, int]] | None:

@@ -15,7 +15,8 @@ Two rules follow, and the package keeps them:
   order (generation with `synced_gpus`, teacher passes counted and equalised, the eval hook gathering the student on
   every process);
 - a decision one process could take alone (a SIGTERM seen, a checkpoint file found, a non-finite gradient in its
-  shard) is reduced over the processes first ([`any_process`]), so that they all take the same branch.
+  shard) is reduced over the processes first ([`any_process`], `trl_onpolicy.nonfinite`), so that they all take the
+  same branch.
 """
 
 from __future__ import annotations
@@ -121,34 +122,6 @@ def processes_with(accelerator, flag: bool) -> int:
 def any_process(accelerator, flag: bool) -> bool:
     """`flag` or-ed over the processes (a collective: every process must call it)."""
     return processes_with(accelerator, flag) > 0
-
-
-def nonfinite_update(model, accelerator, nonfinite_loss: bool) -> str | None:
-    """
-    What made this step's update non-finite, the same on every process: `"loss"` (`nonfinite_loss` is already summed
-    over the processes), `"gradients"`, or None. Call it once the step's gradients are complete.
-
-    FSDP2 keeps a shard of each gradient per process: each checks its own and the flags are or-ed. DeepSpeed keeps no
-    `p.grad` and steps its optimizer inside `backward`, before this check; version 0.19.8 skips a step whose gradient
-    norm is not finite itself (ZeRO-3 always; ZeRO-1/2 in fp32, and in bf16 with `bf16.check_grad_overflow`, its
-    default), so its verdict is read back (`was_step_applied`). An fp16 loss-scale overflow is routine and not
-    reported. A non-finite loss that DeepSpeed applied anyway is refused.
-    """
-    if not hasattr(model, "was_step_applied"):  # not DeepSpeed: the optimizer has not stepped yet
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor or ()) else p.grad for p in model.parameters()]
-        finite = [torch.isfinite(g).all() for g in grads if g is not None]
-        local = bool(finite) and not bool(torch.stack(finite).all())  # one host sync
-        return "loss" if nonfinite_loss else "gradients" if any_process(accelerator, local) else None
-    skipped = not model.was_step_applied()
-    if nonfinite_loss and not skipped:
-        raise FloatingPointError(
-            "The loss is not finite and DeepSpeed applied the update anyway (it skips a step only when it checks the "
-            "gradient norm). Set `\"bf16\": {\"check_grad_overflow\": true}` and keep `zero_optimization."
-            "compute_grad_norm` on in the DeepSpeed config, or use ZeRO-3."
-        )
-    if nonfinite_loss:
-        return "loss"
-    return "gradients" if skipped and not model.fp16_enabled() else None
 
 
 def max_over_processes(accelerator, value: int) -> int:

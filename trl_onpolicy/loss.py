@@ -26,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import divergences as D
+from . import precision
 from .fused_divergence import TILED_LOSS_TYPES, LinearHead, tiled_divergence
 from .launchers import is_fsdp_module_of, is_partitioned
 from .teachers.base import TeacherScores
@@ -60,19 +61,24 @@ def logit_multiplier(config) -> float:
     return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
 
 
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def output_logits(model, hidden: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
     """
     Logits from final hidden states through the model's output head, with the config's logit multiplier (see
     [`logit_multiplier`]) and `final_logit_softcapping` where the architecture has them.
 
     Args:
         model: A causal LM (`get_output_embeddings()` must return its head).
-        hidden: `(n, H)` final hidden states.
+        hidden: `(n, H)` final hidden states, any floating dtype: cast to the head weight's dtype (a quantised head
+            casts them itself), under autocast in `autocast` when given (see [`~trl_onpolicy.precision`]).
+        autocast: The run's mixed-precision dtype, or None.
 
     Returns:
-        `(n, V)` logits in the head's dtype.
+        `(n, V)` logits in the head's (or autocast's) dtype.
     """
-    logits = model.get_output_embeddings()(hidden)  # (n, V)
+    head = model.get_output_embeddings()
+    dtype = precision.weight_dtype(head)
+    with precision.head_context(hidden.device, autocast):
+        logits = head(hidden if dtype is None else hidden.to(dtype))  # (n, V)
     config = model.config.get_text_config()
     scale = logit_multiplier(config)
     if scale != 1.0:
@@ -83,7 +89,7 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def linear_head(model, detach: bool = False) -> LinearHead | None:
+def linear_head(model, detach: bool = False, autocast: torch.dtype | None = None) -> LinearHead | None:
     """
     The model's output head as a [`~trl_onpolicy.fused_divergence.LinearHead`] (the same function as
     [`output_logits`]), or None where the tiled loss cannot walk it: a head that is not a plain `nn.Linear` (a LoRA or
@@ -94,6 +100,8 @@ def linear_head(model, detach: bool = False) -> LinearHead | None:
     Args:
         model: A causal LM.
         detach: Detach the weights (a teacher's head).
+        autocast: The run's mixed-precision dtype: a float32 head's matmuls then run in it (see
+            [`~trl_onpolicy.precision.matmul_dtype`]); None for a teacher, which runs in its own dtype.
     """
     head = model.get_output_embeddings()
     config = model.config.get_text_config()
@@ -106,24 +114,25 @@ def linear_head(model, detach: bool = False) -> LinearHead | None:
         return None
     if detach:
         weight, bias = weight.detach(), None if bias is None else bias.detach()
-    return LinearHead(weight, bias, logit_multiplier(config))
+    return LinearHead(weight, bias, logit_multiplier(config), precision.matmul_dtype(weight.dtype, autocast))
 
 
 @dataclass
 class LossSums:
-    """Sums over the local completion tokens (detached, for logging) and the differentiable loss."""
+    """The differentiable loss, and sums over the local completion tokens for logging: detached 0-dim tensors on the
+    loss's device, read once per optimizer step (no host sync per chunk)."""
 
     loss: torch.Tensor
-    divergence: float = 0.0
-    student_entropy: float = 0.0
-    teacher_entropy: float = 0.0
-    teacher_entropy_tokens: int = 0
+    divergence: torch.Tensor | float = 0.0
+    student_entropy: torch.Tensor | float = 0.0
+    teacher_entropy: torch.Tensor | float = 0.0
+    teacher_entropy_tokens: torch.Tensor | float = 0.0
     tokens: int = 0
     student_token_logps: torch.Tensor | None = None  # (N,) detached, for completion logs
     teacher_token_logps: torch.Tensor | None = None  # (N,) detached; NaN where the teacher gave no distribution
     teacher_divergence: torch.Tensor | None = None  # (T,) divergence weighted by each teacher's share (several)
     teacher_tokens: torch.Tensor | None = None  # (T,) tokens counted by each teacher's share (several teachers)
-    hidden_distance: float = 0.0  # sum over tokens of the hidden-state distance (hidden-state matching)
+    hidden_distance: torch.Tensor | float = 0.0  # sum over tokens of the hidden-state distance (hidden-state matching)
 
 
 def _chunk_terms(
@@ -181,13 +190,15 @@ class _ChunkwiseBackward(torch.autograd.Function):
     ([`_autograd_step`] takes the gradient with autograd, the tiled loss writes it in closed form). Backward only
     scales the stored gradients by the incoming one. So nothing vocabulary-wide outlives a chunk, and nothing is
     recomputed in the backward pass (activation checkpointing would project every chunk to the vocabulary twice).
-    What is kept: `(N, H)` for the hidden states and one gradient per head parameter.
+    What is kept: `(N, H)` for the hidden states and one gradient per head parameter, both accumulated in float32
+    ([`~trl_onpolicy.precision.sum_dtype`]) and cast to the input's and the parameter's dtype in the backward pass.
     """
 
     @staticmethod
     def forward(ctx, hidden, step, bounds, *params):
-        grad_hidden = torch.zeros_like(hidden)  # (N, H)
-        grad_params = [torch.zeros_like(p) for p in params]
+        grad_hidden = torch.zeros_like(hidden, dtype=precision.sum_dtype(hidden.dtype))  # (N, H)
+        grad_params = [torch.zeros_like(p, dtype=precision.sum_dtype(p.dtype)) for p in params]
+        ctx.dtypes = (hidden.dtype, *(p.dtype for p in params))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, end in bounds:
             value, grad_chunk = step(hidden[start:end], start, end, grad_params)
@@ -198,8 +209,8 @@ class _ChunkwiseBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, *grad_params = ctx.saved_tensors
-        return (grad_hidden * grad_output, None, None, *(g * grad_output for g in grad_params))
+        grads = [(g * grad_output).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (grads[0], None, None, *grads[1:])
 
 
 def _autograd_step(chunk_loss, params):
@@ -235,13 +246,13 @@ def _teacher_tiles(teacher: TeacherScores, start: int, end: int, vocab_size: int
 
 
 class _Statistics:
-    """The detached per-chunk statistics of [`LossSums`], each chunk counted once (a checkpoint's recomputation in the
-    backward pass must not add a chunk twice)."""
+    """The detached per-chunk statistics of [`LossSums`], summed on the device (no host sync), each chunk counted once
+    (a checkpoint's recomputation in the backward pass must not add a chunk twice)."""
 
     def __init__(self, shares: torch.Tensor | None):
         self.shares = shares  # (N, T) each teacher's share of each token, or None
-        self.per_teacher = None if shares is None else torch.zeros(shares.shape[-1], dtype=torch.float64)  # (T,)
-        self.sums = {"div": 0.0, "s_ent": 0.0, "t_ent": 0.0, "t_n": 0}
+        self.per_teacher = None  # (T,)
+        self.sums = {"div": 0.0, "s_ent": 0.0, "t_ent": 0.0, "t_n": 0.0}  # 0-dim tensors once a chunk is recorded
         self.s_tok, self.t_tok, self.seen = [], [], set()
 
     def record(self, start, per_token, s_ent, t_ent, s_tok, t_tok):
@@ -251,20 +262,23 @@ class _Statistics:
         self.seen.add(start)
         self.s_tok.append(s_tok)
         self.t_tok.append(t_tok)
-        finite = ~torch.isnan(t_ent)
-        for key, value in (("div", per_token.detach().sum()), ("s_ent", s_ent.sum()), ("t_ent", t_ent[finite].sum())):
-            self.sums[key] += value.item()
-        self.sums["t_n"] += int(finite.sum().item())
+        finite = ~torch.isnan(t_ent)  # (n,) NaN: the teacher gave no distribution (sampled-token form)
+        per_token = per_token.detach()
+        t_ent = torch.where(finite, t_ent, 0.0)  # (n,)
+        values = {"div": per_token.sum(), "s_ent": s_ent.sum(), "t_ent": t_ent.sum(), "t_n": finite.sum()}
+        for key, value in values.items():
+            self.sums[key] = self.sums[key] + value
         if self.shares is not None:
             shares = self.shares[start : start + per_token.shape[0]]  # (n, T)
-            self.per_teacher.add_((shares * per_token.detach()[:, None]).sum(0).double().cpu())  # (T,)
+            part = (shares * per_token[:, None]).sum(0).double()  # (T,)
+            self.per_teacher = part if self.per_teacher is None else self.per_teacher + part
 
     def result(self, loss: torch.Tensor, n_tokens: int) -> LossSums:
         s = self.sums
         sums = LossSums(loss, s["div"], s["s_ent"], s["t_ent"], s["t_n"], n_tokens, torch.cat(self.s_tok),
                         torch.cat(self.t_tok))  # fmt: skip
         if self.shares is not None:
-            sums.teacher_divergence, sums.teacher_tokens = self.per_teacher, self.shares.sum(0).double().cpu()
+            sums.teacher_divergence, sums.teacher_tokens = self.per_teacher, self.shares.sum(0).double()
         return sums
 
 
@@ -346,8 +360,7 @@ def distillation_loss(
         t_token = terms.teacher_token_logps if teacher.token_logps is None else teacher.token_logps[start:end]
         stats.record(start, terms.per_token, terms.student_entropy, terms.teacher_entropy, terms.student_token_logps,
                      t_token)  # fmt: skip
-        value = terms.per_token.sum() * scale / divisor
-        return value, None if terms.grad_hidden is None else terms.grad_hidden.to(hidden.dtype)
+        return terms.per_token.sum() * scale / divisor, terms.grad_hidden  # (), (n, H) float32
 
     params = head_params
     if params is None and isinstance(student_head, (torch.nn.Module, LinearHead)):

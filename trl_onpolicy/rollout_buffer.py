@@ -34,14 +34,38 @@ from .teachers.base import TeacherScores
 logger = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask", "completion_ids", "completion_mask")  # what a teacher scores
+COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "reference", "behaviour_logps")  # (B, C) tensors
 
 
 def buffer_file(folder: str, process_index: int) -> str:
     return os.path.join(folder, f"rollout_buffer_{process_index}.pt")
 
 
+def trim(part: dict) -> dict:
+    """A micro-batch cut to its own longest prompt and completion: the columns that are padding in all of its rows
+    (left of the prompts, right of the completions) go, so the student computes nothing over them (views)."""
+    n_completion = part["completion_ids"].shape[1]
+    n_prompt = part["input_ids"].shape[1] - n_completion
+    if part["input_ids"].shape[0] == 0:
+        return part
+    lengths = torch.stack([part["attention_mask"][:, :n_prompt].sum(1), part["completion_mask"].sum(1)])  # (2, b)
+    p, c = (max(int(v), 1) for v in lengths.amax(1).tolist())
+    trimmed = {}
+    for key, value in part.items():
+        if key in ("input_ids", "attention_mask"):
+            trimmed[key] = value[:, n_prompt - p : n_prompt + c]  # (b, p + c)
+        elif key == "teacher":
+            trimmed[key] = value.first_columns(c)
+        elif key in COMPLETION_ALIGNED:
+            trimmed[key] = value[:, :c]  # (b, c)
+        else:
+            trimmed[key] = value
+    return trimmed
+
+
 def split(batch: dict, n_micro: int) -> tuple[list[dict], list[tuple[int, int]]]:
-    """Cut a scored batch into `n_micro` micro-batches of consecutive rollouts (views, not copies); and their rows."""
+    """Cut a scored batch into `n_micro` micro-batches of consecutive rollouts, each trimmed to its own lengths
+    ([`trim`]; views, not copies); and their rows."""
     n_rollouts = batch["input_ids"].shape[0]
     bounds = [round(i * n_rollouts / n_micro) for i in range(n_micro + 1)]
     ranges = list(itertools.pairwise(bounds))
@@ -49,7 +73,7 @@ def split(batch: dict, n_micro: int) -> tuple[list[dict], list[tuple[int, int]]]
     for lo, hi in ranges:
         part = {k: v[lo:hi] for k, v in batch.items() if isinstance(v, torch.Tensor)}
         part["teacher"] = batch["teacher"].select(slice(lo, hi))
-        micro.append(part)
+        micro.append(trim(part))
     return micro, ranges
 
 
@@ -114,7 +138,7 @@ class RolloutBuffer:
         micro, self._ranges = split(self.batch, n_micro)
         if self._age > 0 and self.behaviour is not None:
             for part, (lo, hi) in zip(micro, self._ranges):
-                part["behaviour_logps"] = self.behaviour[lo:hi]  # (b, C)
+                part["behaviour_logps"] = self.behaviour[lo:hi, : part["completion_ids"].shape[1]]  # (b, c)
         if self._age == self.num_iterations - 1:
             self.batch = self.behaviour = None
         return micro

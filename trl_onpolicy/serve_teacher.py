@@ -29,11 +29,12 @@ import os
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch, transformers and the teacher are imported when a server starts, not for `--help`
+    from .teachers.local import LocalTeacher
 
-from .rollouts import Rollouts, collate
-from .teachers.local import LocalTeacher
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, local request models included.
 
 MIN_LOGPROB = -9999.0  # vLLM's clamp: JSON cannot carry -inf
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise SystemExit("`serve-teacher` needs FastAPI and uvicorn: pip install 'trl-onpolicy[serve]'") from None
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     api_key = os.environ.get(args.api_key_env) or None
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> None:
 
 def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     """An `AutoModelForCausalLM` and `AutoTokenizer` from `path`, on CUDA when available, in eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +105,7 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     return model.to(device).eval(), tokenizer
 
 
-def score_sequences(teacher: LocalTeacher, sequences: list[list[int]], k: int, temperature: float, decode=str):
+def score_sequences(teacher: "LocalTeacher", sequences: list[list[int]], k: int, temperature: float, decode=str):
     """
     vLLM's `prompt_logprobs` for each sequence, and its greedy next token.
 
@@ -112,6 +116,10 @@ def score_sequences(teacher: LocalTeacher, sequences: list[list[int]], k: int, t
         `(prompt_logprobs, next_tokens)`: per sequence, `[None, {str(id): {"logprob", "rank", "decoded_token"}}, ...]`
         (`L` entries) and the argmax after its last token.
     """
+    import torch
+
+    from .rollouts import Rollouts, collate
+
     device = next(teacher.model.parameters()).device
     rollouts = Rollouts([s[:1] for s in sequences], [s[1:] + [0] for s in sequences], source="dataset")
     batch = collate(rollouts, pad_id=0, device=device)
@@ -246,6 +254,8 @@ def create_app(
     """
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
+
+    from .teachers.local import LocalTeacher
 
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"`logprobs_mode` must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}.")

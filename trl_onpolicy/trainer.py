@@ -33,16 +33,19 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from . import checkpoints, hidden_states, model_card
-from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
+from . import checkpoints, hidden_states, model_card, precision
+from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
-from .launchers import call_with_whole_head, nonfinite_update
+from .launchers import call_with_whole_head
 from .loss import LossSums, distillation_loss, linear_head, output_logits
+from .nonfinite import NonfiniteGuard, deepspeed_skipped, local_nonfinite
 from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
-from .teachers import EnsembleTeacher, LocalTeacher, build_teacher, load_teacher_model
+from .teachers import (
+    EnsembleTeacher, LocalTeacher, build_teacher, load_teacher_model, local_models, micro_batch_rows,
+)  # fmt: skip
 from .teachers.ensemble import per_teacher_metrics
 from .temperature import LossTemperature, grad_scale
 from .vllm_rollouts import VLLMSampler
@@ -138,6 +141,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
         self.reference = self._build_reference(args)
+        self._check_dtypes(student)
         self.generation_config = build_generation_config(args, self._tokenizer)
         self.loss_temperature = LossTemperature(
             schedule=args.loss_temperature_schedule,
@@ -152,7 +156,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._forward_redirection = ForwardRedirection()
         self._step_stats = defaultdict(float)
         self._micro_step, self._window = 0, 1
-        self._nonfinite_in_a_row = self._nonfinite_total = 0
+        self.nonfinite = NonfiniteGuard(args.max_nonfinite_steps)
         self._last_teacher_entropy = None
         self._rng_checkpoint = None  # a checkpoint whose RNG states are still to be restored (resuming)
         self.rollout_buffer = RolloutBuffer(args.num_iterations, keep_logps=args.loss_type == "sampled_reverse_kl")
@@ -221,7 +225,17 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if args.reference_model_name_or_path is None:
             return None
         reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer)
-        return LocalTeacher(reference, vocab_size=self.vocab_size).prepare(self.accelerator)
+        return LocalTeacher(
+            reference, vocab_size=self.vocab_size, micro_batch_size=micro_batch_rows(args)
+        ).prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
+
+    def _check_dtypes(self, student):
+        """One half-precision format per run (see [`~trl_onpolicy.precision.check_teacher_dtype`])."""
+        autocast = precision.autocast_dtype(self.accelerator)
+        frozen = [("teacher", m) for m in local_models(self.teacher)]
+        frozen += [("reference model", self.reference.model)] if self.reference is not None else []
+        for what, model in frozen:
+            precision.check_teacher_dtype(student.dtype, model.dtype, autocast, what)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if formatting_func is not None:
@@ -332,7 +346,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         batch = self.score(rollouts)
         t2 = time.perf_counter()
         stats = rollout_stats(rollouts, batch, self.accelerator)
-        num_items = self.accelerator.gather(batch["completion_mask"].sum().reshape(1)).sum()
+        num_items = float(self.accelerator.gather(batch["completion_mask"].sum().reshape(1)).sum())  # one sync a step
         self.rollout_buffer.put(self.state.global_step, batch, num_items, stats)
         if any(hasattr(c, "on_scored") for c in self.callback_handler.callbacks):
             self._pending = {"rollouts": rollouts, "student": [], "teacher": []}
@@ -360,20 +374,22 @@ class OnPolicyDistillTrainer(SFTTrainer):
             zero = student(input_ids=pad, use_cache=False).logits.sum() * 0.0  # touches the weights (DDP reduces)
             empty = zero.new_zeros(0)  # (0,)
             return zero, LossSums(zero, student_token_logps=empty, teacher_token_logps=empty)
-        out = student(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            **position_kwargs(causal_lm, inputs["attention_mask"]),
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1][:, -n_completion - 1 : -1]  # (B, C, H)
+        backbone = causal_lm.base_model  # the network without its head: the loss projects the hidden states itself
+        with self.accelerator.autocast():  # as accelerate runs the model's forward, without casting outputs to float32
+            out = backbone(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                **position_kwargs(backbone, inputs["attention_mask"]),
+                output_hidden_states=hidden_states_request([i for i, _ in self.hidden_pairs or []]),
+                use_cache=False,
+            )
+        hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # (B, C, H)
         mask = inputs["completion_mask"].bool()  # (B, C)
         teacher = inputs["teacher"].flatten(mask)
+        autocast = precision.autocast_dtype(self.accelerator)
         sums = call_with_whole_head(causal_lm, lambda h: distillation_loss(  # a sharded head gathered once
             h,  # (N, H)
-            linear_head(causal_lm) or (lambda x: output_logits(causal_lm, x)),
+            linear_head(causal_lm, autocast=autocast) or (lambda x: output_logits(causal_lm, x, autocast)),
             teacher,
             inputs["completion_ids"][mask],  # (N,)
             loss_type=self.args.loss_type,
@@ -400,7 +416,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         """Divergence on completion tokens, divided by the step's global token count (times processes for DDP)."""
         if num_items_in_batch is None:  # evaluation: this batch alone
             num_items_in_batch = self.accelerator.gather(inputs["completion_mask"].sum().reshape(1)).sum()
-        num_items = num_items_in_batch.clamp(min=1).item() / self.accelerator.num_processes
+        num_items = max(float(num_items_in_batch), 1.0) / self.accelerator.num_processes
         student = self.accelerator.unwrap_model(model)
         loss, sums = self._forward_redirection(model, student, self._student_loss, student, inputs, num_items)
         stats = self._step_stats
@@ -411,7 +427,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             stats["per_teacher"] = stats.get("per_teacher", 0) + torch.cat(
                 [sums.teacher_divergence, sums.teacher_tokens]
             )
-        stats["nonfinite"] += float(not torch.isfinite(loss).item())
+        stats["nonfinite"] += (~torch.isfinite(loss.detach())).float()  # no host sync: read once per step
         if self.model.training:
             self.rollout_buffer.record(self._micro_step, sums.student_token_logps)  # the behaviour policy of reuses
             if getattr(self, "_pending", None) is not None:
@@ -427,17 +443,25 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return loss
 
     def _finish_step(self, model):
-        """Gather the step's statistics, skip a non-finite update, and log the step's metrics."""
+        """Gather the step's statistics (one reduction, one host sync), skip a non-finite update, log the metrics."""
         stats = self._step_stats
-        keys = ("divergence", "student_entropy", "teacher_entropy", "teacher_entropy_tokens", "local_tokens", "nonfinite",
-                "hidden_distance")  # fmt: skip
-        local = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        total = dict(zip(keys, self.accelerator.reduce(local, reduction="sum").tolist()))
-        what = nonfinite_update(model, self.accelerator, total["nonfinite"] > 0)  # agreed by all processes
+        keys = ("divergence", "student_entropy", "teacher_entropy", "teacher_entropy_tokens", "local_tokens",
+                "nonfinite", "hidden_distance")  # fmt: skip
+        device = self.accelerator.device
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        local = torch.stack(
+            [torch.as_tensor(stats[k], dtype=torch.float64, device=device) for k in keys]
+            + [local_nonfinite(grads).to(device=device, dtype=torch.float64)]
+        )  # (8,)
+        values = self.accelerator.reduce(local, reduction="sum").tolist()
+        total = dict(zip((*keys, "nonfinite_grads"), values))
+        skipped = deepspeed_skipped(model, total["nonfinite"] > 0)  # DeepSpeed stepped inside `backward` already
+        grads_nonfinite = total["nonfinite_grads"] > 0 if skipped is None else skipped
+        what = self.nonfinite.check(self.state.global_step + 1, model.parameters(), total["nonfinite"] > 0,
+                                    grads_nonfinite, self.accelerator.scaler)  # fmt: skip
         if what is not None:
-            self._skip_update(model, what)
-        else:
-            self._nonfinite_in_a_row = 0
+            self.nonfinite.raise_if_stuck(self.state.global_step + 1, what, self.args.learning_rate,
+                                          self.loss_temperature.value, self.args.output_dir)  # fmt: skip
         tokens = max(total["local_tokens"], 1.0)
         if total["teacher_entropy_tokens"] > 0:
             self._last_teacher_entropy = total["teacher_entropy"] / total["teacher_entropy_tokens"]
@@ -452,7 +476,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         seconds = time.perf_counter() - self._step_start
         metrics["time/update"].append(seconds - metrics["time/generation"][-1] - metrics["time/teacher"][-1])
         metrics["tokens_per_second"].append(stats["tokens"] / max(seconds, 1e-9))
-        metrics["nonfinite_skipped"] = [float(self._nonfinite_total)]
+        metrics["nonfinite_skipped"] = [float(self.nonfinite.total)]
         self._emit_records()
 
     def _log_per_teacher(self, local):
@@ -464,24 +488,6 @@ class OnPolicyDistillTrainer(SFTTrainer):
         total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").tolist()
         for key, value in per_teacher_metrics(names, total).items():
             self._metrics["train"][key].append(value)
-
-    def _skip_update(self, model, what: str):
-        for p in model.parameters():
-            p.grad = None  # the optimizer skips parameters without a gradient: no update, no moment change
-        self._nonfinite_in_a_row += 1
-        self._nonfinite_total += 1
-        step = self.state.global_step + 1
-        logger.warning(
-            "Step %d: non-finite %s; the update is skipped (%d in a row).", step, what, self._nonfinite_in_a_row
-        )
-        if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"Training stopped at step {step}: {self._nonfinite_in_a_row} updates in a row had a non-finite "
-                f"{what} (NaN or inf) and were skipped. Likely causes: a learning rate too high "
-                f"({self.args.learning_rate}), a loss temperature too low ({self.loss_temperature.value:.3g}), or a "
-                "teacher returning -inf log-probs for tokens the student samples. The last checkpoint in "
-                f"{self.args.output_dir} is intact."
-            )
 
     def _emit_records(self):
         pending, self._pending = getattr(self, "_pending", None), None

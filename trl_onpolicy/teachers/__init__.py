@@ -30,6 +30,8 @@ __all__ = [
     "build_teacher",
     "build_teacher_cache",
     "compared_vocab_size",
+    "local_models",
+    "micro_batch_rows",
 ]
 
 
@@ -73,13 +75,27 @@ def load_teacher_model(path: str, args, tokenizer) -> PreTrainedModel:
     return load_frozen_model(path, **init_kwargs)  # FSDP RAM-efficient loading: read by the main process only
 
 
+def micro_batch_rows(args) -> int:
+    """Rollouts in one micro-batch of the student (`per_device_train_batch_size * num_generations`): what a local
+    teacher or reference model scores per forward pass."""
+    return args.per_device_train_batch_size * args.num_generations
+
+
+def local_models(teacher: Teacher) -> list:
+    """The models a teacher runs in this process (its own, not a LoRA student's base network), for checks."""
+    members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
+    return [m.model for m in members if isinstance(m, LocalTeacher) and not m.disable_adapters]
+
+
 def _is_url(value) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
 def _one_teacher(spec, args, tokenizer, chunk_size: int) -> Teacher:
     """One backend from a spec: a `Teacher`, a model, a server URL, a cache folder, or a model id or path.
-    `chunk_size`: positions a local teacher projects to the whole vocabulary at once (top-k, sampled tokens)."""
+    `chunk_size`: positions a local teacher projects to the whole vocabulary at once (top-k, sampled tokens); a local
+    teacher scores the student's micro-batch per forward pass (see [`micro_batch_rows`])."""
+    rows = micro_batch_rows(args)
     if isinstance(spec, TeacherCache):
         spec.check_config(args)  # lmbda, temperature and top-k must fit what the cache holds
         return spec
@@ -90,9 +106,10 @@ def _one_teacher(spec, args, tokenizer, chunk_size: int) -> Teacher:
     if isinstance(spec, (str, os.PathLike)):
         if is_teacher_cache(spec):
             return TeacherCache.from_config(spec, args, tokenizer)
-        return LocalTeacher(load_teacher_model(str(spec), args, tokenizer), chunk_size=chunk_size)
+        model = load_teacher_model(str(spec), args, tokenizer)
+        return LocalTeacher(model, chunk_size=chunk_size, micro_batch_size=rows)
     if isinstance(spec, PreTrainedModel) or is_peft_model(spec):
-        return LocalTeacher(spec, chunk_size=chunk_size)
+        return LocalTeacher(spec, chunk_size=chunk_size, micro_batch_size=rows)
     raise TypeError(
         "A teacher must be a model id or path, a server URL, a teacher-cache folder, a `PreTrainedModel`, or a "
         f"`trl_onpolicy.teachers.Teacher`, got {type(spec).__name__}."
@@ -123,7 +140,9 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
         )
     elif teacher_model is None and is_peft_model(student):
         logger.info("No teacher given: the LoRA student's base network (adapters disabled) is the teacher.")
-        teacher = LocalTeacher(student, disable_adapters=True, chunk_size=chunk_size)
+        teacher = LocalTeacher(
+            student, disable_adapters=True, chunk_size=chunk_size, micro_batch_size=micro_batch_rows(args)
+        )
     elif teacher_model is None:
         raise ValueError(
             "No teacher: pass `teacher_model=` to the trainer or set `teacher_model_name_or_path` in the config "

@@ -74,6 +74,10 @@ class TeacherScores:
         index = torch.as_tensor(rows, dtype=torch.long)
         return self._map(lambda t: t[index.to(t.device)])
 
+    def first_columns(self, n_completion: int) -> TeacherScores:
+        """Keep the first `n_completion` completion positions: `(B, C, ...)` -> `(B, n_completion, ...)` (views)."""
+        return self._map(lambda t: t[:, :n_completion])
+
     def flatten(self, completion_mask: torch.Tensor) -> TeacherScores:
         """Keep the real completion tokens only: `(B, C, ...)` -> `(N, ...)`."""
         keep = completion_mask.bool()
