@@ -9,6 +9,8 @@ the launcher (`cpu_launchers.py`) and adds what a scenario needs:
     --scenario nan          the teacher's scores of step 1 are NaN (the update must be skipped on every process)
     --scenario buffer       a checkpoint inside a reuse window (num_iterations=2) whose rollout buffer of process 1 is
                             gone, resumed
+    --scenario uneven       a filter keeps 4 rollouts a step on process 0 and 1 on process 1 (2 micro-batches of 2):
+                            the teacher's passes differ (2 vs 1) and process 1 has an empty micro-batch
 
     accelerate launch --multi_gpu --num_processes 2 ... tests/launcher_script.py --launcher fsdp2 --out two.json
 """
@@ -67,6 +69,18 @@ class SpreadLengths(DistillCallback):
         self.longest.append(max(len(c) for c in rollouts.completion_ids))
 
 
+class KeepOnProcessOne(DistillCallback):
+    """Keeps only the first rollout of each step on process 1 (an uneven filter); records how many each step kept."""
+
+    def __init__(self):
+        self.kept = []
+
+    def on_rollouts(self, args, state, control, rollouts, **kwargs):
+        kept = rollouts.select([0]) if PartialState().process_index == 1 else rollouts
+        self.kept.append(len(kept))
+        return kept
+
+
 class SigtermOneProcess(DistillCallback):
     """Sends SIGTERM to this process during step 2, on process `rank` only."""
 
@@ -84,7 +98,7 @@ def main():
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--launcher", required=True, choices=["ddp", "fsdp2", "zero3"])
     parser.add_argument("--scenario", default="equivalence",
-                        choices=["equivalence", "on-policy", "sigterm", "nan", "buffer"])  # fmt: skip
+                        choices=["equivalence", "on-policy", "sigterm", "nan", "buffer", "uneven"])  # fmt: skip
     parser.add_argument("--teacher-source", default="memory", choices=["memory", "disk", "meta"])
     parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden"])
     parser.add_argument("--eval", action="store_true")
@@ -106,6 +120,10 @@ def main():
     elif cli.scenario == "sigterm":
         result = base.run(cli.out, max_steps=4, callbacks=[SigtermOneProcess(rank=1)], **common)
         extra = {"global_steps": gather_object([result["global_step"]])}
+    elif cli.scenario == "uneven":
+        uneven = KeepOnProcessOne()
+        result = base.run(cli.out, callbacks=[uneven], gradient_accumulation_steps=2, **common)
+        extra = {"kept": gather_object([uneven.kept])}
     elif cli.scenario == "nan":
         result = base.run(cli.out, wrap_teacher=NaNTeacherAtCall, **common)
     else:  # buffer

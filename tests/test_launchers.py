@@ -12,6 +12,7 @@ What each proves:
   from disk under `zero.Init`); lm-eval before training and at the round end completes and scores the initial student
   as one process does;
 - on-policy: processes sampling completions of different lengths (their own seeds, stop strings) finish their steps;
+- processes holding different numbers of rollouts (a filter) make the same number of sharded teacher passes;
 - SIGTERM delivered to one process only stops both after the same step, with a whole checkpoint;
 - a non-finite step is skipped on every process (ZeRO-3: by DeepSpeed itself, read back), and the weights equal those
   of one process that skipped the same step;
@@ -69,6 +70,17 @@ def test_sharded_on_policy_with_different_lengths_per_process_completes(tmp_path
     assert two["student_sharded"] and two["teacher_sharded"]
     longest = two["longest"]  # per process, per step: the longest completion it sampled
     assert any(a != b for a, b in zip(*longest)), f"the processes sampled equal lengths, a vacuous test: {longest}"
+    assert len(two["logs"]) == 2
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in two["logs"])
+
+
+@pytest.mark.parametrize("launcher", ["fsdp2", "zero3"])
+def test_sharded_teacher_with_uneven_rollouts_per_process_completes(tmp_path, launcher):
+    """A filter keeps 4 rollouts on process 0 and 1 on process 1: the sharded teacher scores 2 micro-batches on one
+    and 1 on the other (process 1 makes an idle pass), and process 1 trains an empty micro-batch."""
+    two = launch(tmp_path, launcher, "--scenario", "uneven")
+    assert two["teacher_sharded"]
+    assert two["kept"] == [[4, 4], [1, 1]]  # per process, per step
     assert len(two["logs"]) == 2
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in two["logs"])
 

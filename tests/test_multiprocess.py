@@ -14,7 +14,6 @@ How the processes are launched, and why not with `--cpu`: see `tests/mp_distill_
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import mp_distill_script as script
+import psutil
 import pytest
 import torch
 from datasets import Dataset
@@ -55,15 +55,13 @@ def launch_two_processes(tmp_path: Path, *script_args: str, script: Path = SCRIP
         str(script), "--out", str(out), "--output-dir", str(tmp_path / "trainer"), *script_args,
     ]  # fmt: skip
     start = time.perf_counter()
-    # a session of its own: on a hang the launcher and both workers are killed together (no orphan keeps a core busy)
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        start_new_session=True,
-    )  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         _, stderr = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # on a hang the workers go too (torchrun starts them in sessions of their own): no orphan keeps a core busy
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            process.kill()
         _, stderr = proc.communicate()
         pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (hang?). stderr tail:\n{stderr[-3000:]}")
     assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{stderr[-5000:]}"

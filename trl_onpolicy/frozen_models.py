@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from ._compat import DTensor, fully_shard
 from .fused_divergence import LinearHead
 from .launchers import FSDP2, ZERO3, any_process, is_fsdp_module_of, launcher
-from .loss import linear_head, logit_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +233,8 @@ def frozen_head(model):
     is a [`~trl_onpolicy.fused_divergence.LinearHead`] over its weights; a sharded one is gathered once here (a
     collective) into a copy that lives as long as the scores; any other head is its module, called per chunk.
     """
+    from .loss import linear_head, logit_multiplier  # here: loss imports the teachers, which import this module
+
     head = linear_head(model, detach=True)
     if head is not None:
         return head

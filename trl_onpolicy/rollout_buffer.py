@@ -79,10 +79,13 @@ def split(batch: dict, n_micro: int) -> tuple[list[dict], list[tuple[int, int]]]
 
 def rollout_stats(rollouts: Rollouts, batch: dict, accelerator) -> dict[str, float]:
     """Completion length, truncated fraction and completion tokens of a scored batch, over all processes (a reuse
-    step logs its batch's again)."""
+    step logs its batch's again). Processes may hold different numbers of rollouts (an `on_rollouts` filter): each
+    pads its rows to the longest count before the gather, and the padding rows are dropped after it."""
     lengths = batch["completion_mask"].sum(1).float()  # (B,)
     truncated = torch.tensor(rollouts.truncated, dtype=torch.float32, device=lengths.device)  # (B,)
-    lengths, truncated = accelerator.gather_for_metrics((lengths, truncated))
+    rows = torch.stack([lengths, truncated, torch.ones_like(lengths)], 1)  # (B, 3): the last column marks real rows
+    rows = accelerator.gather(accelerator.pad_across_processes(rows, dim=0))  # (P * B_max, 3)
+    lengths, truncated, _ = rows[rows[:, 2] > 0].unbind(1)  # (B_all,) each
     return {
         "completion_length": lengths.mean().item(),
         "truncated_fraction": truncated.mean().item(),

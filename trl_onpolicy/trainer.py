@@ -370,10 +370,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         n_completion = inputs["completion_ids"].shape[1]
         causal_lm = student.get_base_model() if is_peft_model(student) else student
         if inputs["input_ids"].shape[0] == 0:  # `on_rollouts` kept fewer rollouts than there are micro-batches
-            pad = torch.full((1, 1), self._tokenizer.pad_token_id, device=inputs["input_ids"].device)  # (1, 1)
-            zero = student(input_ids=pad, use_cache=False).logits.sum() * 0.0  # touches the weights (DDP reduces)
-            empty = zero.new_zeros(0)  # (0,)
-            return zero, LossSums(zero, student_token_logps=empty, teacher_token_logps=empty)
+            sums = self._empty_loss(causal_lm)
+            return sums.loss, sums
         backbone = causal_lm.base_model  # the network without its head: the loss projects the hidden states itself
         with self.accelerator.autocast():  # as accelerate runs the model's forward, without casting outputs to float32
             out = backbone(
@@ -411,6 +409,20 @@ class OnPolicyDistillTrainer(SFTTrainer):
             )
             sums.loss = sums.loss + term
         return sums.loss, sums
+
+    def _empty_loss(self, causal_lm) -> LossSums:
+        """A zero loss over one pad token, making the module calls of any micro-batch (backbone, then the head through
+        `call_with_whole_head`): DDP reduces every weight's gradient, and under FSDP2 / ZeRO-3 this process gathers
+        the weights the others gather (ZeRO-3 also checks that the processes call the same submodules)."""
+        pad = torch.full((1, 1), self._tokenizer.pad_token_id, device=self.accelerator.device)  # (1, 1)
+        hidden = causal_lm.base_model(input_ids=pad, use_cache=False).last_hidden_state[:, -1]  # (1, H)
+
+        def zero(h):
+            head = linear_head(causal_lm) or (lambda x: output_logits(causal_lm, x))
+            loss = head(h).float().sum() * 0.0
+            return LossSums(loss, student_token_logps=loss.new_zeros(0), teacher_token_logps=loss.new_zeros(0))
+
+        return call_with_whole_head(causal_lm, zero, hidden)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Divergence on completion tokens, divided by the step's global token count (times processes for DDP)."""
