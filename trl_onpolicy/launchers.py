@@ -21,8 +21,6 @@ Two rules follow, and the package keeps them:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ._compat import DTensor, FSDPModule
@@ -130,29 +128,3 @@ def max_over_processes(accelerator, value: int) -> int:
         return int(value)
     local = torch.tensor([int(value)], dtype=torch.long, device=accelerator.device)
     return int(accelerator.gather(local).max().item())
-
-
-@contextlib.contextmanager
-def whole_model(model, accelerator):
-    """
-    `model` with all its weights in this process, on every process (a collective): ZeRO-3's parameters gathered,
-    FSDP2's unsharded; as it is elsewhere. For what must run on one process only (lm-eval on the main process):
-    nothing inside may call another collective.
-    """
-    kind = launcher(accelerator)
-    if kind == ZERO3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield model
-    elif kind == FSDP2:
-        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        for unit in units:
-            unit.unshard()
-        try:
-            yield model
-        finally:
-            for unit in units:
-                unit.reshard()
-    else:
-        yield model
