@@ -98,7 +98,7 @@ def test_a_sharded_teacher_routed_no_rows_still_makes_its_pass():
             return super().score(batch, **kwargs)
 
     idle = Counting(tm.model(tok, seed=2))
-    idle.sharded = True  # as `prepare` marks a teacher that FSDP2 / ZeRO-3 sharded
+    idle.sharded, idle.accelerator = True, accelerator()  # as `prepare` marks a teacher that FSDP2 / ZeRO-3 sharded
     teacher = EnsembleTeacher({"a": LocalTeacher(tm.model(tok, seed=1)), "b": idle}, "route")
     ids = torch.tensor([[5, 6, 7, 8]])  # (1, 4): one row, routed to "a"
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_ids": ids[:, 2:],

@@ -86,14 +86,13 @@ def place_frozen_model(model, accelerator):
     kind = launcher(accelerator)
     if kind == ZERO3:
         return _zero3_engine(model, accelerator)
+    if kind != FSDP2:  # replicated: refused before anything is allocated on the device
+        check_fits(model_bytes(model), device_memory(accelerator.device), kind)
     if any_process(accelerator, any(t.is_meta for t in model.state_dict().values())):
         _load_from_main(model, accelerator, shard=kind == FSDP2)
     elif kind == FSDP2:
         _fully_shard(model, accelerator)
-    if kind != FSDP2:
-        check_fits(model_bytes(model), device_memory(accelerator.device), kind)
-        model.to(accelerator.device)
-    return model
+    return model if kind == FSDP2 else model.to(accelerator.device)
 
 
 # --------------------------------------------------------------------------------------------------- replicated
@@ -152,6 +151,7 @@ def _load_from_main(model, accelerator, shard: bool) -> None:
     """The main process's weights on every process: broadcast into the others' meta tensors (then sharded)."""
     if accelerator.is_main_process and any(t.is_meta for t in model.state_dict().values()):
         raise ValueError("The main process holds the teacher on the meta device: there are no weights to broadcast.")
+    logger.info("The teacher's weights are broadcast from the main process%s.", " and sharded" if shard else "")
     buffers, full = _non_persistent_buffers(model, accelerator), model.state_dict()
     if shard:
         from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict

@@ -12,8 +12,7 @@
 Two rules follow, and the package keeps them:
 
 - a forward pass through a sharded model is a collective: every process makes the same number of them, in the same
-  order (generation with `synced_gpus`, teacher passes counted and equalised, the eval hook gathering the student on
-  every process);
+  order (generation with `synced_gpus`, teacher passes counted and equalised, the eval hook run on every process);
 - a decision one process could take alone (a SIGTERM seen, a checkpoint file found, a non-finite gradient in its
   shard) is reduced over the processes first ([`any_process`], `trl_onpolicy.nonfinite`), so that they all take the
   same branch.
@@ -78,8 +77,9 @@ def call_with_whole_head(model, loss_fn, hidden: torch.Tensor):
     """
     `loss_fn(hidden)` with the output head of `model` whole. Under ZeRO-3 it runs as the head's own forward, so that
     DeepSpeed gathers the head's parameters before it (on every process, once) and again for the backward pass, as
-    for any submodule call; elsewhere it runs directly. FSDP2 (accelerate >= 1.16) leaves the head unsharded after the
-    forward pass that precedes this call (its unit is `reshard_after_forward=False`); a head still sharded is refused.
+    for any submodule call; elsewhere it runs directly. Under FSDP2, accelerate 1.16 puts the head in a unit with the
+    final norm that stays unsharded after the forward pass preceding this call (`reshard_after_forward=False`); a head
+    still sharded there is refused.
 
     `loss_fn` returns an object whose `loss` is the differentiable loss ([`~trl_onpolicy.loss.LossSums`]).
     """
@@ -103,8 +103,8 @@ def call_with_whole_head(model, loss_fn, hidden: torch.Tensor):
     if DTensor is not None and any(isinstance(p.data, DTensor) for p in params):
         raise RuntimeError(
             "The student's output head is still sharded (FSDP2 DTensor) after its forward pass, so the loss cannot "
-            "walk its vocabulary. accelerate >= 1.16 keeps the head's FSDP unit unsharded after the forward pass "
-            "(`reshard_after_forward=False`): upgrade accelerate, or train with DeepSpeed ZeRO-3."
+            "walk its vocabulary. accelerate 1.16 keeps the head's FSDP unit (with the final norm) unsharded after the "
+            "forward pass (`reshard_after_forward=False`): use accelerate 1.16, or train with DeepSpeed ZeRO-3."
         )
     return loss_fn(hidden)
 

@@ -77,7 +77,10 @@ class EnsembleTeacher(Teacher):
 
     def prepare(self, accelerator) -> EnsembleTeacher:
         for teacher in self.teachers.values():
-            teacher.prepare(accelerator)
+            if isinstance(teacher, Teacher):
+                teacher.prepare(accelerator)
+            else:  # a bare model given as a member
+                teacher.to(accelerator.device)
         return self
 
     def describe(self) -> str:
