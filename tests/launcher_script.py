@@ -100,7 +100,7 @@ def main():
     parser.add_argument("--scenario", default="equivalence",
                         choices=["equivalence", "on-policy", "sigterm", "nan", "buffer", "uneven"])  # fmt: skip
     parser.add_argument("--teacher-source", default="memory", choices=["memory", "disk", "meta"])
-    parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden"])
+    parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden", "self"])
     parser.add_argument("--eval", action="store_true")
     cli = parser.parse_args()
 

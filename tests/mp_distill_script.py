@@ -107,7 +107,7 @@ def run(
     Train `max_steps` steps; the main process writes (and every process returns) the summary described above.
     `teachers="mixture"`: two teachers (one wider than the student) mixed per token with weights 0.25 / 0.75;
     `teachers="hidden"`: a wider teacher with hidden-state matching (a learned projection, trained and synchronised like
-    the student's weights). `launcher`: `"ddp"`, `"fsdp2"` or `"zero3"` (see `cpu_launchers.py`); `teacher_source`:
+    the student's weights); `teachers="self"`: a LoRA student (random adapters) distilled from its own base network. `launcher`: `"ddp"`, `"fsdp2"` or `"zero3"` (see `cpu_launchers.py`); `teacher_source`:
     see [`placed_teacher`]; `wrap_teacher`: a function of the teacher model giving the teacher backend; `config`:
     more `OnPolicyDistillConfig` fields; `resume`: a checkpoint to resume from.
     """
@@ -122,6 +122,11 @@ def run(
         extra = {"teacher_mixture": "weighted", "teacher_weights": {"a": 0.25, "b": 0.75}}
     elif teachers == "hidden":
         teacher_hidden, teacher_seed, extra = 48, 2, {"hidden_state_weight": 0.5}
+    peft = None
+    if teachers == "self":  # a LoRA student whose base network is its teacher; random adapters, so the loss is not 0
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     args = OnPolicyDistillConfig(
         output_dir=output_dir,
         max_steps=max_steps,
@@ -144,6 +149,7 @@ def run(
     teacher = wrap_teacher(teacher) if wrap_teacher is not None else teacher
     if teachers == "mixture":
         teacher = {"a": teacher, "b": tiny_model(tok, arch, seed=2, hidden=48)}
+    teacher = None if teachers == "self" else teacher
     recorder = RecordPrompts(tok)
     trainer = OnPolicyDistillTrainer(
         model=student,
@@ -152,8 +158,10 @@ def run(
         train_dataset=Dataset.from_dict(columns),
         processing_class=tok,
         callbacks=[recorder, *callbacks],
+        peft_config=peft,
     )
-    initial = {n: p.detach().clone().double() for n, p in student.named_parameters()}  # with a projector, if any
+    trained = trainer.accelerator.unwrap_model(trainer.model)  # the student, with a projector or LoRA adapters if any
+    initial = {n: p.detach().clone().double() for n, p in trained.named_parameters()}
     trainer.train(resume_from_checkpoint=resume)
 
     prompts = gather_object([recorder.steps])  # one list of steps per process

@@ -11,6 +11,7 @@ What each proves:
   meta device on process 1 (FSDP2: broadcast from process 0) or partitioned by `from_pretrained` (ZeRO-3: loaded
   from disk under `zero.Init`); lm-eval before training and at the round end completes and scores the initial student
   as one process does;
+- self-distillation (a LoRA student, its base network the teacher) sharded == one process;
 - on-policy: processes sampling completions of different lengths (their own seeds, stop strings) finish their steps;
 - processes holding different numbers of rollouts (a filter) make the same number of sharded teacher passes;
 - SIGTERM delivered to one process only stops both after the same step, with a whole checkpoint;
@@ -62,6 +63,17 @@ def test_sharded_two_processes_match_one_process(tmp_path, launcher, teacher_sou
     assert "error" not in before and "error" not in after, (before, after)
     assert before["metrics"] == alone["metrics"]
     assert alone["metrics"]["toy_mmlu"]["acc,none"] > 0, "a zero score would not tell the students apart"
+
+
+@pytest.mark.parametrize("launcher", ["fsdp2", "zero3"])
+def test_sharded_self_distillation_matches_one_process(tmp_path, launcher):
+    """A LoRA student whose teacher is its own base network (adapters off): the teacher's passes run on the sharded
+    student itself."""
+    two = launch(tmp_path, launcher, "--teachers", "self")
+    assert two["student_sharded"]
+    one = one_process(tmp_path, teachers="self")
+    assert any("lora_" in name for name in one["weights"])
+    assert_same_training(one, two)
 
 
 @pytest.mark.parametrize("launcher", ["fsdp2", "zero3"])

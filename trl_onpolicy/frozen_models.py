@@ -209,18 +209,18 @@ def _without_auto(config):
 
 
 # ------------------------------------------------------------------------------------------------------- calls
-def base_model_outputs(lm, **kwargs):
+def base_model_outputs(model, backbone, **kwargs):
     """
-    `lm.base_model(**kwargs)` (the final hidden states, without the head). An FSDP2-sharded model runs through its own
-    forward instead, whose root unit gathers the weights the inner model uses (the embeddings, the final norm), and
-    the inner model's output is caught with a hook; the head then projects one position per row only.
+    `backbone(**kwargs)`: the final hidden states of `model`'s network without its head. An FSDP2-sharded `model`
+    runs through its own forward instead (`model` is the outermost module, the FSDP root: its unit gathers the weights
+    no inner unit holds), and the backbone's output is caught with a hook; the head then projects one position per row.
     """
-    if DTensor is None or not any(isinstance(p, DTensor) for p in lm.parameters()):
-        return lm.base_model(**kwargs)
+    if DTensor is None or not any(isinstance(p, DTensor) for p in model.parameters()):
+        return backbone(**kwargs)
     caught = []
-    handle = lm.base_model.register_forward_hook(lambda module, args, output: caught.append(output))
+    handle = backbone.register_forward_hook(lambda module, args, output: caught.append(output))
     try:
-        lm(**kwargs, logits_to_keep=1)
+        model(**kwargs, logits_to_keep=1)
     finally:
         handle.remove()
     return caught[0]

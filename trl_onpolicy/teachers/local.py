@@ -86,8 +86,9 @@ class LocalTeacher(Teacher):
         """One pass over `(b, p + c)` inputs: `(b, c, H_t)` final hidden states at the positions predicting the `c`
         completion tokens, and `(b, c, L, H_t)` of `layers` (or None)."""
         lm = self._causal_lm()
-        out = base_model_outputs(  # `lm.base_model(...)`; through `lm`'s own forward when FSDP2 shards it
-            lm,
+        out = base_model_outputs(  # `lm.base_model(...)`; through the outermost module's forward when FSDP2 shards it
+            self.model,
+            lm.base_model,
             input_ids=input_ids,
             attention_mask=attention_mask,
             **position_kwargs(lm.base_model, attention_mask),
@@ -117,10 +118,12 @@ class LocalTeacher(Teacher):
         completion_lengths = batch["completion_mask"].sum(1).tolist()
         hidden = layer_hidden = None
         groups = self.row_groups(n_rows)
-        # a sharded model's weights are gathered into tensors that must outlive inference mode
-        no_grad = torch.no_grad if self.sharded else torch.inference_mode
+        # a sharded model's weights are gathered into tensors that must outlive inference mode (the student's base
+        # network is sharded only once training starts)
+        sharded = self.sharded or (self.disable_adapters and has_sharded_parameters(self.model))
+        no_grad = torch.no_grad if sharded else torch.inference_mode
         try:
-            if self.sharded:  # every process makes as many passes as the busiest one
+            if sharded:  # every process makes as many passes as the busiest one
                 self._idle_passes(batch, max_over_processes(self.accelerator, len(groups)) - len(groups), no_grad)
             for lo, hi in groups:
                 p, c = max(max(prompt_lengths[lo:hi]), 1), max(max(completion_lengths[lo:hi]), 1)
