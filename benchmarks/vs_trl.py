@@ -132,17 +132,25 @@ class GKDPromptCollator:
                 "labels": labels}  # fmt: skip
 
 
-def build(name: str, vocab: int, completion: int, steps: int, out_dir: str, callbacks):
-    """A trainer `name` on fresh models (same seeds for every trainer) and the same prompts."""
+def build(name: str, vocab: int, completion: int, steps: int, out_dir: str, callbacks, models=None,
+          trainer_kwargs: dict | None = None, **overrides):
+    """
+    A trainer `name` on fresh models (same seeds for every trainer) and the same prompts.
+
+    `models`: a `(student, teacher)` pair to train instead of this script's Llamas (`gpu_check.py` passes Qwen-shaped
+    ones); `overrides`: training-argument fields over `common_args` (`per_device_train_batch_size` also sets how many
+    prompt rows there are); `trainer_kwargs`: more keywords for our trainer (`peft_config`).
+    """
     tok = char_tokenizer()
-    student, teacher = llama(0, *STUDENT, vocab), llama(1, *TEACHER, vocab)
-    data = prompts(BATCH * steps)
-    args = common_args(out_dir, steps)
+    student, teacher = models or (llama(0, *STUDENT, vocab), llama(1, *TEACHER, vocab))
+    args = {**common_args(out_dir, steps), **overrides}
+    data = prompts(args["per_device_train_batch_size"] * steps)
     if name == "ours":
         config = OnPolicyDistillConfig(**args, lmbda=1.0, loss_type="jsd", max_completion_length=completion)
         trainer = OnPolicyDistillTrainer(
-            student, teacher, args=config, train_dataset=data, processing_class=tok, callbacks=callbacks
-        )
+            student, teacher, args=config, train_dataset=data, processing_class=tok, callbacks=callbacks,
+            **(trainer_kwargs or {}),
+        )  # fmt: skip
         teacher_model = trainer.teacher.model
     elif name == "trl":
         config = trl.DistillationConfig(**args, max_completion_length=completion, shuffle_dataset=False)

@@ -4,7 +4,8 @@
 
 `on_rollouts(args, state, control, rollouts)` runs on every process after the completions of a step are sampled and
 before the teacher scores them. Return `None` to keep them, or a `Rollouts` (`rollouts.select(indices)` to filter,
-`dataclasses.replace(rollouts, completion_ids=...)` to edit) to replace them. A filter must keep at least one
+`dataclasses.replace(rollouts, completion_ids=...)` to edit; with vLLM, edit `sampling_logps` alike, NaN for a token
+vLLM did not sample) to replace them. A filter must keep at least one
 completion per step. The loss is normalised by the step's token count after the callback, so dropping rows changes
 nothing else. Callbacks run in the order they were added and each sees what the previous one returned, so a filter
 and an editor combine: `callbacks=[DropTruncated(), CutAfterAnswer()]`.
@@ -20,6 +21,7 @@ Two examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import torch
@@ -60,13 +62,18 @@ class CutAfterAnswer(DistillCallback):
         return None
 
     def on_rollouts(self, args, state, control, rollouts, **kwargs):
-        completions, truncated = [], []
-        for ids, was_truncated in zip(rollouts.completion_ids, rollouts.truncated):
+        completions, truncated, logps = [], [], []
+        for i, (ids, was_truncated) in enumerate(zip(rollouts.completion_ids, rollouts.truncated)):
             cut = self._cut(ids)
             completions.append(ids if cut is None else cut)
             truncated.append(was_truncated if cut is None else False)
             self.edited += cut is not None
-        return dataclasses.replace(rollouts, completion_ids=completions, truncated=truncated)
+            if rollouts.sampling_logps is not None:  # vLLM's log-probs: cut alike; the added EOS was not sampled
+                sampled = rollouts.sampling_logps[i]
+                kept = len(cut) - (self.tokenizer.eos_token_id is not None) if cut is not None else len(ids)
+                logps.append(sampled[:kept] + [math.nan] * (len(completions[-1]) - kept))
+        logps = logps if rollouts.sampling_logps is not None else None
+        return dataclasses.replace(rollouts, completion_ids=completions, truncated=truncated, sampling_logps=logps)
 
 
 def main():

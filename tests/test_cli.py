@@ -132,11 +132,14 @@ def test_gsm8k_rows_become_conversational_prompts(assets):
     assert jsonl.column_names == ["prompt", "completion"] and len(jsonl) == 3
 
 
-def test_distill_without_a_teacher_says_how_to_set_one(assets, tmp_path):
+def test_distill_without_a_teacher_says_how_to_set_one(assets, tmp_path, capsys):
     flags = train_flags(assets, tmp_path)
     i = flags.index("--teacher_model_name_or_path")
-    with pytest.raises(ValueError, match="Set `--teacher_model_name_or_path`"):
-        cli.main(["distill", *flags[:i], *flags[i + 2 :]])
+    assert cli.main(["distill", *flags[:i], *flags[i + 2 :]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trl-onpolicy distill: error: Set `--teacher_model_name_or_path`") and "Traceback" not in err
+    with pytest.raises(ValueError, match="Set `--teacher_model_name_or_path`"):  # --debug: the exception itself
+        cli.main(["distill", *flags[:i], *flags[i + 2 :], "--debug"])
 
 
 # --------------------------------------------------------------------------------------------------- eval
@@ -168,6 +171,7 @@ def test_eval_of_a_lora_adapter_folder(toy_models, tmp_path):
     assert set(json.loads((out / "report.json").read_text())["rounds"][0]["scores"]) == {"toy_mmlu"}
 
 
-def test_eval_with_an_unknown_task_names_close_matches(toy_models, tmp_path):
-    with pytest.raises(ValueError, match="did you mean 'gsm8k'"):
-        cli.main(["eval", toy_models["student"], "--tasks", "gsm8kk", "--output-dir", str(tmp_path)])
+def test_eval_with_an_unknown_task_names_close_matches(toy_models, tmp_path, capsys):
+    assert cli.main(["eval", toy_models["student"], "--tasks", "gsm8kk", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "did you mean 'gsm8k'" in err and err.rstrip().endswith("(add --debug for the traceback)")

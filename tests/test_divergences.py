@@ -20,6 +20,7 @@ from trl_onpolicy.divergences import (
     skew_forward_kl,
     skew_reverse_kl,
     topk_buckets,
+    truncated_importance_weights,
 )
 
 
@@ -313,6 +314,51 @@ def test_sampled_reverse_kl_values_and_gradients():
     loss = sampled_reverse_kl(lq, torch.tensor([-math.inf]))
     loss.backward()
     assert torch.isfinite(loss).all() and loss.item() > 80 and torch.isfinite(lq.grad).all()
+
+
+def test_truncated_importance_weights_against_the_definition():
+    """w_t = min(pi_t / mu_t, C) token by token, written as a loop over Python floats; NaN mu -> 1; detached."""
+    target = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.2, -math.inf, -0.1], requires_grad=True)  # (N,) log pi
+    sampler = torch.tensor([-1.0, -0.2, -2.5, -3.5, math.nan, -2.0, -math.inf])  # (N,) log mu
+    for cap in (3.0, 1.0, None):
+        weights = truncated_importance_weights(target, sampler, cap)  # (N,)
+        assert not weights.requires_grad  # a weight, not a path for gradients
+        expected = []
+        for a, b in zip(target.tolist(), sampler.tolist()):
+            ratio = 1.0 if math.isnan(b) else math.exp(a - b) if a - b < 700 else math.inf
+            expected.append(ratio if cap is None else min(ratio, cap))
+        torch.testing.assert_close(weights, torch.tensor(expected))
+    # pinned: pi = 1/2, mu = 1/8 -> ratio 4, capped at 3; pi = mu -> 1 exactly
+    half, eighth = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.125)])
+    torch.testing.assert_close(truncated_importance_weights(half, eighth, 3.0), torch.tensor([3.0]))
+    torch.testing.assert_close(truncated_importance_weights(half, eighth, None), torch.tensor([4.0]))
+    assert truncated_importance_weights(half, half, 3.0).item() == 1.0
+
+
+def test_sampled_reverse_kl_with_vllm_log_probs_values_and_gradients():
+    """Fresh rollouts: loss_t = -A_t * w_t * exp(log q_t - sg log q_t), w_t = min(q_t / mu_t, C). Reused: the ratio
+    q_t / q_old_t times w_t = min(q_old_t / mu_t, C). Value and gradient with respect to the logits by hand."""
+    g = torch.Generator().manual_seed(23)
+    z = torch.randn(8, V, dtype=torch.float64, generator=g).requires_grad_()  # (8, V) student logits
+    y = torch.randint(V, (8,), generator=g)  # (8,) sampled tokens
+    lp = make_logps(24, n=8).gather(-1, y[:, None]).squeeze(-1)  # (8,) teacher
+    student_lp = F.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)  # (8,)
+    lq = student_lp.detach()
+    mu = lq + torch.tensor([0.3, -1.5, 0.0, -0.9, 2.0, math.nan, -0.05, -2.5], dtype=torch.float64)  # (8,) vLLM's
+    lq_old = lq + 0.2 * torch.randn(8, dtype=torch.float64, generator=g)  # (8,) the student at the first use
+    cap = 3.0
+    for behaviour, first in [(None, lq), (lq_old, lq_old)]:
+        weight = torch.where(torch.isnan(mu), 1.0, torch.exp(first - mu)).clamp(max=cap)  # (8,) TIS, by hand
+        ratio = torch.exp(lq - first)  # (8,) 1 on fresh rollouts
+        loss = sampled_reverse_kl(student_lp, lp, 1.0, None, behaviour, sampler_token_logps=mu, clip_max=cap)
+        torch.testing.assert_close(loss, ratio * weight * (lq - lp))
+        (grad_z,) = torch.autograd.grad(loss.sum(), z, retain_graph=True)
+        expected = (ratio * weight * (lq - lp))[:, None] * (F.one_hot(y, V) - F.softmax(z, -1))  # (8, V)
+        torch.testing.assert_close(grad_z, expected.detach())
+        assert (weight == cap).sum() >= 2 and (weight < 1).any()  # some tokens are clipped, some down-weighted
+    # no sampler log-probs: bit for bit the plain estimator
+    assert torch.equal(sampled_reverse_kl(student_lp, lp, sampler_token_logps=None, clip_max=cap),
+                       sampled_reverse_kl(student_lp, lp))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 custom generation callbacks do what their docstrings say."""
 
 import ast
+import dataclasses
 import importlib.util
+import math
 import os
 import runpy
 import socket
@@ -244,7 +246,13 @@ def test_cut_after_answer_edits_completions():
     edited = callback.on_rollouts(None, None, None, rollouts)
     assert edited.completion_ids[0] == tok.encode("ok #a\n", add_special_tokens=False) + [tok.eos_token_id]
     assert edited.completion_ids[1] == plain and edited.truncated == [False, True]
-    assert callback.edited == 1
+    assert callback.edited == 1 and edited.sampling_logps is None
+    # vLLM's log-probs are cut alike; the EOS the callback added was not sampled (NaN)
+    vllm = dataclasses.replace(rollouts, sampling_logps=[[-0.5] * len(done), [-0.25] * len(plain)])
+    edited = callback.on_rollouts(None, None, None, vllm)
+    kept = len(tok.encode("ok #a\n", add_special_tokens=False))
+    assert edited.sampling_logps[1] == [-0.25] * len(plain) and edited.sampling_logps[0][:kept] == [-0.5] * kept
+    assert len(edited.sampling_logps[0]) == kept + 1 and math.isnan(edited.sampling_logps[0][-1])
 
 
 def test_filtering_callback_inside_a_training_step(tmp_path):

@@ -3,14 +3,11 @@
 - only the adapter weights move; every base weight stays bit-identical;
 - with no teacher and a LoRA student the teacher is the same network with its adapters disabled (self-distillation):
   the same model object, no second copy, and its scores are the base network's;
-- QLoRA (4-bit base + LoRA) needs bitsandbytes and CUDA and is skipped, with the reason, without them.
+- QLoRA (4-bit base + LoRA) students, on CPU too, are in test_qlora.py.
 
 Tiny models built from configs with a character tokenizer: nothing is downloaded.
 """
 
-import importlib.util
-
-import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -147,34 +144,3 @@ def test_self_distillation_teacher_scores_with_adapters_off(tmp_path):
     logs = [h for h in trainer.state.log_history if "divergence" in h]
     assert logs[0]["divergence"] > 1e-4, "adapters that change the output must give a non-zero divergence"
     assert logs[1]["divergence"] < logs[0]["divergence"], "the student should move toward its base network"
-
-
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
-    reason="QLoRA needs a CUDA device and the `bitsandbytes` package (4-bit base weights); neither is required on CPU.",
-)
-def test_qlora_changes_adapters_only(tmp_path):
-    """4-bit base (bitsandbytes NF4) + LoRA, self-distillation: adapters train, the quantized base does not move."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tok = char_tokenizer()
-    tiny_llama(tok).save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", quantization_config=quantization, device_map={"": 0}
-    )
-    trainer = OnPolicyDistillTrainer(
-        model=model,
-        args=config(tmp_path / "out", bf16=True),
-        train_dataset=dataset(),
-        processing_class=tok,
-        peft_config=lora_config(init_lora_weights=False),
-    )
-    assert trainer.teacher.model is trainer.accelerator.unwrap_model(trainer.model)
-    before = snapshot(trainer.model)
-    trainer.train()
-    after = snapshot(trainer.model)
-    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
-    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)

@@ -1,12 +1,16 @@
 """Version-sensitive imports, in one place.
 
 TRL exposes these helpers only from internal modules, which move between releases; each import has a fallback that
-does the same job in the simple (single-process, unsharded) case.
+does the same job in the simple (single-process, unsharded) case. The bitsandbytes helpers at the end touch its
+4-bit layers' internals (bitsandbytes 0.50), used by [`~trl_onpolicy.quantized`] and [`~trl_onpolicy.merge`].
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+
+import torch
 
 
 try:  # routes a method call through a DDP/FSDP/DeepSpeed wrapper's forward, so sharded weights are gathered
@@ -76,3 +80,42 @@ def hidden_states_request(layers: list[int]):
     except ImportError:  # pragma: no cover - older transformers
         return True
     return sorted(set(layers))
+
+
+# ------------------------------------------------------------------------------------------- bitsandbytes (QLoRA)
+def linear4bit_layers(model) -> list:
+    """bitsandbytes' `Linear4bit` layers of `model` (none when bitsandbytes was never imported: none can exist)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def keep_linear4bit_differentiable(layer) -> bool:
+    """
+    Stop bitsandbytes (0.50) from repacking `layer`'s weights for its CPU inference kernel, and say whether they were
+    already repacked.
+
+    On a CPU with avx512_bf16, a `Linear4bit` forward in eval mode on an input that needs no gradient (generation, a
+    teacher or eval pass) repacks the 4-bit weights once and for all (`Linear4bit.forward`, guarded by
+    `support_avx512bf16_for_cpu`); from then on every matmul, in training too, goes through `gemv_4bit`, which has no
+    autograd formula: no gradient flows back through the layer, so LoRA adapters before it stop learning, silently.
+    Repacking back (`_convert_weight_packed_for_cpu_inverse`) is lossy (absmax rounded to bf16), so it is not undone.
+    """
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def dequantize_4bit(weight: torch.Tensor, quant_entries: dict[str, torch.Tensor]) -> torch.Tensor:
+    """
+    A bitsandbytes 4-bit weight as a float tensor, from its state-dict entries (`Linear4bit` saves the packed weight
+    as `<name>.weight` and its quantisation state as `<name>.weight.absmax`, `.quant_map`, ...,
+    `.quant_state.bitsandbytes__nf4`; `quant_entries` holds those with the `<name>.weight.` prefix removed).
+    Returns the `(out_features, in_features)` weight in the dtype it was quantised from.
+    """
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.functional import dequantize_4bit as dequantize
+
+    state = QuantState.from_dict(dict(quant_entries), device=weight.device)  # from_dict pops entries: a copy
+    return dequantize(weight, state)

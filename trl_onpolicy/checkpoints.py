@@ -15,7 +15,6 @@ loads a half-written checkpoint.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -107,19 +106,6 @@ def last_whole_checkpoint(output_dir: str) -> str | None:
             return folder
         logger.warning("Skipping %s: it is incomplete (a run stopped while writing it).", folder)
     return None
-
-
-def save_merged(peft_model, folder: str, processing_class) -> None:
-    """A LoRA student saved with its adapters merged into plain weights (`from_pretrained` loads it without PEFT); a
-    copy is merged, so the model in training keeps its adapters. A learned hidden-state projector is saved beside it."""
-    from . import hidden_states
-
-    os.makedirs(folder, exist_ok=True)
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    merged.save_pretrained(folder, state_dict=hidden_states.without_projector(merged.state_dict()))
-    processing_class.save_pretrained(folder)
-    hidden_states.save_projector(peft_model, folder)
-    logger.info("Saved the student with its LoRA adapters merged into %s.", folder)
 
 
 class SigtermCheckpoint(TrainerCallback):

@@ -6,14 +6,18 @@
     trl-onpolicy serve-teacher MODEL --port 8000 [...]              a teacher server (vLLM's scoring API)
     trl-onpolicy cache-teacher MODEL DATASET OUTPUT [...]           the teacher's top-k log-probs, once, on disk
 
-Run `trl-onpolicy <command> --help` for a command's flags.
+Run `trl-onpolicy <command> --help` for a command's flags. A mistake in the input (a bad flag value, a missing path, an
+unreachable server) is reported as one message and exit status 1; `--debug` (anywhere on the line) or
+`TRL_ONPOLICY_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from . import __version__
 
@@ -73,19 +77,61 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+USER_ERROR_TYPES = (ImportError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """
+    Whether `error` is one a user fixes from its message: a missing optional package, a missing file, a run stopped
+    by non-finite losses, or a `ValueError` / `OSError` / `RuntimeError` raised by this package itself (a bad setting,
+    an unreachable teacher server or dataset) or by the Hub client (a model id that cannot be found or fetched).
+    Anything else is a bug and keeps its traceback.
+    """
+    if isinstance(error, USER_ERROR_TYPES):
+        return True
+    if not isinstance(error, (ValueError, OSError, RuntimeError)):
+        return False
+    chain = [error] + ([error.__cause__] if error.__cause__ is not None else [])  # transformers wraps Hub errors
+    for item in chain:
+        frames = traceback.extract_tb(item.__traceback__)
+        where = frames[-1].filename if frames else ""
+        module = type(item).__module__ or ""
+        if where.startswith(PACKAGE_DIR) or module.startswith(("huggingface_hub", "trl_onpolicy")):
+            return True
+    return False
+
+
+def _run(command: str, function, debug: bool) -> int:
+    """Run a command; a user error becomes one message on stderr and exit status 1 (the traceback with --debug)."""
+    try:
+        function()
+    except KeyboardInterrupt:
+        print(f"trl-onpolicy {command}: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - sorted into user errors (a message) and bugs (re-raised)
+        if debug or not is_user_error(error):
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"trl-onpolicy {command}: error: {message}\n(add --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TRL_ONPOLICY_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] == "distill":  # TrlParser: `--config` plus flag overrides, and its own `--help`
         from . import distill_command
 
-        return distill_command.run(argv[1:])
+        return _run("distill", lambda: distill_command.run(argv[1:]), debug)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is None or not hasattr(args, "func"):
         parser.print_help()
         return 2
-    args.func(args)
-    return 0
+    return _run(args.command, lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,9 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .temperature import SCHEDULES
+from .vllm_rollouts import check_sampling_kwargs
+
+logger = logging.getLogger(__name__)
 
 MIXTURES = ("route", "weighted", "confidence")
 LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
@@ -103,7 +107,8 @@ class OnPolicyDistillConfig(SFTConfig):
             is staler rollouts, sampled by a student up to `num_iterations - 1` updates older. The full-distribution
             and top-k divergences need no correction (they compare the two distributions at states the student
             reached slightly earlier); `"sampled_reverse_kl"` weights each token by the importance ratio
-            `q / q_old`. The loss temperature is held while a batch is reused (its scores were computed at it).
+            `q / q_old` (times the vLLM weight of `vllm_importance_sampling_correction`). The loss temperature is
+            held while a batch is reused (its scores were computed at it).
         max_completion_length (`int`, *optional*, defaults to `256`):
             Maximum number of generated tokens. Prompts are cut from the left to `max_length - max_completion_length`.
         temperature (`float`, *optional*, defaults to `1.0`):
@@ -117,7 +122,8 @@ class OnPolicyDistillConfig(SFTConfig):
         repetition_penalty (`float`, *optional*, defaults to `1.0`):
             Repetition penalty for the rollouts.
         generation_kwargs (`dict[str, Any]`, *optional*):
-            Extra `GenerationConfig` fields; they override the ones above. The KV cache is always on.
+            Extra `GenerationConfig` fields for transformers generation (the student without vLLM, and the teacher
+            with `seq_kd`); they override the ones above. The KV cache is always on. They never reach vLLM.
         stop_strings (`list[str]`, *optional*):
             Generation stops at any of these strings; the completion keeps the stop string.
         use_vllm (`bool`, *optional*, defaults to `False`):
@@ -129,6 +135,22 @@ class OnPolicyDistillConfig(SFTConfig):
             `vllm_server_base_url`, `vllm_server_host`, `vllm_server_port`, `vllm_server_timeout`, `vllm_group_port`
             (server mode); `vllm_gpu_memory_utilization` (0.3), `vllm_max_model_length`, `vllm_tensor_parallel_size`
             (colocate mode).
+        vllm_generation_kwargs (`dict[str, Any]`, *optional*):
+            Extra vLLM `SamplingParams` fields for the vLLM rollouts, e.g. `{"seed": 0, "presence_penalty": 0.5}`; they
+            override the sampling fields above there. `GenerationConfig`-only fields are refused here, and `n`,
+            `max_tokens` and `logprobs` are set by the trainer. (TRL's GRPO sends one `generation_kwargs` to whichever
+            engine samples, so a key the other engine does not know fails or is dropped.)
+        vllm_importance_sampling_correction (`bool`, *optional*, defaults to `True`):
+            vLLM samples with its own copy of the student (often bf16, other kernels), so its tokens are not exactly
+            the student's samples. vLLM's log-prob `mu` of each sampled token is kept, and with
+            `loss_type="sampled_reverse_kl"` each token is weighted by the truncated importance-sampling weight
+            `min(q / mu, vllm_importance_sampling_clip_max)`, `q` the student's probability of the token at the loss
+            temperature (on reused rollouts, the student's at their first use), as TRL's GRPO does with
+            `vllm_importance_sampling_mode="token_truncate"`. The full-distribution losses are not weighted (see
+            [`~trl_onpolicy.divergences.truncated_importance_weights`]). vLLM reports the log-probs of its processed
+            distribution: a server must run with `--logprobs-mode processed_logprobs` (`trl vllm-serve`'s default).
+        vllm_importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
+            The cap C of that weight (TRL's name and default); `None` leaves the ratio uncapped.
 
         > Parameters that control the loss
 
@@ -296,6 +318,15 @@ class OnPolicyDistillConfig(SFTConfig):
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "Colocate: GPU memory share of vLLM."})
     vllm_max_model_length: int | None = field(default=None, metadata={"help": "Colocate: vLLM's max_model_len."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate: tensor-parallel size of vLLM."})
+    vllm_generation_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Extra vLLM SamplingParams fields for the vLLM rollouts."}
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=True, metadata={"help": "sampled_reverse_kl: weight vLLM's tokens by min(student / vLLM, clip_max)."}
+    )
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=3.0, metadata={"help": "Cap of the truncated importance-sampling weight; None: no cap."}
+    )
 
     # Loss
     loss_type: str = field(
@@ -345,13 +376,17 @@ class OnPolicyDistillConfig(SFTConfig):
         on_cuda = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = bool(on_cuda and torch.cuda.is_bf16_supported()) and not self.fp16
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = on_cuda  # TRL's default on GPUs; on a CPU it only costs time
+        # TRL's default on GPUs; on a CPU it only costs time. Older transformers (5.17, the GPU machines' image) have
+        # only `gradient_checkpointing`, not its newer name.
+        name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else "gradient_checkpointing"
+        if getattr(self, name) is None and self.gradient_checkpointing is None:
+            setattr(self, name, on_cuda)
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every trainable weight is used each step: skip DDP's extra pass
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
-        for name in ("teacher_model_name_or_path", "teacher_weights"):  # dicts arrive as JSON from the command line
+        for name in ("teacher_model_name_or_path", "teacher_weights", "generation_kwargs", "vllm_generation_kwargs"):
+            # dicts arrive as JSON from the command line
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
                 setattr(self, name, json.loads(value))
@@ -382,6 +417,7 @@ class OnPolicyDistillConfig(SFTConfig):
             f"`vllm_mode` must be 'colocate' or 'server', got {self.vllm_mode!r}.",
         )
         check(self.num_generations >= 1, f"`num_generations` must be >= 1, got {self.num_generations}.")
+        self._validate_vllm_sampling()
         check(
             isinstance(self.num_iterations, int) and self.num_iterations >= 1,
             f"`num_iterations` must be an integer >= 1 (1 = fresh rollouts every optimizer step), got "
@@ -441,6 +477,22 @@ class OnPolicyDistillConfig(SFTConfig):
         )
 
         self._validate_teachers()
+
+    def _validate_vllm_sampling(self):
+        clip = self.vllm_importance_sampling_clip_max
+        if clip is not None and not clip >= 1.0:
+            raise ValueError(
+                f"`vllm_importance_sampling_clip_max` must be >= 1.0 or None (no cap), got {clip}: a cap below 1 "
+                "would down-weight the tokens vLLM and the student agree on."
+            )
+        check_sampling_kwargs(self.vllm_generation_kwargs)
+        if self.use_vllm and self.generation_kwargs and self.vllm_generation_kwargs is None:
+            logger.warning(
+                "`generation_kwargs` (%s) are transformers `GenerationConfig` fields: with `use_vllm=True` they apply "
+                "only where transformers generates (the teacher with `seq_kd`). vLLM's rollouts take "
+                "`vllm_generation_kwargs` (vLLM `SamplingParams` fields).",
+                sorted(self.generation_kwargs),
+            )
 
     def _validate_teachers(self):
         def check(ok: bool, message: str):

@@ -21,7 +21,11 @@ the caller sums and divides by the global token count. Inputs are upcast, so the
   Departure: the advantage of token t is its own reward only (discount 0, no sum over future tokens), and on fresh
   rollouts there is no PPO ratio or clip, because the loss is taken on the very samples the current student generated.
   Rollouts reused for later optimizer steps (`num_iterations > 1`) were sampled by an older student: there each token
-  is weighted by the per-token importance ratio q / q_old, unclipped (see `sampled_reverse_kl`).
+  is weighted by the per-token importance ratio q / q_old, unclipped (see `sampled_reverse_kl`). Rollouts sampled by
+  vLLM (a separate, often bf16, copy of the student with its own kernels) carry vLLM's log-probs mu of the sampled
+  tokens, and each token is weighted by the truncated importance-sampling (TIS) weight min(q_old / mu, C) of
+  `truncated_importance_weights`, as TRL's GRPO does with `vllm_importance_sampling_correction`.
+- The full-distribution divergences take no such weight: see `truncated_importance_weights`.
 
 Numerics. Terms follow 0 log 0 = 0 through `torch.where` on sanitised inputs, so a log-prob of -inf (masked
 vocabulary, an empty tail bucket) gives no NaN in values or gradients. Where a distribution with mass is compared
@@ -230,6 +234,8 @@ def sampled_reverse_kl(
     reward_scale: float = 1.0,
     ref_token_logps: Tensor | None = None,
     behaviour_token_logps: Tensor | None = None,
+    sampler_token_logps: Tensor | None = None,
+    clip_max: float | None = None,
 ) -> Tensor:
     """
     Per-token policy-gradient loss of (generalized) on-policy distillation on the sampled tokens.
@@ -253,6 +259,13 @@ def sampled_reverse_kl(
         ref_token_logps: Optional reference-model log-probs, shape `(N,)`; detached.
         behaviour_token_logps: Optional log-probs of the student that sampled the tokens (q_old), shape `(N,)`;
             detached. `None`: the tokens are the current student's own samples (ratio 1).
+        sampler_token_logps: Optional log-probs mu that the engine which actually drew the tokens (vLLM) gave them,
+            shape `(N,)`; NaN where it gave none. Each token is then also weighted by the truncated importance weight
+            w_t = min(q_old_t / mu_t, clip_max) of [`truncated_importance_weights`] (q_old = the current student on
+            fresh rollouts), so the loss is -A_t * (q_t / q_old_t) * w_t: without the cap, the ratio q_t / mu_t
+            from the real sampler to the current student. Only the sampler mismatch is truncated; the reuse ratio
+            stays unclipped, as above (TRL's GRPO composes its PPO ratio and its TIS weight the same way).
+        clip_max: The cap C of the truncated weight (`None`: no cap).
 
     Returns:
         Per-token loss, shape `(N,)`, float32.
@@ -271,7 +284,43 @@ def sampled_reverse_kl(
     # gradient of the reverse KL. rho stays near 1 while the student moves little between uses (few reuse steps, small
     # learning rates); where it does not, fewer `num_iterations` is the remedy, as a clip would trade the drift for bias.
     log_q_old = log_q_now if behaviour_token_logps is None else _upcast(behaviour_token_logps).clamp(min=LOG_FLOOR)
-    return -advantage * torch.exp(log_q - log_q_old.detach())  # (N,)
+    loss = -advantage * torch.exp(log_q - log_q_old.detach())  # (N,)
+    if sampler_token_logps is None:
+        return loss
+    return loss * truncated_importance_weights(log_q_old, sampler_token_logps, clip_max)  # (N,)
+
+
+def truncated_importance_weights(
+    target_token_logps: Tensor, sampler_token_logps: Tensor, clip_max: float | None
+) -> Tensor:
+    """
+    Truncated importance sampling (TIS; Yao et al. 2025, TRL's GRPO `vllm_importance_sampling_mode="token_truncate"`):
+    the per-token weight w_t = min(pi_t / mu_t, C), detached, that re-weights tokens drawn by a sampler mu (vLLM)
+    toward the policy pi the loss assumes drew them (the student). The cap trades the ratio's unbounded variance for a
+    small bias; ratios below 1 are kept as they are. A token the sampler gave no log-prob for (NaN) gets weight 1.
+
+    Why only the sampled-token loss takes it. `sampled_reverse_kl` is a policy gradient: the sampled token y_t is the
+    estimator itself (its advantage log q(y_t) - log p(y_t) is a one-sample estimate of KL(q || p) only when y_t ~ q),
+    so a token drawn from mu != q biases every term, and the per-token ratio removes that (up to the cap). The
+    full-distribution divergences (KLs, JSD, skews, top-k) do not depend on y_t at position t: they compare the two
+    whole distributions at the state y_{<t}, exactly. The sampler only chose which states are visited; correcting that
+    needs the ratio of the whole prefix, prod_{s<t} q(y_s) / mu(y_s), whose variance grows exponentially with length,
+    while a per-token weight of y_t would only add noise (its expectation under mu, given the prefix, is 1). The state
+    distribution is also not what the minimiser depends on (q = p at every state visited), which is why GKD trains
+    on teacher- or dataset-written sequences uncorrected. So those losses are left unweighted, as with reused
+    rollouts.
+
+    Args:
+        target_token_logps: log pi of each sampled token, shape `(N,)`; detached here.
+        sampler_token_logps: log mu of the same tokens, shape `(N,)`; NaN where unknown.
+        clip_max: The cap C (`None`: no cap).
+
+    Returns:
+        Per-token weights, shape `(N,)`, float32, detached.
+    """
+    log_ratio = _upcast(target_token_logps).detach() - _upcast(sampler_token_logps).detach()  # (N,)
+    ratio = torch.exp(torch.nan_to_num(log_ratio, nan=0.0, posinf=math.inf, neginf=-math.inf))  # (N,) NaN -> 1
+    return ratio if clip_max is None else ratio.clamp(max=clip_max)  # (N,)
 
 
 def entropy(logps: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ gradient accumulation and multi-process runs give the gradient of one big batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -29,7 +30,9 @@ from . import divergences as D
 from . import precision
 from .fused_divergence import TILED_LOSS_TYPES, LinearHead, tiled_divergence
 from .launchers import is_fsdp_module_of, is_partitioned
-from .teachers.base import TeacherScores
+
+if TYPE_CHECKING:  # annotations only: the teachers import the loss's heads, not the other way round
+    from .teachers.base import TeacherScores
 
 
 CHUNK_SIZE = 1024  # default tokens per chunk where each chunk is projected to the whole vocabulary
@@ -148,6 +151,8 @@ def _chunk_terms(
     reward_scale: float,
     ref_token_logps: torch.Tensor | None,
     behaviour_logps: torch.Tensor | None,
+    sampler_logps: torch.Tensor | None,
+    clip_max: float | None,
     vocab_size: int,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token loss `(n,)` (differentiable); student and teacher entropy and sampled-token log-probs `(n,)`."""
@@ -172,7 +177,8 @@ def _chunk_terms(
     if loss_type == "sampled_reverse_kl":
         ref = None if ref_token_logps is None else ref_token_logps[start:end]
         old = None if behaviour_logps is None else behaviour_logps[start:end]
-        per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref, old)  # (n,)
+        mu = None if sampler_logps is None else sampler_logps[start:end]
+        per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref, old, mu, clip_max)  # (n,)
     else:
         if teacher.form == "topk":
             s_logps = D.topk_buckets(s_logps, teacher.topk_ids[start:end])  # (n, K + 1)
@@ -294,6 +300,8 @@ def distillation_loss(
     reward_scale: float = 1.0,
     ref_token_logps: torch.Tensor | None = None,
     behaviour_logps: torch.Tensor | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    importance_sampling_clip_max: float | None = None,
     vocab_size: int,
     num_items: float,
     scale: float = 1.0,
@@ -318,6 +326,9 @@ def distillation_loss(
         loss_type: A divergence of [`~trl_onpolicy.divergences`] or `"sampled_reverse_kl"`.
         ref_token_logps, behaviour_logps: `(N,)` reference-model log-probs and, on reused rollouts, the log-probs of
             the student that sampled the tokens (its importance weight); `"sampled_reverse_kl"` only.
+        sampler_logps, importance_sampling_clip_max: `(N,)` the log-probs the engine that drew the tokens (vLLM)
+            gave them, and the cap of their truncated importance weight (see
+            [`~trl_onpolicy.divergences.sampled_reverse_kl`]); `"sampled_reverse_kl"` only.
         vocab_size: Logit columns compared (the tokenizer's real vocabulary when embeddings are padded).
         num_items: Divisor: completion tokens of the optimizer step, all processes (times 1/processes for DDP).
         scale: Multiplier of the loss (`T**2` gradient scaling).
@@ -341,7 +352,7 @@ def distillation_loss(
     def chunk_loss(hidden, start, end):
         per_token, *terms = _chunk_terms(
             hidden, start, end, student_head, teacher, targets[start:end], loss_type, beta, skew_alpha, reward_scale,
-            ref_token_logps, behaviour_logps, vocab_size,
+            ref_token_logps, behaviour_logps, sampler_logps, importance_sampling_clip_max, vocab_size,
         )  # fmt: skip
         stats.record(start, per_token, *terms)
         return per_token.sum() * scale / divisor

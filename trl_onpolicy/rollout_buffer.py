@@ -9,7 +9,9 @@ made at step `s` also train steps `s + 1, ..., s + n - 1`; the prompts the data 
 fewer micro-batches (the last step of an epoch that gradient accumulation does not divide) still trains on every
 rollout. Beside it: the step's global completion-token count (the loss's divisor), its rollout statistics (logged
 again on reuse steps), and, for `sampled_reverse_kl`, the student's log-probs of the sampled tokens at their first use,
-the behaviour policy `q_old` of the importance weight (see [`~trl_onpolicy.divergences.sampled_reverse_kl`]).
+the behaviour policy `q_old` of the importance weight (see [`~trl_onpolicy.divergences.sampled_reverse_kl`]). A batch
+vLLM sampled also holds vLLM's log-probs of its tokens (`sampling_logps` `(B, C)`), cut, saved and restored with the
+other tensors: on a reuse step the loss weighs its tokens by `q / q_old` times `min(q_old / mu, C)`.
 
 Resume. A checkpoint written inside a reuse window carries the buffer: `rollout_buffer_<process>.pt`, one per process,
 written before the Trainer's state file (so a checkpoint killed while writing it is not whole). Tensors are saved as
@@ -34,7 +36,8 @@ from .teachers.base import TeacherScores
 logger = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask", "completion_ids", "completion_mask")  # what a teacher scores
-COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "reference", "behaviour_logps")  # (B, C) tensors
+# (B, C) tensors; `sampling_logps`: vLLM's log-probs of its tokens
+COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "reference", "behaviour_logps", "sampling_logps")
 
 
 def buffer_file(folder: str, process_index: int) -> str:

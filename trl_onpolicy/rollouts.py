@@ -28,6 +28,10 @@ class Rollouts:
         source (`str`): Who wrote the completions: `"student"`, `"teacher"` or `"dataset"`.
         truncated (`list[bool]`): Whether a completion hit `max_completion_length` without stopping.
         rows (`list[dict]`): The dataset row each completion comes from (for routing, logging and filters).
+        sampling_logps (`list[list[float]]`, *optional*): The sampler's own log-prob of each completion token, where
+            the sampler reports it (vLLM; NaN where it could not): the behaviour policy of the importance-sampling
+            correction (see [`~trl_onpolicy.divergences.sampled_reverse_kl`]). A callback that edits completions
+            must edit these alike or set them to `None`.
     """
 
     prompt_ids: list[list[int]]
@@ -35,6 +39,7 @@ class Rollouts:
     source: str
     truncated: list[bool] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    sampling_logps: list[list[float]] | None = None
 
     def __post_init__(self):
         if not self.truncated:
@@ -47,6 +52,15 @@ class Rollouts:
                 f"Rollouts fields disagree in length: {n} prompts, {len(self.completion_ids)} completions, "
                 f"{len(self.truncated)} truncation flags, {len(self.rows)} rows."
             )
+        if self.sampling_logps is not None:
+            bad = [i for i, (lp, c) in enumerate(zip(self.sampling_logps, self.completion_ids)) if len(lp) != len(c)]
+            if len(self.sampling_logps) != n or bad:
+                where = f"completions {bad[:5]}" if bad else f"{len(self.sampling_logps)} rows for {n} completions"
+                raise ValueError(
+                    f"`sampling_logps` must hold one log-prob per completion token, got {where}. A callback that "
+                    "edits completions must edit `sampling_logps` alike (NaN for a token the sampler did not draw) "
+                    "or set them to `None` (no importance-sampling correction)."
+                )
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -59,6 +73,7 @@ class Rollouts:
             completion_ids=[self.completion_ids[i] for i in indices],
             truncated=[self.truncated[i] for i in indices],
             rows=[self.rows[i] for i in indices],
+            sampling_logps=None if self.sampling_logps is None else [self.sampling_logps[i] for i in indices],
         )
 
     def decode(self, tokenizer) -> tuple[list[str], list[str]]:
@@ -99,20 +114,41 @@ def collate(rollouts: Rollouts, pad_id: int, device=None) -> dict[str, torch.Ten
     Model inputs for a batch of rollouts.
 
     Returns:
-        `dict` with `input_ids` and `attention_mask` `(B, P + C)`, `completion_ids` and `completion_mask` `(B, C)`.
+        `dict` with `input_ids` and `attention_mask` `(B, P + C)`, `completion_ids` and `completion_mask` `(B, C)`,
+        and, where the sampler reported them, `sampling_logps` `(B, C)` float32 (NaN on padding).
     """
     prompt_ids, prompt_mask = pad(rollouts.prompt_ids, pad_id, "left", device)  # (B, P)
     completion_ids, completion_mask = pad(rollouts.completion_ids, pad_id, "right", device)  # (B, C)
-    return {
+    batch = {
         "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),  # (B, P + C)
         "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),  # (B, P + C)
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
     }
+    if rollouts.sampling_logps is not None:
+        logps = torch.full(completion_ids.shape, float("nan"), dtype=torch.float32)  # (B, C)
+        for i, row in enumerate(rollouts.sampling_logps):
+            logps[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        batch["sampling_logps"] = logps.to(device)  # (B, C)
+    return batch
 
 
-def build_generation_config(args, tokenizer, max_new_tokens: int | None = None) -> GenerationConfig:
-    """A sampling `GenerationConfig` from the config's rollout fields; `generation_kwargs` override them."""
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """The tokenizer's EOS, then every EOS id of the model's generation config (which may list several: chat models
+    end a turn with one token and a document with another), as TRL's GRPO collects them."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    generation_config = getattr(model, "generation_config", None)
+    model_eos = getattr(generation_config, "eos_token_id", None)
+    for i in model_eos if isinstance(model_eos, (list, tuple)) else [] if model_eos is None else [model_eos]:
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+def build_generation_config(args, tokenizer, max_new_tokens: int | None = None, model=None) -> GenerationConfig:
+    """A sampling `GenerationConfig` from the config's rollout fields; `generation_kwargs` override them. Generation
+    stops at any of [`eos_token_ids`] (`model`'s too, when given)."""
+    eos = eos_token_ids(tokenizer, model)
     kwargs = {
         "max_new_tokens": max_new_tokens or args.max_completion_length,
         "do_sample": True,
@@ -122,7 +158,7 @@ def build_generation_config(args, tokenizer, max_new_tokens: int | None = None) 
         "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": eos if len(eos) > 1 else next(iter(eos), None),
         "bos_token_id": tokenizer.bos_token_id,
         "stop_strings": args.stop_strings,
     }
@@ -131,15 +167,32 @@ def build_generation_config(args, tokenizer, max_new_tokens: int | None = None) 
     return GenerationConfig(**kwargs)
 
 
-def _trim(tokens: list[int], eos_ids: set[int], pad_id: int | None) -> tuple[list[int], bool]:
-    """Cut a generated row after its first EOS; without one, drop trailing padding. Returns (ids, stopped)."""
+def finish_completion(
+    tokens: list[int], generation_config: GenerationConfig, tokenizer=None, pad_id: int | None = None
+) -> tuple[list[int], bool]:
+    """
+    Cut a generated row after its first EOS (any of `generation_config.eos_token_id`); without one, drop trailing
+    `pad_id`s. The same for every sampler, so the transformers and vLLM paths agree.
+
+    Returns:
+        `(ids, truncated)`: `truncated` when the row ran to `max_new_tokens` with neither an EOS nor a stop string
+        (`generation_config.stop_strings`, found in the decoded text; the completion keeps it).
+    """
+    eos = generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    stopped = False
     for i, t in enumerate(tokens):
         if t in eos_ids:
-            return tokens[: i + 1], True
-    if pad_id is not None and pad_id not in eos_ids:
+            tokens, stopped = tokens[: i + 1], True
+            break
+    if not stopped and pad_id is not None and pad_id not in eos_ids:
         while tokens and tokens[-1] == pad_id:
             tokens = tokens[:-1]
-    return tokens, False
+    stops = generation_config.stop_strings or []
+    if not stopped and stops and tokenizer is not None:
+        text = tokenizer.decode(tokens)
+        stopped = any(s in text for s in stops)
+    return tokens, not stopped and len(tokens) >= generation_config.max_new_tokens
 
 
 @torch.no_grad()
@@ -167,15 +220,9 @@ def sample(
         )  # (B, P + C')
     finally:
         model.train(was_training)
-    eos = generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     completions, truncated = [], []
-    stops = generation_config.stop_strings or []
     for row in out[:, input_ids.shape[1] :].tolist():
-        ids, stopped = _trim(row, eos_ids, pad_id)
-        if not stopped and stops and tokenizer is not None:
-            text = tokenizer.decode(ids)
-            stopped = any(text.endswith(s) or s in text for s in stops)
+        ids, cut = finish_completion(row, generation_config, tokenizer, pad_id)
         completions.append(ids)
-        truncated.append(not stopped and len(ids) >= generation_config.max_new_tokens)
+        truncated.append(cut)
     return completions, truncated

@@ -33,10 +33,11 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from . import checkpoints, hidden_states, model_card, precision
+from . import checkpoints, hidden_states, merge, model_card, precision, quantized
 from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
+from .importance_sampling import ImportanceSamplingStats
 from .launchers import call_with_whole_head
 from .loss import LossSums, distillation_loss, linear_head, output_logits
 from .nonfinite import NonfiniteGuard, deepspeed_skipped, local_nonfinite
@@ -48,7 +49,7 @@ from .teachers import (
 )  # fmt: skip
 from .teachers.ensemble import per_teacher_metrics
 from .temperature import LossTemperature, grad_scale
-from .vllm_rollouts import VLLMSampler
+from .vllm_rollouts import VLLMSampler, applies_correction
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a dataset of prompts for the student to complete.")
         check_columns(train_dataset, "train")
+        quantized.check_student(model, peft_config, kwargs.get("quantization_config"), args.model_init_kwargs)
         processing_class = self._ensure_pad_token(processing_class, model, args)
         loss_type, args.loss_type = args.loss_type, "nll"  # SFTTrainer only knows "nll"/"dft"; ours is restored below
         try:
@@ -135,6 +137,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             args.loss_type = loss_type
         self._check_completion_sources(train_dataset)
         student = self.accelerator.unwrap_model(self.model)
+        quantized.keep_trainable(student)  # before any forward (see quantized.py)
+        merge.check_merge(self, student)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
         self.teacher.prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
         if isinstance(self.teacher, EnsembleTeacher):
@@ -142,7 +146,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
         self.reference = self._build_reference(args)
         self._check_dtypes(student)
-        self.generation_config = build_generation_config(args, self._tokenizer)
+        self.generation_config = build_generation_config(args, self._tokenizer, model=student)
         self.loss_temperature = LossTemperature(
             schedule=args.loss_temperature_schedule,
             start=args.temperature_start,
@@ -166,6 +170,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             if getattr(callback, "trainer", False) is None:
                 callback.trainer = self
         self.vllm = VLLMSampler(self) if args.use_vllm else None
+        weighted = self.vllm is not None and applies_correction(args)  # the loss weights vLLM's tokens
+        self._importance = ImportanceSamplingStats(args.vllm_importance_sampling_clip_max) if weighted else None
 
     # ----------------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -266,20 +272,22 @@ class OnPolicyDistillTrainer(SFTTrainer):
         rows = [row for row in rows for _ in range(n)]
         prompt_ids = [list(row["prompt_ids"]) for row in rows]
         extra = [{k: v for k, v in row.items() if k not in ("prompt_ids", "completion_ids")} for row in rows]
+        sampling_logps = None  # the sampler's own log-probs of its tokens, where it reports them (vLLM)
         if source == "dataset":
             completions = [list(row["completion_ids"]) for row in rows]
             if any(len(c) == 0 for c in completions):  # an iterable dataset is only seen here
                 raise self._no_completion_error([i for i, c in enumerate(completions) if not c], len(rows))
             truncated = [False] * len(rows)
         elif source == "student" and self.vllm is not None:
-            eos = self.generation_config.eos_token_id
-            completions, truncated = self.vllm.sample(prompt_ids, set(eos if isinstance(eos, list) else [eos]))
+            completions, truncated, sampling_logps = self.vllm.sample(
+                prompt_ids, self.generation_config, self._tokenizer
+            )
         elif source == "student":
             with self._unwrapped_for_generation() as student:
                 completions, truncated = sample(student, prompt_ids, self.generation_config, self._tokenizer)
         else:
             completions, truncated = self.teacher.generate(prompt_ids, self.generation_config, self._tokenizer)
-        return Rollouts(prompt_ids, completions, source, truncated, extra)
+        return Rollouts(prompt_ids, completions, source, truncated, extra, sampling_logps)
 
     def _unwrapped_for_generation(self):
         return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
@@ -384,6 +392,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         hidden = out.last_hidden_state[:, -n_completion - 1 : -1]  # (B, C, H)
         mask = inputs["completion_mask"].bool()  # (B, C)
         teacher = inputs["teacher"].flatten(mask)
+        sampler = inputs.get("sampling_logps") if self._importance is not None else None  # (B, C)
         autocast = precision.autocast_dtype(self.accelerator)
         sums = call_with_whole_head(causal_lm, lambda h: distillation_loss(  # a sharded head gathered once
             h,  # (N, H)
@@ -396,6 +405,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             reward_scale=self.args.reward_scale,
             ref_token_logps=inputs["reference"][mask] if "reference" in inputs else None,
             behaviour_logps=inputs["behaviour_logps"][mask] if "behaviour_logps" in inputs else None,  # reused
+            sampler_logps=None if sampler is None else sampler[mask],  # vLLM's log-probs of its tokens
+            importance_sampling_clip_max=self.args.vllm_importance_sampling_clip_max,
             vocab_size=self.vocab_size,
             num_items=num_items,
             scale=grad_scale(self.loss_temperature.value, self.args.temperature_grad_scale),
@@ -442,6 +453,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         stats["nonfinite"] += (~torch.isfinite(loss.detach())).float()  # no host sync: read once per step
         if self.model.training:
             self.rollout_buffer.record(self._micro_step, sums.student_token_logps)  # the behaviour policy of reuses
+            if self._importance is not None:
+                self._importance.add(inputs, sums.student_token_logps)
             if getattr(self, "_pending", None) is not None:
                 self._pending["student"].append(sums.student_token_logps)
                 self._pending["teacher"].append(sums.teacher_token_logps)
@@ -483,6 +496,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if self.hidden_pairs:
             metrics["hidden_state_distance"].append(total["hidden_distance"] / tokens)
         self._log_per_teacher(stats.get("per_teacher"))
+        for key, value in (self._importance.pop(self.accelerator) if self._importance is not None else {}).items():
+            metrics[key].append(value)
         if self._last_teacher_entropy is not None:
             metrics["teacher_entropy"].append(self._last_teacher_entropy)
         seconds = time.perf_counter() - self._step_start
@@ -555,12 +570,12 @@ class OnPolicyDistillTrainer(SFTTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         """The student's weights as `from_pretrained` expects them; a learned hidden-state projector in its own file;
-        with `save_merged_model`, a LoRA student's final save merged into plain weights (checkpoints keep adapters)."""
+        with `save_merged_model`, a LoRA student's final save merged into a float model (checkpoints keep adapters)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         folder = output_dir if output_dir is not None else self.args.output_dir
         is_checkpoint = os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR)
         if self.args.save_merged_model and is_peft_model(unwrapped) and not is_checkpoint:
-            return checkpoints.save_merged(unwrapped, folder, self.processing_class) if self.args.should_save else None
+            return merge.save_merged(self, folder, state_dict)
         if hidden_states.projector_of(unwrapped) is None:
             return super()._save(output_dir, state_dict)
         state_dict = hidden_states.without_projector(state_dict if state_dict is not None else unwrapped.state_dict())
