@@ -138,6 +138,7 @@ def main():
     if PartialState().is_main_process:
         with open(cli.out, "w") as f:
             json.dump({**result, **extra}, f, indent=1)
+    base.finish()
 
 
 if __name__ == "__main__":

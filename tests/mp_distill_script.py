@@ -200,6 +200,17 @@ def main():
     parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden"])
     cli = parser.parse_args()
     run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers)
+    finish()
+
+
+def finish() -> None:
+    """Leave the process group together: a process exiting while gloo's threads still serve another one's last
+    collective aborted the launch now and then under load ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
