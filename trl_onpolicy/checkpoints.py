@@ -24,6 +24,8 @@ import threading
 
 from transformers import TrainerCallback
 
+from .launchers import any_process
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "distill_state.json"
@@ -110,10 +112,16 @@ class SigtermCheckpoint(TrainerCallback):
     """
     On SIGTERM (a scheduler's preemption, `kill`), finish the current optimizer step, write a checkpoint, and stop
     training normally. The previous handler is put back when training ends.
+
+    Args:
+        accelerator (`accelerate.Accelerator`, *optional*): With several processes, the flag is or-ed over them at
+            every step end (one small all-reduce), so that a signal delivered to one process only stops all of them at
+            the same step: a process saving and stopping alone would leave the others in a collective it never joins.
     """
 
-    def __init__(self):
+    def __init__(self, accelerator=None):
         self.received = False
+        self.accelerator = accelerator
         self._previous = None
 
     def _handle(self, signum, frame):
@@ -125,6 +133,8 @@ class SigtermCheckpoint(TrainerCallback):
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.accelerator is not None:
+            self.received = any_process(self.accelerator, self.received)
         if self.received:
             control.should_save = True
             control.should_training_stop = True
