@@ -47,7 +47,9 @@ def _load_example(name: str):
 def _run_script(monkeypatch, capsys, flags: list[str]) -> list[dict]:
     """Run the example as `python examples/on_policy_distill.py FLAGS` (in this process); the step logs it printed."""
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *flags])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
+    with pytest.raises(SystemExit) as exit_info:  # the script exits with `run()`'s status
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert exit_info.value.code == 0
     printed = capsys.readouterr().out.splitlines()
     return [ast.literal_eval(line) for line in printed if line.startswith("{'loss'")]  # the Trainer's PrinterCallback
 

@@ -229,7 +229,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def _build_reference(self, args):
         if args.reference_model_name_or_path is None:
             return None
-        reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer)
+        reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer, role="reference")
         return LocalTeacher(
             reference.to(self.accelerator.device), vocab_size=self.vocab_size, micro_batch_size=micro_batch_rows(args)
         )
@@ -602,12 +602,13 @@ class OnPolicyDistillTrainer(SFTTrainer):
             self._rng_checkpoint = None
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` takes the last *whole* checkpoint (one a
-        killed process left half-written is skipped) and restores the distillation state and rollout buffer with it."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = checkpoints.last_whole_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No whole checkpoint in {self.args.output_dir} to resume from.")
+        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` (or `"true"`, `"last"`, a run folder) takes
+        the last *whole* checkpoint (one a killed process left half-written is skipped; see
+        [`~trl_onpolicy.checkpoints.resolve_resume_from_checkpoint`]) and restores the distillation state and rollout
+        buffer with it."""
+        resume_from_checkpoint = checkpoints.resolve_resume_from_checkpoint(
+            resume_from_checkpoint, self.args.output_dir
+        )
         self._rng_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         if isinstance(resume_from_checkpoint, str):
             state = checkpoints.read_state(resume_from_checkpoint)
