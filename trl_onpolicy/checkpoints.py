@@ -157,7 +157,7 @@ def resolve_resume_from_checkpoint(value, output_dir: str) -> str | None:
         found = last_whole_checkpoint(output_dir)
         if found is None:
             raise ValueError(
-                f"resume_from_checkpoint={value!r} resumes from the last whole checkpoint in output_dir, but "
+                f"resume_from_checkpoint={value!r} resumes from the last whole checkpoint in output_dir, but output_dir "
                 f"{describe_checkpoints(output_dir)}. Check `output_dir`, give a checkpoint folder, or leave "
                 "resume_from_checkpoint unset to start fresh."
             )
@@ -166,7 +166,7 @@ def resolve_resume_from_checkpoint(value, output_dir: str) -> str | None:
         return None
     if not os.path.exists(value):
         raise FileNotFoundError(
-            f"resume_from_checkpoint {value!r} does not exist; {describe_checkpoints(output_dir)}. Give a "
+            f"resume_from_checkpoint {value!r} does not exist; output_dir {describe_checkpoints(output_dir)}. Give a "
             f"checkpoint-N folder, a run folder holding them, {fix}."
         )
     state_file = os.path.join(value, TRAINER_STATE)
