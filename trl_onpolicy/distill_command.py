@@ -153,8 +153,8 @@ def check_model_names(training_args: OnPolicyDistillConfig, model_args: ModelCon
     teachers = training_args.teacher_model_name_or_path
     for name, spec in teachers.items() if isinstance(teachers, dict) else [(None, teachers)]:
         if spec != TOY and not str(spec).startswith(("http://", "https://")):
-            role = "teacher" if name is None else f"teacher {name!r}"
-            check_model_name(spec, role, "--teacher_model_name_or_path", training_args.teacher_model_revision)
+            flag = "--teacher_model_name_or_path" + ("" if name is None else f", member {name!r}")
+            check_model_name(spec, "teacher", flag, training_args.teacher_model_revision)
     check_model_name(training_args.reference_model_name_or_path, "reference", "--reference_model_name_or_path")
 
 
