@@ -6,6 +6,7 @@ import os
 import pytest
 from huggingface_hub import constants
 
+from trl_onpolicy import OnPolicyDistillTrainer
 from trl_onpolicy.model_paths import check_model_name, is_hub_id
 
 
@@ -68,3 +69,24 @@ def test_online_a_hub_id_is_left_to_the_hub_client(monkeypatch):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "0")
     check_model_name("org/model-that-may-exist", "teacher")  # no network call here; from_pretrained will ask
+
+
+def test_the_trainer_names_a_missing_teacher_before_loading_the_student(tmp_path, monkeypatch):
+    """The Python API: `OnPolicyDistillTrainer(model=<path>, ...)` with a teacher path that does not exist fails on the
+    teacher first (it used to load the student, then fail with the Hub client's repo-id message)."""
+    import tiny_models
+
+    monkeypatch.chdir(tmp_path)
+    student = tmp_path / "student"
+    tiny_models.model(tiny_models.tokenizer()).save_pretrained(student)
+    loads = []
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: loads.append(a))
+    config = tiny_models.config(tmp_path / "out", teacher_model_name_or_path="./no-such-teacher")
+    with pytest.raises(FileNotFoundError, match=r"^The teacher model './no-such-teacher' is a local path that does not"):
+        OnPolicyDistillTrainer(model=str(student), args=config, train_dataset=tiny_models.dataset())
+    with pytest.raises(FileNotFoundError, match=r"^The reference model '\.\./no-ref' is a local path"):
+        config.teacher_model_name_or_path, config.reference_model_name_or_path = str(student), "../no-ref"
+        OnPolicyDistillTrainer(model=str(student), args=config, train_dataset=tiny_models.dataset())
+    with pytest.raises(FileNotFoundError, match=r"^The student model 'no-student/' is a local path"):
+        OnPolicyDistillTrainer(model="no-student/", args=config, train_dataset=tiny_models.dataset())
+    assert loads == []  # nothing was loaded

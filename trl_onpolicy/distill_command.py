@@ -36,7 +36,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from . import checkpoints
 from .config import OnPolicyDistillConfig
-from .model_paths import check_model_name
+from .model_paths import check_model_names
 
 TOY = "toy"
 DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
@@ -145,19 +145,6 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
 # ----------------------------------------------------------------------------------------------------------- run
 
 
-def check_model_names(training_args: OnPolicyDistillConfig, model_args: ModelConfig) -> None:
-    """Before anything loads: a student, teacher or reference model whose local path does not exist (or, offline, a Hub
-    id not in the cache) is one error naming which model and flag (see [`~trl_onpolicy.model_paths`])."""
-    if model_args.model_name_or_path != TOY:
-        check_model_name(model_args.model_name_or_path, "student", "--model_name_or_path", model_args.model_revision)
-    teachers = training_args.teacher_model_name_or_path
-    for name, spec in teachers.items() if isinstance(teachers, dict) else [(None, teachers)]:
-        if spec != TOY and not str(spec).startswith(("http://", "https://")):
-            flag = "--teacher_model_name_or_path" + ("" if name is None else f", member {name!r}")
-            check_model_name(spec, "teacher", flag, training_args.teacher_model_revision)
-    check_model_name(training_args.reference_model_name_or_path, "reference", "--reference_model_name_or_path")
-
-
 def main(
     script_args: DistillScriptArguments,
     training_args: OnPolicyDistillConfig,
@@ -183,7 +170,13 @@ def main(
             "Set `--teacher_model_name_or_path`: a Hub id or path, an http(s):// teacher server, a teacher-cache "
             "folder, or 'toy'."
         )
-    check_model_names(training_args, model_args)  # fail on a missing model or checkpoint before loading anything
+    check_model_names(  # fail on a missing model or checkpoint before loading anything
+        None if model_args.model_name_or_path == TOY else model_args.model_name_or_path,
+        None if training_args.teacher_model_name_or_path == TOY else training_args.teacher_model_name_or_path,
+        training_args.reference_model_name_or_path,
+        flags=("--model_name_or_path", "--teacher_model_name_or_path", "--reference_model_name_or_path"),
+        revisions=(model_args.model_revision, training_args.teacher_model_revision),
+    )
     resume = checkpoints.resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # ------------------------------------------------------------------ student and teacher

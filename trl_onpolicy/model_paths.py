@@ -9,7 +9,9 @@ Hub id fails only after the other models have loaded. [`check_model_name`] says 
 - a Hub id (`name` or `namespace/name`) when the Hub is offline (`HF_HUB_OFFLINE=1` or `TRANSFORMERS_OFFLINE=1`) and
   the Hugging Face cache does not hold it: it cannot be fetched.
 
-Online, a Hub id is left to the Hub client, whose errors (not found, gated) are already clear.
+Online, a Hub id is left to the Hub client, whose errors (not found, gated) are already clear. [`check_model_names`]
+checks a run's student, teacher(s) and reference model at once; the trainer calls it first thing
+([`check_trainer_models`]), `trl-onpolicy distill` before anything loads (with the flags' names).
 """
 
 from __future__ import annotations
@@ -79,3 +81,27 @@ def check_model_name(name, role: str, flag: str | None = None, revision: str | N
             "(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) and the Hugging Face cache does not hold it. Give a local folder, "
             f"or download it once online (`hf download {name}`)."
         )
+
+
+def check_model_names(student, teacher, reference, flags=(None, None, None), revisions=(None, None)) -> None:
+    """
+    [`check_model_name`] for a run's three models. `teacher` may be a `teacher_model_name_or_path` of any form: a
+    server URL is skipped, a dict of teachers is checked member by member. `flags` name the three for the message;
+    `revisions` are the student's and the teacher's (also the reference's: it loads as a teacher does).
+    """
+    check_model_name(student, "student", flags[0], revisions[0])
+    for name, member in teacher.items() if isinstance(teacher, dict) else [(None, teacher)]:
+        if isinstance(member, str) and member.startswith(("http://", "https://")):
+            continue
+        flag = flags[1] if name is None else f"{flags[1] or 'teacher_model_name_or_path'}, member {name!r}"
+        check_model_name(member, "teacher", flag, revisions[1])
+    check_model_name(reference, "reference", flags[2], revisions[1])
+
+
+def check_trainer_models(model, teacher_model, args) -> None:
+    """[`check_model_names`] for the trainer's arguments: `model`, `teacher_model` (or the config's
+    `teacher_model_name_or_path`) and the config's `reference_model_name_or_path`, at the revisions it asks for."""
+    init_kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
+    teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+    revisions = (init_kwargs.get("revision"), args.teacher_model_revision)
+    check_model_names(model, teacher, args.reference_model_name_or_path, revisions=revisions)

@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from . import checkpoints, hidden_states, merge, model_card, precision, quantized
+from . import checkpoints, hidden_states, merge, model_card, model_paths, precision, quantized
 from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
@@ -116,6 +116,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a dataset of prompts for the student to complete.")
         check_columns(train_dataset, "train")
+        model_paths.check_trainer_models(model, teacher_model, args)  # a missing model path: say which, before loading
         quantized.check_student(model, peft_config, kwargs.get("quantization_config"), args.model_init_kwargs)
         processing_class = self._ensure_pad_token(processing_class, model, args)
         loss_type, args.loss_type = args.loss_type, "nll"  # SFTTrainer only knows "nll"/"dft"; ours is restored below
@@ -229,7 +230,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def _build_reference(self, args):
         if args.reference_model_name_or_path is None:
             return None
-        reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer, role="reference")
+        reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer)
         return LocalTeacher(
             reference.to(self.accelerator.device), vocab_size=self.vocab_size, micro_batch_size=micro_batch_rows(args)
         )

@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
 from ..loss import CHUNK_SIZE
-from ..model_paths import check_model_name
 from .base import Teacher, TeacherScores
 from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
 from .ensemble import EnsembleTeacher
@@ -66,12 +65,11 @@ def _check_tokenizer(path: str, tokenizer, revision: str | None, trust_remote_co
         )
 
 
-def load_teacher_model(path: str, args, tokenizer, role: str = "teacher") -> PreTrainedModel:
-    """Load a teacher (or the `role` model) from the Hub or a local path with `args.teacher_model_init_kwargs`."""
+def load_teacher_model(path: str, args, tokenizer) -> PreTrainedModel:
+    """Load a teacher from the Hub or a local path with `args.teacher_model_init_kwargs`."""
     init_kwargs = dict(args.teacher_model_init_kwargs or {})
     init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     init_kwargs.setdefault("revision", args.teacher_model_revision)
-    check_model_name(path, role, revision=init_kwargs["revision"])  # a missing local path: say so, not a Hub error
     _check_tokenizer(path, tokenizer, init_kwargs["revision"], init_kwargs["trust_remote_code"])
     return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
 
