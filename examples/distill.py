@@ -7,8 +7,10 @@
     python examples/distill.py --teacher_model_name_or_path '{"a": "path/a", "b": "path/b"}' --teacher_mixture weighted
 
 Every `OnPolicyDistillConfig` field is a flag (`--max_steps`, `--loss_type`, `--hidden_state_weight`, ...), and
-`--config recipe.yaml` reads them from a file. The student defaults to the toy student and the dataset to the toy
-GSM8K-format task, so the script runs offline on a CPU; `--student` and `--dataset_name` point it at real ones.
+`--config recipe.yaml` reads them from a file. `--resume_from_checkpoint true` resumes from the last whole checkpoint in
+`--output_dir` (a `checkpoint-N` folder or a run folder works too). The student defaults to the toy student and the
+dataset to the toy GSM8K-format task, so the script runs offline on a CPU; `--student` and `--dataset_name` point it
+at real ones.
 """
 
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ def main(script: ScriptArguments, args: OnPolicyDistillConfig):
     trainer = OnPolicyDistillTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # `true`: the last whole checkpoint
     trainer.save_model()
     return trainer
 

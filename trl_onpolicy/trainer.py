@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from . import checkpoints, hidden_states, merge, model_card, precision, quantized
+from . import checkpoints, hidden_states, merge, model_card, model_paths, precision, quantized
 from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
@@ -117,6 +117,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a dataset of prompts for the student to complete.")
         check_columns(train_dataset, "train")
+        model_paths.check_trainer_models(model, teacher_model, args)  # a missing model path: say which, before loading
         quantized.check_student(model, peft_config, kwargs.get("quantization_config"), args.model_init_kwargs)
         processing_class = self._ensure_pad_token(processing_class, model, args)
         loss_type, args.loss_type = args.loss_type, "nll"  # SFTTrainer only knows "nll"/"dft"; ours is restored below
@@ -617,12 +618,13 @@ class OnPolicyDistillTrainer(SFTTrainer):
             self._rng_checkpoint = None
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` takes the last *whole* checkpoint (one a
-        killed process left half-written is skipped) and restores the distillation state and rollout buffer with it."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = checkpoints.last_whole_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No whole checkpoint in {self.args.output_dir} to resume from.")
+        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` (or `"true"`, `"last"`, a run folder) takes
+        the last *whole* checkpoint (one a killed process left half-written is skipped; see
+        [`~trl_onpolicy.checkpoints.resolve_resume_from_checkpoint`]) and restores the distillation state and rollout
+        buffer with it."""
+        resume_from_checkpoint = checkpoints.resolve_resume_from_checkpoint(
+            resume_from_checkpoint, self.args.output_dir
+        )
         self._rng_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         if isinstance(resume_from_checkpoint, str):
             state = checkpoints.read_state(resume_from_checkpoint)
