@@ -13,6 +13,7 @@ dataset to the toy GSM8K-format task, so the script runs offline on a CPU; `--st
 at real ones.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer, toy
+from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer, checkpoints, toy
 
 
 @dataclass
@@ -50,6 +51,8 @@ def main(script: ScriptArguments, args: OnPolicyDistillConfig):
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # `true`: the last whole checkpoint
+    if checkpoints.sigterm_stop(trainer):  # preempted: the checkpoint is what to resume from, not a final model
+        sys.exit(checkpoints.SIGTERM_EXIT_STATUS)
     trainer.save_model()
     return trainer
 

@@ -82,3 +82,19 @@ def test_a_bad_option_fails_before_any_work(flags, message, tmp_path):
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == f"trl-onpolicy quickstart: error: {message}"
     assert not out.exists() and seconds < 10, seconds
+
+
+def test_a_quickstart_stopped_by_sigterm_does_not_look_finished(capsys):
+    """SIGTERM used to end the quickstart with its report and "Saved the final student", as a finished run. Now it
+    says where it stopped, writes neither, and the command exits 143 (128 + SIGTERM)."""
+    from trl_onpolicy.checkpoints import SigtermCheckpoint
+    from trl_onpolicy.cli import _run
+    from trl_onpolicy.quickstart import stopped_by_sigterm
+
+    stop = SigtermCheckpoint()
+    stop.stopped_at = (12, 300)
+    assert _run("quickstart", lambda: stopped_by_sigterm(stop), debug=False) == 143
+    assert capsys.readouterr().out == (
+        "Stopped by SIGTERM at step 12 of 300: no report and no final student were written. The quickstart does not "
+        "resume; run the same command again (the teacher and student it trained first are cached).\n"
+    )

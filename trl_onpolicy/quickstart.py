@@ -73,14 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=COUNT, default=1, help="torch threads (1 is fastest for tiny models).")  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the quickstart with parsed `args`; returns the report dict."""
+def run(args: argparse.Namespace) -> dict | int:
+    """Run the quickstart with parsed `args`; returns the report dict, or the exit status 143 when SIGTERM stopped
+    it before its last step (see [`stopped_by_sigterm`])."""
     import torch
 
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from . import toy
+    from . import checkpoints, toy
     from .config import OnPolicyDistillConfig
     from .eval import LmEvalCallback
     from .reports import format_table, write_report
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace) -> dict:
         callbacks=[hook],
     )  # fmt: skip
     trainer.train()
+    if (stop := checkpoints.sigterm_stop(trainer)) is not None:
+        return stopped_by_sigterm(stop)
     trainer.save_model(args.output_dir)  # the final student (and tokenizer), where `trl-onpolicy eval` finds it
 
     print("[4/4] Report")
@@ -161,6 +164,19 @@ def run(args: argparse.Namespace) -> dict:
     again = f"trl-onpolicy eval {shlex.quote(args.output_dir)} --tasks {','.join(TASKS)}"
     print(f"Saved the final student to {args.output_dir}; score it again with: {again}")
     return report
+
+
+def stopped_by_sigterm(stop) -> int:
+    """Say that SIGTERM stopped the run at step N of M (a [`~trl_onpolicy.checkpoints.SigtermCheckpoint`] that
+    stopped it) and write neither the report nor a final student: the quickstart has no resume flag, and a run cut
+    short must not look finished. Returns the exit status, 128 + SIGTERM."""
+    from .checkpoints import SIGTERM_EXIT_STATUS
+
+    step, max_steps = stop.stopped_at
+    print(f"Stopped by SIGTERM at step {step} of {max_steps}: no report and no final student were written. The "
+          "quickstart does not resume; run the same command again (the teacher and student it trained first are "
+          "cached).")  # fmt: skip
+    return SIGTERM_EXIT_STATUS
 
 
 def _smollm2_teacher_and_student(keep_layers: int):
