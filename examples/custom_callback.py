@@ -76,8 +76,15 @@ class CutAfterAnswer(DistillCallback):
         return dataclasses.replace(rollouts, completion_ids=completions, truncated=truncated, sampling_logps=logps)
 
 
-def main():
+def main(argv: list[str] | None = None):
+    from trl import TrlParser
+
     from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer, toy
+
+    parser = TrlParser(OnPolicyDistillConfig)  # every config field is a flag: --max_steps, --resume_from_checkpoint
+    parser.set_defaults(output_dir="custom-callback-out", max_steps=20, per_device_train_batch_size=32,
+                        learning_rate=1e-3, max_completion_length=96, logging_steps=5, report_to=[])  # fmt: skip
+    (args,) = parser.parse_args_and_config(argv)
 
     torch.set_num_threads(1)  # tiny models generate fastest on one thread
     teacher, tokenizer, _ = toy.load_or_train_teacher()
@@ -86,13 +93,12 @@ def main():
     trainer = OnPolicyDistillTrainer(
         model=student,
         teacher_model=teacher,
-        args=OnPolicyDistillConfig(output_dir="custom-callback-out", max_steps=20, per_device_train_batch_size=32,
-                                   learning_rate=1e-3, max_completion_length=96, logging_steps=5, report_to=[]),
+        args=args,
         train_dataset=toy.make_dataset(640, split="train").select_columns(["prompt"]),
         processing_class=tokenizer,
         callbacks=[cut],  # or DropTruncated()
     )  # fmt: skip
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # `true`: the last whole checkpoint
     print(f"Cut {cut.edited} completions after their answer line.")
 
 

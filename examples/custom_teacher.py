@@ -84,8 +84,15 @@ class LoggingTeacher(Teacher):
         return self.inner.generate(prompt_ids, generation_config, tokenizer)
 
 
-def main():
+def main(argv: list[str] | None = None):
+    from trl import TrlParser
+
     from trl_onpolicy import LocalTeacher, OnPolicyDistillConfig, OnPolicyDistillTrainer, toy
+
+    parser = TrlParser(OnPolicyDistillConfig)  # every config field is a flag: --max_steps, --resume_from_checkpoint
+    parser.set_defaults(output_dir="custom-teacher-out", max_steps=20, per_device_train_batch_size=32,
+                        learning_rate=1e-3, max_completion_length=96, logging_steps=5, report_to=[])  # fmt: skip
+    (args,) = parser.parse_args_and_config(argv)
 
     torch.set_num_threads(1)  # tiny models generate fastest on one thread
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -96,14 +103,16 @@ def main():
     trainer = OnPolicyDistillTrainer(
         model=student,
         teacher_model=teacher,
-        args=OnPolicyDistillConfig(output_dir="custom-teacher-out", max_steps=20, per_device_train_batch_size=32,
-                                   learning_rate=1e-3, max_completion_length=96, logging_steps=5, report_to=[]),
+        args=args,
         train_dataset=toy.make_dataset(640, split="train").select_columns(["prompt"]),
         processing_class=tokenizer,
     )  # fmt: skip
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # `true`: the last whole checkpoint
     first, last = teacher.records[0]["mean_token_logp"], teacher.records[-1]["mean_token_logp"]
-    print(f"Mean teacher log-prob of the student's tokens: {first:.3f} at step 1, {last:.3f} at step 20.")
+    print(
+        f"Mean teacher log-prob of the student's tokens: {first:.3f} at the first step, {last:.3f} at step "
+        f"{trainer.state.global_step}."
+    )
 
 
 if __name__ == "__main__":

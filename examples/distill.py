@@ -7,10 +7,13 @@
     python examples/distill.py --teacher_model_name_or_path '{"a": "path/a", "b": "path/b"}' --teacher_mixture weighted
 
 Every `OnPolicyDistillConfig` field is a flag (`--max_steps`, `--loss_type`, `--hidden_state_weight`, ...), and
-`--config recipe.yaml` reads them from a file. The student defaults to the toy student and the dataset to the toy
-GSM8K-format task, so the script runs offline on a CPU; `--student` and `--dataset_name` point it at real ones.
+`--config recipe.yaml` reads them from a file. `--resume_from_checkpoint true` resumes from the last whole checkpoint in
+`--output_dir` (a `checkpoint-N` folder or a run folder works too). The student defaults to the toy student and the
+dataset to the toy GSM8K-format task, so the script runs offline on a CPU; `--student` and `--dataset_name` point it
+at real ones.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +21,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer, toy
+from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer, checkpoints, toy
 
 
 @dataclass
@@ -47,7 +50,9 @@ def main(script: ScriptArguments, args: OnPolicyDistillConfig):
     trainer = OnPolicyDistillTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # `true`: the last whole checkpoint
+    if checkpoints.sigterm_stop(trainer):  # preempted: the checkpoint is what to resume from, not a final model
+        sys.exit(checkpoints.SIGTERM_EXIT_STATUS)
     trainer.save_model()
     return trainer
 

@@ -61,9 +61,10 @@ Any local model folder or dataset works the same way: `--model_name_or_path path
 `--cpu --num_processes 2` starts one process).
 """
 
-from trl_onpolicy.distill_command import main, make_parser
+import shlex
+import sys
 
-if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config()
-    main(script_args, training_args, model_args)
+from trl_onpolicy.distill_command import run
+
+if __name__ == "__main__":  # exit status 143 when SIGTERM stopped training (it prints the command that resumes)
+    sys.exit(run(prog=shlex.join(["python", sys.argv[0]])))

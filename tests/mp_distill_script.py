@@ -31,6 +31,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from trl_onpolicy.frozen_models import load_frozen_model
 from trl_onpolicy.toy import char_tokenizer
 from trl_onpolicy import DistillCallback, OnPolicyDistillConfig, OnPolicyDistillTrainer
 
@@ -67,6 +68,25 @@ class RecordPrompts(DistillCallback):
         self.steps.append(self.tok.batch_decode(rollouts.prompt_ids, skip_special_tokens=True))
 
 
+def placed_teacher(tok, arch: str, source: str, folder: str, hidden: int = 32, seed: int = 1):
+    """The teacher (`seed`, width `hidden`) as a launcher meets it (call it once the config has set up the processes).
+    `"memory"`: a model built here; `"disk"`: a path, loaded by the trainer (under ZeRO-3 `from_pretrained` partitions
+    it); `"meta"`: saved, then loaded with `load_frozen_model`, which under FSDP's `cpu_ram_efficient_loading` reads the
+    weights on the main process only (the others hold meta tensors), so the trainer must broadcast them."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if source == "memory":
+        return tiny_model(tok, arch, seed=seed, hidden=hidden)
+    if source not in ("disk", "meta"):
+        raise ValueError(f"unknown teacher source {source!r}")
+    if state.is_main_process:
+        tiny_model(tok, arch, seed=seed, hidden=hidden).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    state.wait_for_everyone()
+    return folder if source == "disk" else load_frozen_model(folder)
+
+
 def run(
     out: str,
     per_device_batch_size: int,
@@ -75,24 +95,40 @@ def run(
     arch: str = "llama",
     output_dir: str | None = None,
     teachers: str = "one",
+    launcher: str = "ddp",
+    teacher_source: str = "memory",
+    teacher_hidden: int = 32,
+    callbacks: tuple = (),
+    wrap_teacher=None,
+    resume: str | None = None,
+    **config,
 ) -> dict:
     """
     Train `max_steps` steps; the main process writes (and every process returns) the summary described above.
     `teachers="mixture"`: two teachers (one wider than the student) mixed per token with weights 0.25 / 0.75;
     `teachers="hidden"`: a wider teacher with hidden-state matching (a learned projection, trained and synchronised like
-    the student's weights).
+    the student's weights); `teachers="self"`: a LoRA student (random adapters) distilled from its own base network. `launcher`: `"ddp"`, `"fsdp2"` or `"zero3"` (see `cpu_launchers.py`); `teacher_source`:
+    see [`placed_teacher`]; `wrap_teacher`: a function of the teacher model giving the teacher backend; `config`:
+    more `OnPolicyDistillConfig` fields; `resume`: a checkpoint to resume from.
     """
+    import cpu_launchers
+
+    launch = cpu_launchers.config_kwargs(launcher)  # the processes are set up here for ZeRO-3
     tok = char_tokenizer()
-    student, teacher = tiny_model(tok, arch, seed=0), tiny_model(tok, arch, seed=1)
-    extra, columns = {}, {"prompt": PROMPTS, "completion": COMPLETIONS}
+    output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(out)), "trainer")
+    student = tiny_model(tok, arch, seed=0)
+    extra, columns, teacher_seed = {}, {"prompt": PROMPTS, "completion": COMPLETIONS}, 1
     if teachers == "mixture":
-        teacher = {"a": teacher, "b": tiny_model(tok, arch, seed=2, hidden=48)}
         extra = {"teacher_mixture": "weighted", "teacher_weights": {"a": 0.25, "b": 0.75}}
     elif teachers == "hidden":
-        teacher = tiny_model(tok, arch, seed=2, hidden=48)
-        extra = {"hidden_state_weight": 0.5}
+        teacher_hidden, teacher_seed, extra = 48, 2, {"hidden_state_weight": 0.5}
+    peft = None
+    if teachers == "self":  # a LoRA student whose base network is its teacher; random adapters, so the loss is not 0
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     args = OnPolicyDistillConfig(
-        output_dir=output_dir or os.path.join(os.path.dirname(os.path.abspath(out)), "trainer"),
+        output_dir=output_dir,
         max_steps=max_steps,
         per_device_train_batch_size=per_device_batch_size,
         optim="sgd",
@@ -100,15 +136,20 @@ def run(
         lr_scheduler_type="constant",
         max_grad_norm=1e9,  # no clipping: the grad norm is logged as computed
         lmbda=lmbda,
-        max_completion_length=8,
         logging_steps=1,
         report_to=[],
-        save_strategy="no",
         seed=0,
-        use_cpu=True,
         ddp_find_unused_parameters=False,
-        **extra,
+        **launch,
+        **{"max_completion_length": 8, "save_strategy": "no", **extra, **config},
     )
+    teacher = placed_teacher(tok, arch, teacher_source, os.path.join(output_dir, "teacher"), teacher_hidden,
+                             teacher_seed)  # fmt: skip
+    teacher_was_meta = any(p.is_meta for p in teacher.parameters()) if not isinstance(teacher, str) else False
+    teacher = wrap_teacher(teacher) if wrap_teacher is not None else teacher
+    if teachers == "mixture":
+        teacher = {"a": teacher, "b": tiny_model(tok, arch, seed=2, hidden=48)}
+    teacher = None if teachers == "self" else teacher
     recorder = RecordPrompts(tok)
     trainer = OnPolicyDistillTrainer(
         model=student,
@@ -116,25 +157,30 @@ def run(
         args=args,
         train_dataset=Dataset.from_dict(columns),
         processing_class=tok,
-        callbacks=[recorder],
+        callbacks=[recorder, *callbacks],
+        peft_config=peft,
     )
-    initial = {n: p.detach().clone().double() for n, p in student.named_parameters()}  # with a projector, if any
-    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.model)  # the student, with a projector or LoRA adapters if any
+    initial = {n: p.detach().clone().double() for n, p in trained.named_parameters()}
+    trainer.train(resume_from_checkpoint=resume)
 
     prompts = gather_object([recorder.steps])  # one list of steps per process
     final = trainer.accelerator.unwrap_model(trainer.model)
+    teacher_model = getattr(trainer.teacher, "model", None)
     result = {
         "num_processes": trainer.accelerator.num_processes,
         "backend": trainer.accelerator.state.backend,
+        "distributed_type": str(trainer.accelerator.distributed_type),
         "per_device_batch_size": per_device_batch_size,
         "logs": [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h],
         "prompts": [sorted(p for proc in prompts for p in proc[step]) for step in range(len(prompts[0]))],
+        "student_sharded": cpu_launchers.is_sharded(final),
+        "teacher_sharded": teacher_model is not None and cpu_launchers.is_sharded(teacher_model),
+        "teacher_was_meta": gather_object([teacher_was_meta]),
+        "global_step": trainer.state.global_step,
         "weights": {
-            n: {
-                "update_norm": (p.detach().double() - initial[n]).norm().item(),
-                "sum": p.detach().double().sum().item(),
-            }
-            for n, p in final.named_parameters()
+            n: {"update_norm": (p.double() - initial[n]).norm().item(), "sum": p.double().sum().item()}
+            for n, p in cpu_launchers.full_parameters(final).items()
         },
     }
     if trainer.accelerator.is_main_process:
@@ -154,6 +200,17 @@ def main():
     parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden"])
     cli = parser.parse_args()
     run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers)
+    finish()
+
+
+def finish() -> None:
+    """Leave the process group together: a process exiting while gloo's threads still serve another one's last
+    collective aborted the launch now and then under load ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

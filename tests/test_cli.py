@@ -2,15 +2,21 @@
 `eval` scores a saved model (full or LoRA adapters) on the offline toy tasks and writes the report."""
 
 import json
+import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 from tiny_assets import save_tiny_assets, train_flags
 
 from trl_onpolicy import cli
+from trl_onpolicy.checkpoints import last_whole_checkpoint
 from trl_onpolicy.distill_command import DistillScriptArguments, load_datasets
 from trl_onpolicy.toy.models import build_model
 from trl_onpolicy.toy.tokenizer import build_tokenizer
@@ -180,21 +186,178 @@ def test_eval_with_an_unknown_task_names_close_matches(toy_models, tmp_path, cap
     assert "did you mean 'gsm8k'" in err and err.rstrip().endswith("(add --debug for the traceback)")
 
 
+# --------------------------------------------------------------------------------------------------- missing paths
+
+ROOT = Path(__file__).resolve().parents[1]
+ERROR_END = "(add --debug for the traceback)"
+
+
+def _cli(args: list[str], cwd, timeout: float = 180, popen: bool = False):
+    """`python -m trl_onpolicy.cli ARGS` as a user runs it (this checkout first on the path), offline, one thread:
+    the finished process, or with `popen` the running one (output piped)."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "trl_onpolicy.cli", *args]
+    if popen:
+        return subprocess.Popen(command, env=env, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """The CLI's error message and its `--debug` hint: the last two lines of stderr (libraries may warn before)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return stderr.rstrip().splitlines()[-2:]
+
+
+def test_distill_with_a_missing_teacher_path_says_so(assets, tmp_path):
+    """It was transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" after the student
+    loaded; now one message naming the model, the flag and the path, before anything loads."""
+    flags = train_flags(assets, tmp_path / "out")
+    flags[flags.index("--teacher_model_name_or_path") + 1] = "./no-such-teacher"
+    start = time.perf_counter()
+    proc = _cli(["distill", *flags], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    first, last = _error_lines(proc.stderr)
+    assert first == (
+        "trl-onpolicy distill: error: The teacher model (--teacher_model_name_or_path) './no-such-teacher' is a local "
+        f"path that does not exist: {tmp_path / 'no-such-teacher'}. Check the path; a Hub model is named "
+        "`namespace/name`."
+    )
+    assert last == ERROR_END
+    assert not (tmp_path / "out").exists()  # failed before the trainer was built
+    print(f"missing teacher: {time.perf_counter() - start:.1f} s")
+
+
+def test_serve_teacher_with_a_missing_model_fails_before_serving(tmp_path):
+    proc = _cli(["serve-teacher", "./nonexistent", "--port", "1"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1 and "Serving" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert _error_lines(proc.stderr)[0] == (
+        "trl-onpolicy serve-teacher: error: The teacher model (MODEL) './nonexistent' is a local path that does not "
+        f"exist: {tmp_path / 'nonexistent'}. Check the path; a Hub model is named `namespace/name`."
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["distill", "--model_name_or_path", "./no-such-student"],
+         "The student model (--model_name_or_path) './no-such-student' is a local path that does not exist"),
+        (["distill", "--reference_model_name_or_path", "../no-such-reference"],
+         ("The reference model (--reference_model_name_or_path) '../no-such-reference' is a local path that does not "
+         "exist")),
+        (["distill", "--teacher_model_name_or_path", '{"a": "TEACHER", "b": "./no-such-b"}'],
+         ("The teacher model (--teacher_model_name_or_path, member 'b') './no-such-b' is a local path that does not "
+          "exist")),
+        (["distill", "--model_name_or_path", "no-org/no-such-model"],
+         ("The student model (--model_name_or_path) 'no-org/no-such-model' is not a local folder, and it is a Hub id "
+         "that cannot be fetched: the Hub is offline")),
+        (["eval", "./no-such-student", "--tasks", "toy_mmlu"],
+         "The student model (MODEL) './no-such-student' is a local path that does not exist"),
+        (["eval", "STUDENT", "--teacher", "./no-such-teacher", "--tasks", "toy_mmlu"],
+         "The teacher model (--teacher) './no-such-teacher' is a local path that does not exist"),
+        (["cache-teacher", "./no-such-teacher", "toy", "cache"],
+         "The teacher model (TEACHER) './no-such-teacher' is a local path that does not exist"),
+    ],
+    ids=["student", "reference", "ensemble-member", "offline-hub-id", "eval-model", "eval-teacher", "cache-teacher"],
+)  # fmt: skip
+def test_a_missing_model_names_which_one(command, message, assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if command[0] == "distill":
+        flags = train_flags(assets, tmp_path / "out")
+        for i in range(1, len(command), 2):  # replace the flag's value, or add the flag
+            value = command[i + 1].replace("TEACHER", assets["teacher"])
+            if command[i] in flags:
+                flags[flags.index(command[i]) + 1] = value
+            else:
+                flags += [command[i], value]
+        command = ["distill", *flags]
+    command = [arg.replace("STUDENT", assets["student"]) for arg in command]
+    assert cli.main(command) == 1
+    first, last = _error_lines(capsys.readouterr().err)
+    assert first.startswith(f"trl-onpolicy {command[0]}: error: {message}") and last == ERROR_END
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------------------------------- resume
+
+
+def test_distill_resume_from_a_missing_path_lists_the_checkpoints(assets, tmp_path):
+    """It was `python examples/distill.py --resume_from_checkpoint /nonexistent` training from scratch without a word."""
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)  # not whole: no state files
+    proc = _cli(["distill", *train_flags(assets, out), "--resume_from_checkpoint", "/nonexistent"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    first, last = _error_lines(proc.stderr)
+    assert first == (
+        f"trl-onpolicy distill: error: resume_from_checkpoint '/nonexistent' does not exist; output_dir '{out}' holds "
+        "checkpoint-3 (incomplete). Give a checkpoint-N folder, a run folder holding them, or `true` for the last "
+        "whole checkpoint in output_dir, or leave resume_from_checkpoint unset to start fresh."
+    )
+    assert last == ERROR_END
+
+
+def test_distill_resume_true_and_a_run_folder(assets, tmp_path, capsys):
+    """`--resume_from_checkpoint true` (it was "Can't find a valid checkpoint at true") and `out` (it was
+    `FileNotFoundError: out/trainer_state.json`) both continue from out/checkpoint-2; with no checkpoint, `true` is an
+    error, as transformers' `resume_from_checkpoint=True` is."""
+    out = tmp_path / "out"
+    flags = train_flags(assets, out)
+    assert cli.main(["distill", *flags, "--resume_from_checkpoint", "true"]) == 1
+    assert _error_lines(capsys.readouterr().err)[0] == (
+        "trl-onpolicy distill: error: resume_from_checkpoint='true' resumes from the last whole checkpoint in "
+        f"output_dir, but output_dir '{out}' does not exist. Check `output_dir`, give a checkpoint folder, or leave "
+        "resume_from_checkpoint unset to start fresh."
+    )
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    assert cli.main(["distill", *flags, "--save_steps", "1"]) == 0  # checkpoints 1 and 2
+    capsys.readouterr()
+    for value, steps in (("true", 3), (str(out), 4)):  # each resumes from the last checkpoint and trains one step
+        assert cli.main(["distill", *flags, "--save_steps", "1", "--max_steps", str(steps),
+                         "--resume_from_checkpoint", value]) == 0  # fmt: skip
+        assert len(_step_logs(capsys.readouterr().out)) == 1
+        state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+        assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, steps + 1))
+
+
+def test_distill_stopped_by_sigterm_says_how_to_resume_and_exits_143(assets, tmp_path):
+    """A run stopped by SIGTERM used to exit 0 with "Saved the student to out.", as a finished one. Now: no final
+    model, the step it stopped at, the exact command that resumes it, and exit status 143 (128 + SIGTERM); that
+    command then resumes from the checkpoint."""
+    out = tmp_path / "out"
+    flags = train_flags(assets, out, steps=1000)
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    flags += ["--save_steps", "1", "--save_total_limit", "2"]
+    process = _cli(["distill", *flags], cwd=tmp_path, popen=True)
+    start = time.monotonic()
+    while not (out / "checkpoint-1" / "trainer_state.json").is_file():  # training runs; the handler is installed
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() - start < 180, "no checkpoint after 180 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    lines = stdout.rstrip().splitlines()
+    step = int(lines[-2].split("Stopped by SIGTERM at step ", 1)[1].split(" ")[0])
+    checkpoint = out / f"checkpoint-{step}"
+    assert lines[-2] == f"Stopped by SIGTERM at step {step} of 1000; the checkpoint is {checkpoint}. Resume with:"
+    resume = shlex.split(lines[-1])
+    assert resume == ["trl-onpolicy", "distill", *flags, "--resume_from_checkpoint", str(checkpoint)]
+    assert 1 <= step < 1000 and last_whole_checkpoint(str(out)) == str(checkpoint)
+    assert "Saved the student" not in stdout and not (out / "model.safetensors").exists()
+    resumed = _cli([*resume[1:], "--max_steps", str(step + 1)], cwd=tmp_path)  # the printed command, one step more
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(_step_logs(resumed.stdout)) == 1 and (out / "model.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------------------------------- input errors
 
 
-def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`trl-onpolicy ARGV` in a fresh process, as a user runs it."""
-    code = "import sys\nfrom trl_onpolicy import cli\nsys.exit(cli.main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout)
-
-
-def _error_line(proc: subprocess.CompletedProcess, command: str) -> str:
-    """The one error message of a failed command (no traceback)."""
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"trl-onpolicy {command}: error: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return lines[0].removeprefix(f"trl-onpolicy {command}: error: ")
+def _one_error(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The message of a command that failed with a user error: exit status 1, one message, no traceback."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    first, last = _error_lines(proc.stderr)
+    assert first.startswith(f"trl-onpolicy {command}: error: ") and last == ERROR_END, proc.stderr[-3000:]
+    return first.removeprefix(f"trl-onpolicy {command}: error: ")
 
 
 def test_empty_datasets_get_the_trainers_message(assets, tmp_path):
@@ -207,12 +370,13 @@ def test_empty_datasets_get_the_trainers_message(assets, tmp_path):
     for name, where in (("empty.jsonl", "empty.jsonl"), ("empty_ds", "empty_ds"), ("empty_dict", "empty_dict/train")):
         flags = train_flags(assets, tmp_path / "out")
         flags[flags.index("--dataset_name") + 1] = str(tmp_path / name)
-        message = _error_line(_cli("distill", *flags), "distill")
+        message = _one_error(_cli(["distill", *flags], cwd=tmp_path), "distill")
         assert message == (
             f"The train dataset is empty ({tmp_path / where} has no rows): pass a dataset with at least one prompt."
         )
-    proc = _cli("cache-teacher", assets["teacher"], str(tmp_path / "empty.jsonl"), str(tmp_path / "cache"))
-    assert _error_line(proc, "cache-teacher").startswith("The train dataset is empty (")
+    command = ["cache-teacher", assets["teacher"], str(tmp_path / "empty.jsonl"), str(tmp_path / "cache")]
+    proc = _cli(command, cwd=tmp_path)
+    assert _one_error(proc, "cache-teacher").startswith("The train dataset is empty (")
 
 
 # --------------------------------------------------------------------------------------------------- help text
@@ -239,10 +403,10 @@ def _help(argv, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_distill_help_puts_the_distillation_options_first_in_plain_text(capsys):
+def test_distill_help_puts_the_distillation_options_first_in_plain_text(tmp_path, capsys):
     """It printed 1,081 lines, `--lmbda` at line 915 after ~600 lines of generic Trainer options, doc markup
     ([`~trl_onpolicy.eval.LmEvalCallback`]) and "(default: torch's choice). (default: None)"."""
-    proc = _cli("distill", "--help")
+    proc = _cli(["distill", "--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     short = proc.stdout
     lines = short.splitlines()
@@ -295,8 +459,8 @@ def test_a_misspelt_field_names_the_closest_one(tmp_path):
     """TRL said "Please remove them, add them to the dataclass, or set `fail_with_unknown_args=False`"."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("lmdba: 0.5\n")
-    proc = _cli("distill", "--config", str(recipe), "--max_stepz", "3")
-    assert _error_line(proc, "distill") == (
+    proc = _cli(["distill", "--config", str(recipe), "--max_stepz", "3"], cwd=tmp_path)
+    assert _one_error(proc, "distill") == (
         f"Unknown field `lmdba` in {recipe} (did you mean `lmbda`?); unknown field `max_stepz` on the command line "
         "(did you mean `max_steps`?). See `trl-onpolicy distill --help-all` for every field."
     )

@@ -185,12 +185,12 @@ def test_generation_is_capped_to_a_short_context(tokenizer, task_dir, caplog):
             out = cb.evaluate(model, tokenizer)
             assert set(out["scores"]) == {"gsm8k", "toy_gsm8k"}
     warnings = [r.getMessage() for r in caplog.records if r.name == "trl_onpolicy.eval_model"]
-    assert warnings == [
+    assert warnings == [(
         "Task 'gsm8k' asks for up to 256 generated tokens but the model's maximum sequence length is 256: "
         "generating at most 128 tokens (the prompt keeps its last 128). Scores can be lower than with a longer "
         "context. To choose the length, set gen_kwargs={'max_gen_toks': N} on LmEvalCallback (trl-onpolicy eval "
         "--max-gen-toks N) with N < 256."
-    ]  # toy_gsm8k asks for fewer tokens than the context holds: untouched
+    )]  # toy_gsm8k asks for fewer tokens than the context holds: untouched
     lm_eval_warnings = [r.getMessage() for r in caplog.records if r.name == "lm_eval.models.huggingface"]
     assert any(m.startswith("Left truncation applied.") for m in lm_eval_warnings)  # lm-eval's others still show
     assert not any("launch via accelerate" in m or "already-initialized model" in m for m in lm_eval_warnings)

@@ -47,7 +47,9 @@ def _load_example(name: str):
 def _run_script(monkeypatch, capsys, flags: list[str]) -> list[dict]:
     """Run the example as `python examples/on_policy_distill.py FLAGS` (in this process); the step logs it printed."""
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *flags])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
+    with pytest.raises(SystemExit) as exit_info:  # the script exits with `run()`'s status
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert exit_info.value.code == 0
     printed = capsys.readouterr().out.splitlines()
     steps = [re.match(r"step (\d+)/\d+ \| loss (\S+) \|.* completions (\S+) tokens \|", line) for line in printed]
     return [{"step": int(m[1]), "loss": float(m[2]), "completion_length": float(m[3])} for m in steps if m]
@@ -266,3 +268,42 @@ def test_filtering_callback_inside_a_training_step(tmp_path):
     logs = tiny_models.step_logs(trainer)
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
     assert callback.kept + callback.dropped == 4  # every sampled completion went through the callback
+
+
+# --------------------------------------------------------------------------------------------------- resume
+
+
+def _train_calls(path: Path) -> list[ast.Call]:
+    tree = ast.parse(path.read_text())
+    return [
+        node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "train"
+    ]
+
+
+def test_every_training_example_passes_resume_from_checkpoint():
+    """Each `trainer.train(...)` in examples/ passes the `--resume_from_checkpoint` flag through (on_policy_distill.py
+    runs `trl_onpolicy.distill_command`, which does; tests/test_cli.py resumes through it)."""
+    training = {path.name: _train_calls(path) for path in EXAMPLES.glob("*.py") if _train_calls(path)}
+    assert set(training) == {"distill.py", "sft_to_distill.py", "custom_callback.py", "custom_teacher.py"}
+    for name, calls in training.items():
+        for call in calls:
+            passed = {k.arg: ast.unparse(k.value) for k in call.keywords}
+            assert passed.get("resume_from_checkpoint") == "args.resume_from_checkpoint", name
+    assert "sys.exit(run(" in (EXAMPLES / "on_policy_distill.py").read_text()
+
+
+def test_distill_example_refuses_a_missing_checkpoint(assets, tmp_path):
+    """`python examples/distill.py --resume_from_checkpoint /nonexistent` used to exit 0, trained from scratch."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [
+        sys.executable, str(EXAMPLES / "distill.py"), "--student", assets["student"], "--num_rows", "8",
+        "--teacher_model_name_or_path", assets["teacher"], "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--max_completion_length", "8", "--max_length", "64",
+        "--report_to", "none", "--use_cpu", "true", "--resume_from_checkpoint", "/nonexistent",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    last_line = proc.stderr.rstrip().splitlines()[-1]
+    assert last_line.startswith("FileNotFoundError: resume_from_checkpoint '/nonexistent' does not exist; output_dir")
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "model.safetensors").exists()

@@ -28,19 +28,8 @@ def report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-# Failures of our trainer that issue 13 lists, as this script meets them on CPU: a part that fails with one of these
-# xfails with the reason (and passes once it is fixed); any other error fails.
-KNOWN_FAILURES = {
-    "Segmentation fault": "issue 13: under FSDP2 our loss's head-gradient path (`_ChunkwiseBackward` adding into the "
-    "sharded lm_head's gradient) crashes the first backward with SIGSEGV on CPU; with head_params=None it trains",
-}
-
-
 def no_error(part: dict) -> None:
     if "error" in part:
-        for signature, why in KNOWN_FAILURES.items():
-            if signature in part["error"]:
-                pytest.xfail(why)
         pytest.fail(part.get("traceback") or part.get("log_tail") or part["error"])
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import mp_distill_script as script
+import psutil
 import pytest
 import torch
 from datasets import Dataset
@@ -38,8 +39,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(tmp_path: Path, *script_args: str) -> dict:
-    """Run the script under `accelerate launch` with two CPU processes; return the main process's JSON."""
+def launch_two_processes(tmp_path: Path, *script_args: str, script: Path = SCRIPT) -> dict:
+    """Run `script` under `accelerate launch` with two CPU processes; return the main process's JSON."""
     out = tmp_path / "two.json"
     env = {
         **os.environ,
@@ -51,17 +52,19 @@ def launch_two_processes(tmp_path: Path, *script_args: str) -> dict:
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(SCRIPT), "--out", str(out), "--output-dir", str(tmp_path / "trainer"), *script_args,
+        str(script), "--out", str(out), "--output-dir", str(tmp_path / "trainer"), *script_args,
     ]  # fmt: skip
     start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        proc = subprocess.run(
-            command, check=False, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path
-        )
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-3000:]
-        pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (hang?). stderr tail:\n{tail}")
-    assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # on a hang the workers go too (torchrun starts them in sessions of their own): no orphan keeps a core busy
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            process.kill()
+        _, stderr = proc.communicate()
+        pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (hang?). stderr tail:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{stderr[-5000:]}"
     result = json.loads(out.read_text())
     result["seconds"] = time.perf_counter() - start
     assert result["num_processes"] == 2 and result["backend"] == "gloo", (result["num_processes"], result["backend"])
@@ -80,6 +83,12 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, teac
     )  # fmt: skip
     assert one["num_processes"] == 1
 
+    assert_same_training(one, two, teachers)
+
+
+def assert_same_training(one: dict, two: dict, teachers: str = "one") -> None:
+    """The same rows at each step, and the same loss, grad norm, divergence and final weights (summaries of
+    `mp_distill_script.run`)."""
     assert one["prompts"] == two["prompts"], "the two runs did not see the same rows at each step"
     assert len(one["logs"]) == len(two["logs"]) == 2
     keys = {"one": [], "mixture": ["teacher/a/divergence", "teacher/b/tokens"], "hidden": ["hidden_state_distance"]}

@@ -6,9 +6,9 @@ from the main process by default, and this trainer's batches are rows of text un
 """
 
 import pytest
+import tiny_models as tm
 from datasets import DatasetDict, IterableDatasetDict
 
-import tiny_models as tm
 from trl_onpolicy import OnPolicyDistillTrainer
 
 FORMS = {  # name: (the rows in that form, the same rows map-style; several sets are evaluated one after the other)

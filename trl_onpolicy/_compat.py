@@ -37,6 +37,23 @@ except ImportError:  # pragma: no cover
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+try:  # FSDP2 (torch >= 2.6; earlier in torch.distributed._composable.fsdp)
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+except ImportError:  # pragma: no cover
+    try:
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        FSDPModule = fully_shard = None
+
+try:  # the sharded parameters of FSDP2 (public from torch 2.5)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
+
+
 def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel

@@ -66,6 +66,9 @@ def load_rows(name: str, split: str = "train", subset: str | None = None, num_ro
 
 
 def run(args: argparse.Namespace) -> None:
+    from .model_paths import check_model_name
+
+    check_model_name(args.teacher, "teacher", "TEACHER")
     import torch
 
     from .serve_teacher import load_model

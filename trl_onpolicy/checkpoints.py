@@ -11,6 +11,16 @@ A checkpoint folder is *whole* when its `distill_state.json` (written first, to 
 `trainer_state.json` (written last by the Trainer) both parse and its weights are there. A process killed while
 writing leaves a folder that is not whole; [`last_whole_checkpoint`] skips it, so `resume_from_checkpoint=True` never
 loads a half-written checkpoint.
+
+[`resolve_resume_from_checkpoint`] turns what a user passes as `resume_from_checkpoint` (the trainer's argument, the
+`--resume_from_checkpoint` flag, a recipe's field) into one checkpoint folder: `True`, `"true"` or `"last"` is the
+last whole checkpoint in `output_dir`; a run folder (one holding `checkpoint-N` folders) is its last whole checkpoint;
+a `checkpoint-N` folder is itself; anything else is an error that lists the checkpoints there are. As transformers does
+for `resume_from_checkpoint=True`, asking to resume where there is no checkpoint is an error, not a fresh start.
+
+A run stopped by SIGTERM ([`SigtermCheckpoint`]) writes a checkpoint and ends training early; `trl-onpolicy distill`
+then prints the step it stopped at and the command that resumes it, and exits with status 143 (128 + SIGTERM, what a
+shell reports for a process SIGTERM killed), so that a scheduler sees an interrupted job, not a finished one.
 """
 
 from __future__ import annotations
@@ -19,10 +29,13 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import threading
 
 from transformers import TrainerCallback
+
+from .launchers import any_process
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +43,9 @@ STATE_FILE = "distill_state.json"
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RESUME_LAST = ("true", "last")  # `resume_from_checkpoint` values (any case) meaning "the last whole one in output_dir"
+RESUME_NONE = ("false", "")
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM  # 143: what a shell reports for a process stopped by SIGTERM
 
 
 def write_state(folder: str, state: dict) -> None:
@@ -91,29 +107,118 @@ def is_whole(folder: str) -> bool:
     )
 
 
+def _checkpoint_names(folder: str) -> list[str]:
+    """The `checkpoint-N` folders in `folder`, largest N first."""
+    if not os.path.isdir(folder):
+        return []
+    found = ((int(m.group(1)), name) for name in os.listdir(folder) if (m := _CHECKPOINT.match(name)))
+    return [name for _, name in sorted(found, reverse=True) if os.path.isdir(os.path.join(folder, name))]
+
+
 def last_whole_checkpoint(output_dir: str) -> str | None:
     """The whole `checkpoint-N` folder with the largest N, skipping (and naming) any that is not whole."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = sorted(
-        ((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))), reverse=True
-    )
-    for _, name in found:
+    for name in _checkpoint_names(output_dir):
         folder = os.path.join(output_dir, name)
-        if os.path.isdir(folder) and is_whole(folder):
+        if is_whole(folder):
             return folder
         logger.warning("Skipping %s: it is incomplete (a run stopped while writing it).", folder)
     return None
 
 
+def describe_checkpoints(folder: str) -> str:
+    """What `folder` holds, for an error message: its checkpoints, whole or not, largest step first."""
+    names = _checkpoint_names(folder)
+    if not os.path.isdir(folder):
+        return f"{folder!r} does not exist"
+    if not names:
+        return f"{folder!r} holds no checkpoint-N folder"
+    listed = [name if is_whole(os.path.join(folder, name)) else f"{name} (incomplete)" for name in names[:8]]
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return f"{folder!r} holds {', '.join(listed)}{more}"
+
+
+def resolve_resume_from_checkpoint(value, output_dir: str) -> str | None:
+    """
+    The checkpoint folder that `resume_from_checkpoint` means (see the module docstring), or None to start fresh.
+
+    Args:
+        value (`str`, `bool`, `os.PathLike` or `None`):
+            `None`, `False` or `"false"`: start fresh. `True`, `"true"` or `"last"` (any case): the last whole
+            checkpoint in `output_dir`. A `checkpoint-N` folder: that checkpoint. A run folder: its last whole one.
+        output_dir (`str`):
+            The run's output directory.
+
+    Raises:
+        `FileNotFoundError`: the path does not exist. `ValueError`: there is no whole checkpoint where it points.
+    """
+    if value is None or value is False:
+        return None
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
+    fix = "or `true` for the last whole checkpoint in output_dir, or leave resume_from_checkpoint unset to start fresh"
+    if value is True or value.strip().lower() in RESUME_LAST:
+        found = last_whole_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(
+                f"resume_from_checkpoint={value!r} resumes from the last whole checkpoint in output_dir, but output_dir "
+                f"{describe_checkpoints(output_dir)}. Check `output_dir`, give a checkpoint folder, or leave "
+                "resume_from_checkpoint unset to start fresh."
+            )
+        return found
+    if value.strip().lower() in RESUME_NONE:
+        return None
+    if not os.path.exists(value):
+        raise FileNotFoundError(
+            f"resume_from_checkpoint {value!r} does not exist; output_dir {describe_checkpoints(output_dir)}. Give a "
+            f"checkpoint-N folder, a run folder holding them, {fix}."
+        )
+    state_file = os.path.join(value, TRAINER_STATE)
+    if _CHECKPOINT.match(os.path.basename(os.path.normpath(value))) or os.path.isfile(state_file):
+        if _read_json(state_file) is None:
+            beside = last_whole_checkpoint(os.path.dirname(os.path.normpath(value)) or ".")
+            raise ValueError(
+                f"resume_from_checkpoint {value!r} is incomplete (its {TRAINER_STATE}, written last, is missing or "
+                f"cut: a run stopped while writing it). Resume from {beside or 'a whole checkpoint'} instead."
+            )
+        return value
+    found = last_whole_checkpoint(value)
+    if found is None:
+        raise ValueError(
+            f"resume_from_checkpoint {value!r} is neither a checkpoint (no {TRAINER_STATE}) nor a run folder with a "
+            f"whole checkpoint: {describe_checkpoints(value)}. Give a checkpoint-N folder, {fix}."
+        )
+    return found
+
+
+def resume_command(command: list[str], checkpoint: str) -> str:
+    """`command` (a program and its arguments) with `--resume_from_checkpoint checkpoint` instead of any it had."""
+    kept, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg == "--resume_from_checkpoint":
+            skip = True
+        elif not arg.startswith("--resume_from_checkpoint="):
+            kept.append(arg)
+    return shlex.join([*kept, "--resume_from_checkpoint", checkpoint])
+
+
 class SigtermCheckpoint(TrainerCallback):
     """
     On SIGTERM (a scheduler's preemption, `kill`), finish the current optimizer step, write a checkpoint, and stop
-    training normally. The previous handler is put back when training ends.
+    training normally. The previous handler is put back when training ends. When that stop came before `max_steps`,
+    `stopped_at` is `(step, max_steps)` and `checkpoint` the folder it wrote (see [`sigterm_stop`]).
+
+    Args:
+        accelerator (`accelerate.Accelerator`, *optional*): With several processes, the flag is or-ed over them at
+            every step end (one small all-reduce), so that a signal delivered to one process only stops all of them at
+            the same step: a process saving and stopping alone would leave the others in a collective it never joins.
     """
 
-    def __init__(self):
+    def __init__(self, accelerator=None):
         self.received = False
+        self.accelerator = accelerator
+        self.checkpoint = None
+        self.stopped_at = None
         self._previous = None
 
     def _handle(self, signum, frame):
@@ -121,16 +226,37 @@ class SigtermCheckpoint(TrainerCallback):
         self.received = True
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.received, self.checkpoint, self.stopped_at = False, None, None
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.accelerator is not None:
+            self.received = any_process(self.accelerator, self.received)
         if self.received:
             control.should_save = True
             control.should_training_stop = True
         return control
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.received:
+            self.checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
     def on_train_end(self, args, state, control, **kwargs):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self.received and state.global_step < state.max_steps:
+            self.stopped_at = (state.global_step, state.max_steps)
+            logger.warning(
+                "Training stopped by SIGTERM at step %d of %d; resume from %s (resume_from_checkpoint).",
+                state.global_step, state.max_steps, self.checkpoint,
+            )  # fmt: skip
+
+
+def sigterm_stop(trainer) -> SigtermCheckpoint | None:
+    """The trainer's [`SigtermCheckpoint`] if SIGTERM ended its last `train()` before `max_steps`, else None."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, SigtermCheckpoint) and callback.stopped_at is not None:
+            return callback
+    return None

@@ -104,9 +104,10 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def _run(command: str, function, debug: bool) -> int:
-    """Run a command; a user error becomes one message on stderr and exit status 1 (the traceback with --debug)."""
+    """Run a command; a user error becomes one message on stderr and exit status 1 (the traceback with --debug). The
+    status is the command's own when it returns an int (`distill` stopped by SIGTERM: 143), else 0."""
     try:
-        function()
+        status = function()
     except KeyboardInterrupt:
         print(f"trl-onpolicy {command}: interrupted.", file=sys.stderr)
         return 130
@@ -116,7 +117,7 @@ def _run(command: str, function, debug: bool) -> int:
         message = str(error).strip() or type(error).__name__
         print(f"trl-onpolicy {command}: error: {message}\n(add --debug for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return status if isinstance(status, int) else 0  # `distill` returns 143 when SIGTERM stopped it
 
 
 def main(argv: list[str] | None = None) -> int:

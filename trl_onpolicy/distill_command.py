@@ -29,13 +29,16 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments
 
+from . import checkpoints
 from .config import OnPolicyDistillConfig
 from .distill_parser import DistillParser
+from .model_paths import check_model_names
 
 TOY = "toy"
 DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
@@ -152,9 +155,16 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
 
 
 def main(
-    script_args: DistillScriptArguments, training_args: OnPolicyDistillConfig, model_args: ModelConfig
+    script_args: DistillScriptArguments,
+    training_args: OnPolicyDistillConfig,
+    model_args: ModelConfig,
+    command: list[str] | None = None,
 ):  # -> OnPolicyDistillTrainer
-    """Distill `training_args.teacher_model_name_or_path` into `model_args.model_name_or_path`; returns the trainer."""
+    """
+    Distill `training_args.teacher_model_name_or_path` into `model_args.model_name_or_path`; returns the trainer.
+    `command` (the program and its arguments, default `python` and `sys.argv`) is what the message after a SIGTERM
+    stop tells the user to run again, with `--resume_from_checkpoint`.
+    """
     import torch
     from trl import get_peft_config, get_quantization_config
 
@@ -170,6 +180,14 @@ def main(
             "Set `--teacher_model_name_or_path`: a Hub id or path, an http(s):// teacher server, a teacher-cache "
             "folder, or 'toy'."
         )
+    check_model_names(  # fail on a missing model or checkpoint before loading anything
+        None if model_args.model_name_or_path == TOY else model_args.model_name_or_path,
+        None if training_args.teacher_model_name_or_path == TOY else training_args.teacher_model_name_or_path,
+        training_args.reference_model_name_or_path,
+        flags=("--model_name_or_path", "--teacher_model_name_or_path", "--reference_model_name_or_path"),
+        revisions=(model_args.model_revision, training_args.teacher_model_revision),
+    )
+    resume = checkpoints.resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # ------------------------------------------------------------------ student and teacher
     student, teacher, tokenizer = model_args.model_name_or_path, None, None
@@ -218,7 +236,16 @@ def main(
         peft_config=get_peft_config(model_args),
     )
     use_step_lines(trainer)  # one readable line per logging step instead of the Trainer's dicts
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
+    stop = checkpoints.sigterm_stop(trainer)
+    if stop is not None:  # not finished: no final model, report or upload; say how to go on
+        launcher = " (under the same launcher as before)" if trainer.accelerator.num_processes > 1 else ""
+        trainer.accelerator.print(
+            f"Stopped by SIGTERM at step {stop.stopped_at[0]} of {stop.stopped_at[1]}; the checkpoint is "
+            f"{stop.checkpoint}. Resume with{launcher}:\n  "
+            + checkpoints.resume_command(command or ["python", *sys.argv], stop.checkpoint)
+        )
+        return trainer
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
     if callbacks and trainer.is_world_process_zero():
@@ -232,11 +259,13 @@ def main(
 
 
 def run(argv: list[str] | None = None, prog: str = "trl-onpolicy distill") -> int:
-    """Parse `argv` (with `--config`) and run [`main`]; the entry point of `trl-onpolicy distill`."""
+    """Parse `argv` (default: `sys.argv[1:]`, with `--config`) and run [`main`]; the entry point of `trl-onpolicy
+    distill`. Returns the exit status: 0, or 143 when SIGTERM stopped training (see [`~trl_onpolicy.checkpoints`])."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser(prog=prog)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    main(script_args, training_args, model_args)
-    return 0
+    trainer = main(script_args, training_args, model_args, command=[*shlex.split(prog), *argv])
+    return checkpoints.SIGTERM_EXIT_STATUS if checkpoints.sigterm_stop(trainer) else 0
 
 
 if __name__ == "__main__":  # accelerate launch -m trl_onpolicy.distill_command --config recipe.yaml

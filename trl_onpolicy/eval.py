@@ -4,7 +4,11 @@ After each round (`on_round_end`), optionally every `eval_steps` optimizer steps
 as round 0, step 0), the main process wraps the student in lm-eval's `HFLM(pretrained=model, tokenizer=tokenizer)`
 and runs `lm_eval.simple_evaluate` on the configured tasks. The other processes do not evaluate; they wait at the
 trainer's barrier after the round (and at the callback's own barrier for step and pre-training evaluations), so an
-evaluation must finish within the process-group timeout (`ddp_timeout`, 1800 s by default).
+evaluation must finish within the process-group timeout (`ddp_timeout`, 1800 s by default). A sharded student (FSDP2,
+DeepSpeed ZeRO-3) is different: each forward pass gathers its weights from every process (a collective), so every
+process evaluates, the same requests in the same order (greedy or seeded; generation with `synced_gpus`, as
+transformers sets it for sharded models), and the main process records and logs; each process writes its own copy of
+the run-time task files.
 
 Each evaluation yields one primary score per task (MMLU: `acc`; GSM8K: `exact_match` under the `strict-match`
 filter; HumanEval: `pass@1`; see `trl_onpolicy.tasks.PRIMARY_METRICS`), logged as `eval/<task>/<metric>` and kept in
@@ -35,6 +39,7 @@ import torch
 from transformers.trainer_callback import ExportableState
 
 from .callbacks import DistillCallback
+from .launchers import SHARDED, launcher
 from .tasks import PreparedTasks, check_task_names, is_code_task, is_offline, prepare_tasks, primary_metric
 
 logger = logging.getLogger(__name__)
@@ -128,11 +133,12 @@ def score_lm(
     apply_chat_template: bool = False,
     gen_kwargs: dict | None = None,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run `simple_evaluate` with `lm` (any `lm_eval.api.model.LM`) on prepared tasks.
 
     Returns `{"scores": {task: primary score}, "primary": {task: metric key}, "metrics": {task: {metric key: value}}}`
-    with lm-eval's "metric,filter" keys, e.g. `"exact_match,strict-match"`.
+    with lm-eval's "metric,filter" keys, e.g. `"exact_match,strict-match"`; None on a process whose `LOCAL_RANK` is not
+    0 (lm-eval builds its results on one process per machine).
     """
     import lm_eval
 
@@ -147,6 +153,8 @@ def score_lm(
             )
         except ConnectionError as e:  # datasets' "Couldn't reach '<repo>' on the Hub (OfflineModeIsEnabled)"
             raise OfflineDatasetError(_offline_message(e, list(prepared.result_names))) from e
+    if out is None:  # lm-eval builds the results on the process with LOCAL_RANK 0 only (the others evaluated along)
+        return None
     scores, primary, metrics = {}, {}, {}
     for task, key in prepared.result_names.items():
         res = out["results"].get(key, {})
@@ -240,16 +248,19 @@ class LmEvalCallback(DistillCallback, ExportableState):
         self.history: list[dict[str, Any]] = []
         self.teacher_scores: dict[str, float] | None = None  # the teacher's scores, for the report and model card
         self._round = 0  # rounds finished so far
+        self._evaluated_step = None  # the step of the last evaluation, known on every process
         self._prepared: PreparedTasks | None = None
         self._task_manager = None
         self._warned: set[str] = set()  # tasks whose generation length was capped to the model's context
 
     # ------------------------------------------------------------------------------------------------ evaluating
 
-    def prepare(self, output_dir: str | None = None) -> PreparedTasks:
-        """Write the run-time task files (once) and build the task index (once)."""
+    def prepare(self, output_dir: str | None = None, process_index: int = 0) -> PreparedTasks:
+        """Write the run-time task files (once) and build the task index (once); a process other than the main one
+        (several evaluate a sharded student) writes its own copy in a `process-<index>` subfolder."""
         if self._prepared is None:
             task_dir = self.task_dir or os.path.join(output_dir or ".", "lm_eval_tasks")
+            task_dir = os.path.join(task_dir, f"process-{process_index}") if process_index else task_dir
             self._prepared = prepare_tasks(
                 self.tasks, task_dir, include_path=self.include_path, local_data=self.local_data,
                 toy_eval_size=self.toy_eval_size, toy_seed=self.toy_seed,
@@ -259,7 +270,7 @@ class LmEvalCallback(DistillCallback, ExportableState):
 
     def evaluate(self, model=None, tokenizer=None, lm=None, output_dir: str | None = None, trainer=None) -> dict:
         """Score `model` (or any lm-eval `LM` given as `lm`) now; raises on failure. Restores training mode."""
-        prepared = self.prepare(output_dir)
+        prepared = self.prepare(output_dir, getattr(getattr(trainer, "args", None), "process_index", 0))
         kwargs = {
             "limit": self.limit, "num_fewshot": self.num_fewshot, "apply_chat_template": self.apply_chat_template,
             "confirm_run_unsafe_code": self.confirm_run_unsafe_code, "gen_kwargs": self.gen_kwargs, "seed": self.seed,
@@ -284,34 +295,47 @@ class LmEvalCallback(DistillCallback, ExportableState):
             model.train(was_training)
 
     def _run(self, args, state, kind: str, round_index: int, **kwargs) -> None:
-        """Evaluate on the main process, record it, log it; never raise (the training run must survive)."""
-        trainer = kwargs.get("trainer") or self.trainer
-        if state.is_world_process_zero:
-            entry = {"round": round_index, "step": state.global_step, "kind": kind}
-            start = time.perf_counter()
-            logs = {}
-            try:
-                out = self.evaluate(kwargs.get("model"), kwargs.get("processing_class") or kwargs.get("tokenizer"),
-                                    output_dir=args.output_dir, trainer=trainer)
-            except Exception as e:  # a failed evaluation must not lose the training run
-                logger.exception(  # the message names the task and the exception; the traceback follows
-                    "lm-eval evaluation of tasks %s failed at step %d (round %d), training continues: %s: %s",
-                    self.tasks, state.global_step, round_index, type(e).__name__, e,  # noqa: TRY401
-                )
-                entry.update(scores={}, metrics={}, error=f"{type(e).__name__}: {e}")
-            else:
+        """Evaluate, record and log on the main process (under FSDP2 and ZeRO-3 every process evaluates and the main
+        one records, see the module docstring); never raise (the training run must survive)."""
+        trainer = kwargs.pop("trainer", None) or self.trainer
+        accelerator = getattr(trainer, "accelerator", None)
+        self._evaluated_step = state.global_step  # on every process, so that they all take the same branches
+        sharded = accelerator is not None and launcher(accelerator) in SHARDED  # a forward pass is a collective
+        if state.is_world_process_zero or sharded:
+            entry, logs = self._evaluate_entry(args, state, kind, round_index, trainer, **kwargs)
+            if state.is_world_process_zero:
+                self._record(entry, logs, state, trainer)
+        if kind != "round" and accelerator is not None:
+            accelerator.wait_for_everyone()  # the trainer already waits after round ends
+
+    def _evaluate_entry(self, args, state, kind, round_index, trainer, **kwargs) -> tuple[dict, dict]:
+        entry = {"round": round_index, "step": state.global_step, "kind": kind}
+        start = time.perf_counter()
+        logs = {}
+        try:
+            out = self.evaluate(kwargs.get("model"), kwargs.get("processing_class") or kwargs.get("tokenizer"),
+                                output_dir=args.output_dir, trainer=trainer)
+        except Exception as e:  # a failed evaluation must not lose the training run
+            logger.exception(  # the message names the task and the exception; the traceback follows
+                "lm-eval evaluation of tasks %s failed at step %d (round %d), training continues: %s: %s",
+                self.tasks, state.global_step, round_index, type(e).__name__, e,  # noqa: TRY401
+            )
+            entry.update(scores={}, metrics={}, error=f"{type(e).__name__}: {e}")
+        else:
+            if out is not None:  # None: a process that evaluated along with the main one (sharded student)
                 entry.update(scores=out["scores"], metrics=out["metrics"])
                 logs = {f"eval/{t}/{out['primary'][t].split(',')[0]}": v for t, v in out["scores"].items()}
-            entry["seconds"] = round(time.perf_counter() - start, 3)
-            self.history.append(entry)
-            if logs:
-                logs["eval/seconds"] = entry["seconds"]
-                if trainer is not None:
-                    trainer.log(logs)
-                else:
-                    state.log_history.append({**logs, "step": state.global_step})
-        if kind != "round" and trainer is not None and getattr(trainer, "accelerator", None) is not None:
-            trainer.accelerator.wait_for_everyone()  # the trainer already waits after round ends
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+        return entry, logs
+
+    def _record(self, entry: dict, logs: dict, state, trainer) -> None:
+        self.history.append(entry)
+        if logs:
+            logs["eval/seconds"] = entry["seconds"]
+            if trainer is not None:
+                trainer.log(logs)
+            else:
+                state.log_history.append({**logs, "step": state.global_step})
 
     # ------------------------------------------------------------------------------------------------ events
 
@@ -321,15 +345,15 @@ class LmEvalCallback(DistillCallback, ExportableState):
 
     def on_step_end(self, args, state, control, **kwargs):
         due = self.eval_steps and state.global_step % self.eval_steps == 0
-        if due and not (self.history and self.history[-1]["step"] == state.global_step):  # not the round end's
+        if due and self._evaluated_step != state.global_step:  # not the round end's
             self._run(args, state, "step", self._round, **kwargs)
 
     def on_round_end(self, args, state, control, round_index: int, **kwargs):
         self._round = round_index
         self.trainer = kwargs.get("trainer") or self.trainer
-        last = self.history[-1] if self.history else None
-        if last is not None and last["step"] == state.global_step and last["kind"] == "step":
-            last.update(kind="round", round=round_index)  # evaluated at this very step already
+        if self._evaluated_step == state.global_step:  # evaluated at this very step already (`eval_steps`)
+            if self.history and self.history[-1]["step"] == state.global_step:  # (the main process's record)
+                self.history[-1].update(kind="round", round=round_index)
             return
         self._run(args, state, "round", round_index, **kwargs)
 

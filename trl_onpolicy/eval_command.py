@@ -76,6 +76,10 @@ def _saved_step(path: str) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """Score `args.model` (and `args.teacher`), write the report; returns the `eval.json` dict."""
+    from .model_paths import check_model_name
+
+    check_model_name(args.model, "student", "MODEL")  # both before any loading
+    check_model_name(args.teacher, "teacher", "--teacher")
     import torch
 
     from .eval import LmEvalCallback

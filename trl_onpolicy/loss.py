@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from . import divergences as D
 from . import precision
 from .fused_divergence import TILED_LOSS_TYPES, LinearHead, tiled_divergence
+from .launchers import is_fsdp_module_of, is_partitioned
 
 if TYPE_CHECKING:  # annotations only: the teachers import the loss's heads, not the other way round
     from .teachers.base import TeacherScores
@@ -96,7 +97,8 @@ def linear_head(model, detach: bool = False, autocast: torch.dtype | None = None
     The model's output head as a [`~trl_onpolicy.fused_divergence.LinearHead`] (the same function as
     [`output_logits`]), or None where the tiled loss cannot walk it: a head that is not a plain `nn.Linear` (a LoRA or
     `modules_to_save` wrapper, a quantised layer) or that has accelerate hooks (offloading), `final_logit_softcapping`,
-    or a weight that is not all here (FSDP2 DTensor, DeepSpeed ZeRO-3, the meta device).
+    or a weight that is not all here (a sharded FSDP2 DTensor, a ZeRO-3 partition not gathered, the meta device). An
+    `nn.Linear` that FSDP2 wrapped (`FSDPLinear`) counts as plain: after the forward pass its weight is unsharded.
 
     Args:
         model: A causal LM.
@@ -106,12 +108,12 @@ def linear_head(model, detach: bool = False, autocast: torch.dtype | None = None
     """
     head = model.get_output_embeddings()
     config = model.config.get_text_config()
-    if type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook"):
+    if not is_fsdp_module_of(head, torch.nn.Linear) or hasattr(head, "_hf_hook"):
         return None
     if getattr(config, "final_logit_softcapping", None) is not None:
         return None
     weight, bias = head.weight, head.bias
-    if type(weight.data) is not torch.Tensor or weight.numel() == 0 or weight.is_meta or hasattr(weight, "ds_id"):
+    if type(weight.data) is not torch.Tensor or weight.numel() == 0 or weight.is_meta or is_partitioned(weight):
         return None
     if detach:
         weight, bias = weight.detach(), None if bias is None else bias.detach()

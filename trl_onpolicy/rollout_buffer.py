@@ -23,13 +23,17 @@ the same inputs as the first time, so the same scores from a deterministic teach
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable
 
 import torch
 
+from .launchers import processes_with
 from .rollouts import Rollouts
 from .teachers.base import TeacherScores
+
+logger = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask", "completion_ids", "completion_mask")  # what a teacher scores
 # (B, C) tensors; `sampling_logps`: vLLM's log-probs of its tokens
@@ -78,10 +82,13 @@ def split(batch: dict, n_micro: int) -> tuple[list[dict], list[tuple[int, int]]]
 
 def rollout_stats(rollouts: Rollouts, batch: dict, accelerator) -> dict[str, float]:
     """Completion length, truncated fraction and completion tokens of a scored batch, over all processes (a reuse
-    step logs its batch's again)."""
+    step logs its batch's again). Processes may hold different numbers of rollouts (an `on_rollouts` filter): each
+    pads its rows to the longest count before the gather, and the padding rows are dropped after it."""
     lengths = batch["completion_mask"].sum(1).float()  # (B,)
     truncated = torch.tensor(rollouts.truncated, dtype=torch.float32, device=lengths.device)  # (B,)
-    lengths, truncated = accelerator.gather_for_metrics((lengths, truncated))
+    rows = torch.stack([lengths, truncated, torch.ones_like(lengths)], 1)  # (B, 3): the last column marks real rows
+    rows = accelerator.gather(accelerator.pad_across_processes(rows, dim=0))  # (P * B_max, 3)
+    lengths, truncated, _ = rows[rows[:, 2] > 0].unbind(1)  # (B_all,) each
     return {
         "completion_length": lengths.mean().item(),
         "truncated_fraction": truncated.mean().item(),
@@ -183,8 +190,19 @@ class RolloutBuffer:
         """Empty the buffer, then load this process's from checkpoint `folder`, if it holds one. `rescore(batch,
         temperature)` gives the teacher's scores of a batch whose full-form scores were not saved."""
         self.batch, self.made_at, self.behaviour = None, -1, None
-        path = buffer_file(folder, accelerator.process_index) if folder else None
-        if path is None or not os.path.isfile(path):
+        if not folder:
+            return
+        path = buffer_file(folder, accelerator.process_index)
+        # every process or none: a process rescoring (a sharded teacher's forward is a collective) or reusing alone
+        # would leave the others in collectives it never joins
+        found = processes_with(accelerator, os.path.isfile(path))
+        if found < accelerator.num_processes:
+            if found > 0:
+                logger.warning(
+                    "%s holds the rollout buffers of %d of %d processes (written with another number of processes?): "
+                    "they are ignored, and the resumed run samples fresh rollouts.", folder, found,
+                    accelerator.num_processes,
+                )  # fmt: skip
             return
         state = _to(torch.load(path, map_location="cpu", weights_only=True), accelerator.device)  # "cpu:0" won't map
         batch, teacher = state["batch"], state["teacher"]

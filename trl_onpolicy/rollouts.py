@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from .launchers import needs_synced_generation
+
 
 @dataclass
 class Rollouts:
@@ -211,6 +213,8 @@ def sample(
     model.eval()
     try:
         kwargs = {"tokenizer": tokenizer} if generation_config.stop_strings else {}
+        if needs_synced_generation(model):  # each step gathers sharded weights: no process may stop early
+            kwargs["synced_gpus"] = True
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs
         )  # (B, P + C')

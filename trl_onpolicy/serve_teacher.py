@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise SystemExit("`serve-teacher` needs FastAPI and uvicorn: pip install 'trl-onpolicy[serve]'") from None
+    from .model_paths import check_model_name
+
+    check_model_name(args.model, "teacher", "MODEL")  # before "Serving ...": a missing model is not a server
     import torch
 
     if args.threads:

@@ -33,13 +33,14 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from . import checkpoints, hidden_states, merge, model_card, precision, quantized
+from . import checkpoints, hidden_states, merge, model_card, model_paths, precision, quantized
 from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
 from .importance_sampling import ImportanceSamplingStats
+from .launchers import call_with_whole_head
 from .loss import LossSums, distillation_loss, linear_head, output_logits
-from .nonfinite import NonfiniteGuard, local_nonfinite
+from .nonfinite import NonfiniteGuard, deepspeed_skipped, local_nonfinite
 from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
@@ -120,6 +121,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a dataset of prompts for the student to complete.")
         check_columns(train_dataset, "train")
+        model_paths.check_trainer_models(model, teacher_model, args)  # a missing model path: say which, before loading
         quantized.check_student(model, peft_config, kwargs.get("quantization_config"), args.model_init_kwargs)
         processing_class = self._ensure_pad_token(processing_class, model, args)
         loss_type, args.loss_type = args.loss_type, "nll"  # SFTTrainer only knows "nll"/"dft"; ours is restored below
@@ -144,7 +146,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         merge.check_merge(self, student)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
         check_cached_rows(self.teacher, self.train_dataset, args)
-        self.teacher.to(self.accelerator.device)
+        self.teacher.prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
         if isinstance(self.teacher, EnsembleTeacher):
             self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
@@ -169,7 +171,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._rng_checkpoint = None  # a checkpoint whose RNG states are still to be restored (resuming)
         self.rollout_buffer = RolloutBuffer(args.num_iterations, keep_logps=args.loss_type == "sampled_reverse_kl")
         self.add_callback(RoundsCallback(self))
-        self.add_callback(checkpoints.SigtermCheckpoint())
+        self.add_callback(checkpoints.SigtermCheckpoint(self.accelerator))  # a signal to one process stops all
         for callback in self.callback_handler.callbacks:  # e.g. LmEvalCallback logs through `trainer.log`
             if getattr(callback, "trainer", False) is None:
                 callback.trainer = self
@@ -236,8 +238,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             return None
         reference = load_teacher_model(args.reference_model_name_or_path, args, self._tokenizer)
         return LocalTeacher(
-            reference.to(self.accelerator.device), vocab_size=self.vocab_size, micro_batch_size=micro_batch_rows(args)
-        )
+            reference, vocab_size=self.vocab_size, micro_batch_size=micro_batch_rows(args)
+        ).prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
 
     def _check_dtypes(self, student):
         """One half-precision format per run (see [`~trl_onpolicy.precision.check_teacher_dtype`])."""
@@ -382,10 +384,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         n_completion = inputs["completion_ids"].shape[1]
         causal_lm = student.get_base_model() if is_peft_model(student) else student
         if inputs["input_ids"].shape[0] == 0:  # `on_rollouts` kept fewer rollouts than there are micro-batches
-            pad = torch.full((1, 1), self._tokenizer.pad_token_id, device=inputs["input_ids"].device)  # (1, 1)
-            zero = student(input_ids=pad, use_cache=False).logits.sum() * 0.0  # touches the weights (DDP reduces)
-            empty = zero.new_zeros(0)  # (0,)
-            return zero, LossSums(zero, student_token_logps=empty, teacher_token_logps=empty)
+            sums = self._empty_loss(causal_lm)
+            return sums.loss, sums
         backbone = causal_lm.base_model  # the network without its head: the loss projects the hidden states itself
         with self.accelerator.autocast():  # as accelerate runs the model's forward, without casting outputs to float32
             out = backbone(
@@ -400,9 +400,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         teacher = inputs["teacher"].flatten(mask)
         sampler = inputs.get("sampling_logps") if self._importance is not None else None  # (B, C)
         autocast = precision.autocast_dtype(self.accelerator)
-        sums = distillation_loss(
-            hidden[mask],  # (N, H)
-            linear_head(causal_lm, autocast=autocast) or (lambda h: output_logits(causal_lm, h, autocast)),
+        sums = call_with_whole_head(causal_lm, lambda h: distillation_loss(  # a sharded head gathered once
+            h,  # (N, H)
+            linear_head(causal_lm, autocast=autocast) or (lambda x: output_logits(causal_lm, x, autocast)),
             teacher,
             inputs["completion_ids"][mask],  # (N,)
             loss_type=self.args.loss_type,
@@ -419,13 +419,27 @@ class OnPolicyDistillTrainer(SFTTrainer):
             chunk_size=self.args.loss_chunk_size,
             head_params=[p for p in causal_lm.get_output_embeddings().parameters() if p.requires_grad],
             vocab_tile=self.args.loss_vocab_tile,
-        )
+        ), hidden[mask])
         if self.hidden_pairs:
             term, sums.hidden_distance = hidden_states.matching_term(
                 out.hidden_states, mask, teacher.layer_hidden, self.hidden_pairs, student, self.args, num_items
             )
             sums.loss = sums.loss + term
         return sums.loss, sums
+
+    def _empty_loss(self, causal_lm) -> LossSums:
+        """A zero loss over one pad token, making the module calls of any micro-batch (backbone, then the head through
+        `call_with_whole_head`): DDP reduces every weight's gradient, and under FSDP2 / ZeRO-3 this process gathers
+        the weights the others gather (ZeRO-3 also checks that the processes call the same submodules)."""
+        pad = torch.full((1, 1), self._tokenizer.pad_token_id, device=self.accelerator.device)  # (1, 1)
+        hidden = causal_lm.base_model(input_ids=pad, use_cache=False).last_hidden_state[:, -1]  # (1, H)
+
+        def zero(h):
+            head = linear_head(causal_lm) or (lambda x: output_logits(causal_lm, x))
+            loss = head(h).float().sum() * 0.0
+            return LossSums(loss, student_token_logps=loss.new_zeros(0), teacher_token_logps=loss.new_zeros(0))
+
+        return call_with_whole_head(causal_lm, zero, hidden)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Divergence on completion tokens, divided by the step's global token count (times processes for DDP)."""
@@ -472,8 +486,10 @@ class OnPolicyDistillTrainer(SFTTrainer):
         )  # (8,)
         values = self.accelerator.reduce(local, reduction="sum").tolist()
         total = dict(zip((*keys, "nonfinite_grads"), values))
+        skipped = deepspeed_skipped(model, total["nonfinite"] > 0)  # DeepSpeed stepped inside `backward` already
+        grads_nonfinite = total["nonfinite_grads"] > 0 if skipped is None else skipped
         what = self.nonfinite.check(self.state.global_step + 1, model.parameters(), total["nonfinite"] > 0,
-                                    total["nonfinite_grads"] > 0, self.accelerator.scaler)  # fmt: skip
+                                    grads_nonfinite, self.accelerator.scaler)  # fmt: skip
         if what is not None:
             self.nonfinite.raise_if_stuck(self.state.global_step + 1, what, self.args.learning_rate,
                                           self.loss_temperature.value, self.args.output_dir)  # fmt: skip
@@ -606,12 +622,13 @@ class OnPolicyDistillTrainer(SFTTrainer):
             self._rng_checkpoint = None
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` takes the last *whole* checkpoint (one a
-        killed process left half-written is skipped) and restores the distillation state and rollout buffer with it."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = checkpoints.last_whole_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No whole checkpoint in {self.args.output_dir} to resume from.")
+        """[`~transformers.Trainer.train`]; `resume_from_checkpoint=True` (or `"true"`, `"last"`, a run folder) takes
+        the last *whole* checkpoint (one a killed process left half-written is skipped; see
+        [`~trl_onpolicy.checkpoints.resolve_resume_from_checkpoint`]) and restores the distillation state and rollout
+        buffer with it."""
+        resume_from_checkpoint = checkpoints.resolve_resume_from_checkpoint(
+            resume_from_checkpoint, self.args.output_dir
+        )
         self._rng_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         if isinstance(resume_from_checkpoint, str):
             state = checkpoints.read_state(resume_from_checkpoint)

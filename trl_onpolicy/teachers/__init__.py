@@ -6,9 +6,10 @@ import logging
 import os
 
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
+from ..frozen_models import load_frozen_model, vocab_size
 from ..loss import CHUNK_SIZE
 from .base import Teacher, TeacherScores
 from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
@@ -73,7 +74,7 @@ def load_teacher_model(path: str, args, tokenizer) -> PreTrainedModel:
     init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     init_kwargs.setdefault("revision", args.teacher_model_revision)
     _check_tokenizer(path, tokenizer, init_kwargs["revision"], init_kwargs["trust_remote_code"])
-    return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
+    return load_frozen_model(path, **init_kwargs)  # FSDP RAM-efficient loading: read by the main process only
 
 
 def micro_batch_rows(args) -> int:
@@ -172,7 +173,7 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
         )
     else:
         teacher = _one_teacher(teacher_model, args, tokenizer, chunk_size)
-    student_vocab = student.get_output_embeddings().weight.shape[0]
+    student_vocab = vocab_size(student)  # from the config: a ZeRO-3 partitioned weight reads shape (0,)
     members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
     vocab = min(compared_vocab_size(student_vocab, t.vocab_size, len(tokenizer)) for t in members)
     for member in members:

@@ -171,6 +171,11 @@ class Teacher:
         """Move what the backend holds in this process to `device` (nothing, for a remote or cached teacher)."""
         return self
 
+    def prepare(self, accelerator) -> Teacher:
+        """Place what the backend holds in this process for the launcher of `accelerator` (by default: on its
+        device). A local model is sharded where the launcher shards the student (see `trl_onpolicy.frozen_models`)."""
+        return self.to(accelerator.device)
+
     def describe(self) -> str:
         """One line naming the teacher, for the model card (never a secret)."""
         return type(self).__name__

@@ -75,6 +75,14 @@ class EnsembleTeacher(Teacher):
             teacher.to(device)
         return self
 
+    def prepare(self, accelerator) -> EnsembleTeacher:
+        for teacher in self.teachers.values():
+            if isinstance(teacher, Teacher):
+                teacher.prepare(accelerator)
+            else:  # a bare model given as a member
+                teacher.to(accelerator.device)
+        return self
+
     def describe(self) -> str:
         how = {"route": f"each row routed by its `{self.routing_column}` column", "weighted": "weighted mixture per "
                f"token ({', '.join(f'{n}: {w:g}' for n, w in zip(self.names, self.weights or []))})",
@@ -144,6 +152,8 @@ class EnsembleTeacher(Teacher):
             rows = [i for i, o in enumerate(owner) if o == k]
             rows_of.append(rows)
             if not rows:
+                if getattr(teacher, "sharded", False):  # its passes are collectives: join the processes that route rows
+                    teacher.score({k: v[:1] for k, v in batch.items() if isinstance(v, torch.Tensor)})
                 parts.append(None)
                 continue
             index = torch.tensor(rows, device=batch["input_ids"].device)

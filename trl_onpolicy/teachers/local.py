@@ -7,7 +7,9 @@ import contextlib
 import torch
 
 from .._compat import hidden_states_request, is_peft_model
-from ..loss import linear_head, output_logits
+from ..frozen_models import base_model_outputs, frozen_head, place_frozen_model, vocab_size
+from ..launchers import has_sharded_parameters, max_over_processes
+from ..loss import output_logits
 from ..rollouts import position_kwargs, sample
 from .base import Teacher, TeacherScores
 
@@ -29,6 +31,10 @@ class LocalTeacher(Teacher):
             top-k or sampled-token form is computed.
         micro_batch_size (`int`, *optional*): Rows per forward pass; None scores the whole batch in one pass. The
             trainer passes its micro-batch (`per_device_train_batch_size * num_generations` rollouts).
+
+    Under FSDP2 and ZeRO-3 the model is sharded ([`~LocalTeacher.prepare`]) and each forward pass gathers its weights
+    from every process: every process then makes as many passes as the one with the most row groups (the others run
+    passes on one token whose result is dropped), and the head is gathered once per call of [`~LocalTeacher.score`].
     """
 
     name = "local"
@@ -46,13 +52,22 @@ class LocalTeacher(Teacher):
         self.compare_vocab = vocab_size
         self.chunk_size = chunk_size
         self.micro_batch_size = micro_batch_size
+        self.sharded, self.accelerator = False, None  # set by `prepare`: a forward pass is then a collective
         if not disable_adapters:
             model.eval()
             model.requires_grad_(False)
 
     @property
     def vocab_size(self) -> int | None:
-        return self.model.get_output_embeddings().weight.shape[0]
+        return vocab_size(self.model)
+
+    def prepare(self, accelerator) -> LocalTeacher:
+        """Place the model for the launcher (sharded under FSDP2 and ZeRO-3, see [`~trl_onpolicy.frozen_models`]);
+        the student's own base network (`disable_adapters`) is where the student is."""
+        if not self.disable_adapters:
+            self.model = place_frozen_model(self.model, accelerator)
+        self.sharded, self.accelerator = has_sharded_parameters(self.model), accelerator
+        return self
 
     def _context(self):
         if self.disable_adapters and is_peft_model(self.model):
@@ -70,11 +85,13 @@ class LocalTeacher(Teacher):
     def _forward(self, input_ids, attention_mask, n_completion: int, layers: list[int] | None):
         """One pass over `(b, p + c)` inputs: `(b, c, H_t)` final hidden states at the positions predicting the `c`
         completion tokens, and `(b, c, L, H_t)` of `layers` (or None)."""
-        backbone = self._causal_lm().base_model
-        out = backbone(
+        lm = self._causal_lm()
+        out = base_model_outputs(  # `lm.base_model(...)`; through the outermost module's forward when FSDP2 shards it
+            self.model,
+            lm.base_model,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            **position_kwargs(backbone, attention_mask),
+            **position_kwargs(lm.base_model, attention_mask),
             output_hidden_states=hidden_states_request(layers or []),
             use_cache=False,
         )
@@ -100,11 +117,18 @@ class LocalTeacher(Teacher):
         prompt_lengths = batch["attention_mask"][:, :n_prompt].sum(1).tolist()
         completion_lengths = batch["completion_mask"].sum(1).tolist()
         hidden = layer_hidden = None
+        groups = self.row_groups(n_rows)
+        # a sharded model's weights are gathered into tensors that must outlive inference mode (the student's base
+        # network is sharded only once training starts)
+        sharded = self.sharded or (self.disable_adapters and has_sharded_parameters(self.model))
+        no_grad = torch.no_grad if sharded else torch.inference_mode
         try:
-            for lo, hi in self.row_groups(n_rows):
+            if sharded:  # every process makes as many passes as the busiest one
+                self._idle_passes(batch, max_over_processes(self.accelerator, len(groups)) - len(groups), no_grad)
+            for lo, hi in groups:
                 p, c = max(max(prompt_lengths[lo:hi]), 1), max(max(completion_lengths[lo:hi]), 1)
                 columns = slice(n_prompt - p, n_prompt + c)  # the group's own longest prompt and completion
-                with self._context(), torch.inference_mode():
+                with self._context(), no_grad():
                     part, part_layers = self._forward(
                         batch["input_ids"][lo:hi, columns], batch["attention_mask"][lo:hi, columns], c, layers
                     )  # (b, c, H_t), (b, c, L, H_t)
@@ -121,6 +145,13 @@ class LocalTeacher(Teacher):
             config = lm.config.get_text_config()
             hidden = batch["input_ids"].new_zeros((0, n_completion, config.hidden_size), dtype=lm.dtype)
         return hidden, layer_hidden
+
+    def _idle_passes(self, batch: dict[str, torch.Tensor], n: int, no_grad) -> None:
+        """`n` passes over one token whose results are dropped: they join the other processes' gathers."""
+        ids = batch["input_ids"][:1, -1:] if batch["input_ids"].shape[0] else batch["input_ids"].new_zeros((1, 1))
+        for _ in range(n):
+            with self._context(), no_grad():
+                self._forward(ids, torch.ones_like(ids), 1, None)  # (1, 1)
 
     def to(self, device) -> LocalTeacher:
         if not self.disable_adapters:  # a LoRA student's base network moves with the student
@@ -145,7 +176,7 @@ class LocalTeacher(Teacher):
             with self._context(), torch.no_grad():
                 return output_logits(lm, h)
 
-        head = linear_head(lm, detach=True) or head  # a plain linear head: the loss walks it tile by tile
+        head = frozen_head(lm) or head  # a plain linear head (gathered once if sharded): the loss walks it in tiles
 
         scores = TeacherScores(
             temperature, hidden=hidden, head=head, vocab_size=self.compare_vocab, layer_hidden=layer_hidden

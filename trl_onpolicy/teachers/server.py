@@ -38,8 +38,9 @@ START_ADVICE = (
     "or `trl-onpolicy serve-teacher MODEL --port N`) and check the URL (`teacher_model_name_or_path`)."
 )
 RUN_ADVICE = (
-    "Check the server (its log, its memory, whether it still runs), then resume from the last checkpoint "
-    "(`trainer.train(resume_from_checkpoint=True)`); for a slow or busy server raise `teacher_server_timeout` or "
+    "Check the server (its log, its memory, whether it still runs), then resume from the last checkpoint: run the "
+    "same command again with `--resume_from_checkpoint true` (Python: `trainer.train(resume_from_checkpoint=True)`); "
+    "for a slow or busy server raise `teacher_server_timeout` or "
     "`teacher_server_max_retries`, or lower `teacher_server_batch_size`."
 )
 
