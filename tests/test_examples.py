@@ -2,11 +2,12 @@
 `accelerate launch`) on tiny local models; every recipe and accelerate config parses; the custom teacher backend and the
 custom generation callbacks do what their docstrings say."""
 
-import re
+import ast
 import dataclasses
 import importlib.util
 import math
 import os
+import re
 import runpy
 import socket
 import subprocess
