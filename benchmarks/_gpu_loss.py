@@ -35,7 +35,7 @@ def loss_functions(problem, vocab: int, beta: float = 0.5) -> dict:
     """name -> a function that runs forward + backward of that implementation's loss and returns the loss."""
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    from trl_onpolicy.fused_divergence import LinearHead
+    from trl_onpolicy.heads import LinearHead
     from trl_onpolicy.loss import distillation_loss
     from trl_onpolicy.teachers.base import TeacherScores
 

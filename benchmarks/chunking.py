@@ -56,7 +56,8 @@ from transformers import LlamaForCausalLM, TrainerCallback
 
 import trl_onpolicy
 from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
-from trl_onpolicy.loss import distillation_loss, linear_head, output_logits
+from trl_onpolicy.heads import linear_head, output_logits
+from trl_onpolicy.loss import distillation_loss
 from trl_onpolicy.rollouts import Rollouts
 from trl_onpolicy.toy.tokenizer import CHARS, char_tokenizer
 

@@ -25,7 +25,7 @@ import torch
 from _memory import LiveTensorBytes  # benchmarks/_memory.py (the script's folder is on sys.path)
 from chunking import environment
 
-from trl_onpolicy.fused_divergence import LinearHead
+from trl_onpolicy.heads import LinearHead
 from trl_onpolicy.loss import distillation_loss
 from trl_onpolicy.teachers.base import TeacherScores
 

@@ -19,8 +19,9 @@ import tiny_models as tm
 from test_trainer_chunked_loss import PeakLiveBytes
 from trl_onpolicy import OnPolicyDistillConfig
 from trl_onpolicy import loss as loss_module
-from trl_onpolicy.fused_divergence import LinearHead, tiled_divergence
-from trl_onpolicy.loss import default_vocab_tile, distillation_loss, linear_head, output_logits
+from trl_onpolicy.fused_divergence import tiled_divergence
+from trl_onpolicy.heads import LinearHead, linear_head, output_logits
+from trl_onpolicy.loss import default_vocab_tile, distillation_loss
 from trl_onpolicy.teachers.base import TeacherScores
 
 

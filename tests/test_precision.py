@@ -13,7 +13,7 @@ import tiny_models as tm
 import torch
 
 from trl_onpolicy import OnPolicyDistillConfig, precision
-from trl_onpolicy.fused_divergence import LinearHead
+from trl_onpolicy.heads import LinearHead
 from trl_onpolicy.loss import distillation_loss
 from trl_onpolicy.teachers.base import TeacherScores
 

@@ -208,7 +208,7 @@ def test_an_sft_config_is_converted_with_its_tokens_and_settings(tmp_path, caplo
      ({"logits_scaling": 4.0}, 0.25), ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, 4.0)],
 )  # fmt: skip
 def test_output_logits_apply_each_architectures_multiplier(attributes, factor):
-    from trl_onpolicy.loss import output_logits
+    from trl_onpolicy.heads import output_logits
 
     tok = tm.tokenizer()
     model = tm.model(tok)

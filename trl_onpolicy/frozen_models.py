@@ -25,11 +25,9 @@ import copy
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from ._compat import DTensor, fully_shard
-from .fused_divergence import LinearHead
-from .launchers import FSDP2, ZERO3, any_process, is_fsdp_module_of, launcher
+from .launchers import FSDP2, ZERO3, any_process, launcher
 
 logger = logging.getLogger(__name__)
 
@@ -224,44 +222,3 @@ def base_model_outputs(model, backbone, **kwargs):
     finally:
         handle.remove()
     return caught[0]
-
-
-# ------------------------------------------------------------------------------------------------------- heads
-def frozen_head(model):
-    """
-    The output head of a frozen model as the loss calls it, `(n, H)` -> `(n, V)` logits. A whole plain linear head
-    is a [`~trl_onpolicy.fused_divergence.LinearHead`] over its weights; a sharded one is gathered once here (a
-    collective) into a copy that lives as long as the scores; any other head is its module, called per chunk.
-    """
-    from .loss import linear_head, logit_multiplier  # here: loss imports the teachers, which import this module
-
-    head = linear_head(model, detach=True)
-    if head is not None:
-        return head
-    module = model.get_output_embeddings()
-    params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
-    if not (any(hasattr(p, "ds_id") for p in params) or (DTensor is not None and isinstance(params[0], DTensor))):
-        return None  # a whole head that is not plain linear: the caller projects through the module
-    if not is_fsdp_module_of(module, torch.nn.Linear):
-        raise ValueError(
-            f"The teacher's output head is a sharded {type(module).__name__}, which the loss cannot gather; a sharded "
-            "teacher needs a plain linear head. Serve the teacher instead (`trl-onpolicy serve-teacher`)."
-        )
-    weight, bias = _gathered_copies(params)
-    config = model.config.get_text_config()
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is None:
-        return LinearHead(weight, bias, logit_multiplier(config))
-    scale = logit_multiplier(config)
-    return lambda h: torch.tanh(F.linear(h, weight, bias) * scale / cap) * cap  # (n, V)
-
-
-def _gathered_copies(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if DTensor is not None and isinstance(params[0], DTensor):
-        copies = [p.detach().full_tensor() for p in params]
-    else:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            copies = [p.detach().clone() for p in params]
-    return copies[0], copies[1] if len(copies) > 1 else None

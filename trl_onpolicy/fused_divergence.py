@@ -35,7 +35,7 @@ has), and the mixtures `m` are floored at float32 `tiny`. Departure: the forward
 `LOG_FLOOR` like divergences.py, but its gradient is the closed form `q - p` of the unfloored divergence, where
 autograd of divergences.py gives no gradient to an entry with `q < 1.2e-38`; everywhere else the two agree to
 rounding.
-Precision ([`~trl_onpolicy.precision`]): the matmuls run in the head's dtype ([`LinearHead`]`.dtype`: bfloat16 for
+Precision ([`~trl_onpolicy.precision`]): the matmuls run in the head's dtype ([`~trl_onpolicy.heads.LinearHead`]`.dtype`: bfloat16 for
 bfloat16 weights), every tile leaves them in float32, and the row sums, `grad_h` and `grad_W` accumulate in float32;
 a float64 head and float64 hidden states (the tests' references) keep everything in float64.
 The top-k and the sampled-token forms stay on the whole-vocabulary path of [`~trl_onpolicy.loss`].
@@ -52,48 +52,11 @@ from torch import Tensor
 
 from . import precision
 from .divergences import LOG_FLOOR
+from .heads import LinearHead
 
 
 TILED_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 TINY = torch.finfo(torch.float32).tiny
-
-
-@dataclass
-class LinearHead:
-    """
-    An output head that is one affine map, `logits = multiplier * (hidden @ weight.T + bias)`: what the tiled loss can
-    project one vocabulary tile at a time. Callable like the head it describes (`(n, H)` -> `(n, V_w)`).
-
-    Args:
-        weight (`torch.Tensor`): `(V_w, H)` the output matrix (a parameter of the student, detached for a teacher).
-        bias (`torch.Tensor`, *optional*): `(V_w,)`.
-        multiplier (`float`, *optional*, defaults to `1.0`): The architecture's logit multiplier (see
-            [`~trl_onpolicy.loss.logit_multiplier`]).
-        dtype (`torch.dtype`, *optional*): The dtype its matmuls run in; defaults to the weight's (see
-            [`~trl_onpolicy.precision.matmul_dtype`]). Hidden states are cast to it; logits come out in float32.
-    """
-
-    weight: Tensor
-    bias: Tensor | None = None
-    multiplier: float = 1.0
-    dtype: torch.dtype | None = None
-
-    def __post_init__(self):
-        if self.dtype is None:
-            self.dtype = precision.matmul_dtype(self.weight.dtype)
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        """`(n, H)` -> `(n, V_w)` logits in float32 (float64 stays)."""
-        return precision.project(hidden, self.weight, self.bias, self.multiplier, self.dtype)
-
-    def parameters(self) -> list[Tensor]:
-        """The head's tensors that need gradients."""
-        return [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
-
-    def tile(self, hidden: Tensor, start: int, end: int, scale: float) -> Tensor:
-        """`(n, end - start)` float32 (float64 stays): `scale` times this head's logits of columns `start:end`."""
-        bias = None if self.bias is None else self.bias[start:end]
-        return precision.project(hidden, self.weight[start:end], bias, scale * self.multiplier, self.dtype)
 
 
 @dataclass
@@ -264,7 +227,7 @@ def tiled_divergence(
 
     Args:
         hidden: `(n, H)` the student's final hidden states, any floating dtype (cast to the head's for its matmuls).
-        head: The student's [`LinearHead`].
+        head: The student's [`~trl_onpolicy.heads.LinearHead`].
         teacher_tile: `(start, end)` -> `(n, end - start)` float32 (or float64) teacher logits divided by the
             temperature, a fresh tensor (it is overwritten).
         targets: `(n,)` the sampled tokens.

@@ -9,7 +9,7 @@ gradient per head parameter, and the `(B, C, V)` logits of the student and the t
 without its parameters falls back to activation checkpointing per chunk).
 
 Two ways to compute a chunk: the KLs, skewed KLs and the JSD against a full teacher distribution, with a plain
-linear student head ([`linear_head`]), walk the vocabulary in tiles of `vocab_tile` columns and write the gradient in
+linear student head ([`~trl_onpolicy.heads.linear_head`]), walk the vocabulary in tiles of `vocab_tile` columns and write the gradient in
 closed form ([`~trl_onpolicy.fused_divergence.tiled_divergence`]: nothing wider than one `(n, tile)` tile); everything
 else projects the chunk to the whole vocabulary and differentiates [`~trl_onpolicy.divergences`] with autograd.
 
@@ -28,14 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import divergences as D
 from . import precision
-from .fused_divergence import TILED_LOSS_TYPES, LinearHead, tiled_divergence
-from .launchers import is_fsdp_module_of, is_partitioned
+from .fused_divergence import TILED_LOSS_TYPES, tiled_divergence
+from .heads import CHUNK_SIZE, LinearHead
 
-if TYPE_CHECKING:  # annotations only: the teachers import the loss's heads, not the other way round
+if TYPE_CHECKING:  # annotations only
     from .teachers.base import TeacherScores
 
 
-CHUNK_SIZE = 1024  # default tokens per chunk where each chunk is projected to the whole vocabulary
 TILED_CHUNK_SIZE = 4096  # default tokens per chunk where the vocabulary is walked in tiles
 # Default elements (chunk tokens x tile columns) of one vocabulary tile: on CPU, float32 tiles that stay in cache (at
 # N = 512, V = 152k, tiles of 0.25-0.5 M elements ran 1.3-2x faster than 1-4 M); GPUs want large matmuls.
@@ -46,78 +45,6 @@ def default_vocab_tile(chunk_tokens: int, device: torch.device | str) -> int:
     """Vocabulary columns per tile: the device's tile elements over the chunk's tokens, a multiple of 256."""
     budget = CPU_TILE_ELEMENTS if torch.device(device).type == "cpu" else GPU_TILE_ELEMENTS
     return max(256, budget // max(chunk_tokens, 1) // 256 * 256)
-
-
-def logit_multiplier(config) -> float:
-    """
-    The factor an architecture applies to its head's output before any softcapping, under the name it uses:
-    `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier` (Falcon-H1), or `logits_scaling` (a divisor for
-    Granite and MiniCPM3, a multiplier for HyperCLOVA X). 1.0 when the config has none (or sets it to None).
-    """
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is None:
-        return 1.0
-    return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
-
-
-def output_logits(model, hidden: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
-    """
-    Logits from final hidden states through the model's output head, with the config's logit multiplier (see
-    [`logit_multiplier`]) and `final_logit_softcapping` where the architecture has them.
-
-    Args:
-        model: A causal LM (`get_output_embeddings()` must return its head).
-        hidden: `(n, H)` final hidden states, any floating dtype: cast to the head weight's dtype (a quantised head
-            casts them itself), under autocast in `autocast` when given (see [`~trl_onpolicy.precision`]).
-        autocast: The run's mixed-precision dtype, or None.
-
-    Returns:
-        `(n, V)` logits in the head's (or autocast's) dtype.
-    """
-    head = model.get_output_embeddings()
-    dtype = precision.weight_dtype(head)
-    with precision.head_context(hidden.device, autocast):
-        logits = head(hidden if dtype is None else hidden.to(dtype))  # (n, V)
-    config = model.config.get_text_config()
-    scale = logit_multiplier(config)
-    if scale != 1.0:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def linear_head(model, detach: bool = False, autocast: torch.dtype | None = None) -> LinearHead | None:
-    """
-    The model's output head as a [`~trl_onpolicy.fused_divergence.LinearHead`] (the same function as
-    [`output_logits`]), or None where the tiled loss cannot walk it: a head that is not a plain `nn.Linear` (a LoRA or
-    `modules_to_save` wrapper, a quantised layer) or that has accelerate hooks (offloading), `final_logit_softcapping`,
-    or a weight that is not all here (a sharded FSDP2 DTensor, a ZeRO-3 partition not gathered, the meta device). An
-    `nn.Linear` that FSDP2 wrapped (`FSDPLinear`) counts as plain: after the forward pass its weight is unsharded.
-
-    Args:
-        model: A causal LM.
-        detach: Detach the weights (a teacher's head).
-        autocast: The run's mixed-precision dtype: a float32 head's matmuls then run in it (see
-            [`~trl_onpolicy.precision.matmul_dtype`]); None for a teacher, which runs in its own dtype.
-    """
-    head = model.get_output_embeddings()
-    config = model.config.get_text_config()
-    if not is_fsdp_module_of(head, torch.nn.Linear) or hasattr(head, "_hf_hook"):
-        return None
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        return None
-    weight, bias = head.weight, head.bias
-    if type(weight.data) is not torch.Tensor or weight.numel() == 0 or weight.is_meta or is_partitioned(weight):
-        return None
-    if detach:
-        weight, bias = weight.detach(), None if bias is None else bias.detach()
-    return LinearHead(weight, bias, logit_multiplier(config), precision.matmul_dtype(weight.dtype, autocast))
 
 
 @dataclass
@@ -237,7 +164,7 @@ def _autograd_step(chunk_loss, params):
 
 def _teacher_tiles(teacher: TeacherScores, start: int, end: int, vocab_size: int):
     """`(t0, t1)` -> `(n, t1 - t0)` float32 teacher logits / T of positions `start:end`: a matmul per tile for a
-    [`LinearHead`], else slices of the `(n, V)` logits the teacher's head computes once for the chunk."""
+    [`~trl_onpolicy.heads.LinearHead`], else slices of the `(n, V)` logits the teacher's head computes once for the chunk."""
     width = teacher.vocab_size or (teacher.head.weight.shape[0] if isinstance(teacher.head, LinearHead) else None)
     if width is not None and width != vocab_size:
         raise ValueError(f"The teacher compares {width} logit columns and the student {vocab_size}.")
@@ -313,14 +240,14 @@ def distillation_loss(
     Sum of per-token divergences over the completion tokens, normalised by the global token count.
 
     The KLs, skewed KLs and the JSD against a full teacher distribution, with a student head given as a
-    [`~trl_onpolicy.fused_divergence.LinearHead`] (see [`linear_head`]), walk the vocabulary in tiles of `vocab_tile`
+    [`~trl_onpolicy.heads.LinearHead`] (see [`~trl_onpolicy.heads.linear_head`]), walk the vocabulary in tiles of `vocab_tile`
     columns with a closed-form gradient ([`~trl_onpolicy.fused_divergence.tiled_divergence`]); everything else
     projects each chunk to the whole vocabulary and differentiates [`~trl_onpolicy.divergences`] with autograd.
 
     Args:
         student_hidden: `(N, H)` student final hidden states predicting the `N` completion tokens.
         student_head: Maps `(n, H)` -> `(n, V_s)` logits: a `LinearHead` (a plain `nn.Linear` is taken as one), an
-            `nn.Module` or a function (see [`output_logits`]).
+            `nn.Module` or a function (see [`~trl_onpolicy.heads.output_logits`]).
         teacher: Flattened [`TeacherScores`] `(N, ...)` at the loss temperature.
         targets: `(N,)` the completion tokens.
         loss_type: A divergence of [`~trl_onpolicy.divergences`] or `"sampled_reverse_kl"`.

@@ -37,9 +37,10 @@ from . import checkpoints, hidden_states, merge, model_card, model_paths, precis
 from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
 from .callbacks import RoundsCallback, completion_records
 from .config import OnPolicyDistillConfig
+from .heads import linear_head, output_logits
 from .importance_sampling import ImportanceSamplingStats
 from .launchers import call_with_whole_head
-from .loss import LossSums, distillation_loss, linear_head, output_logits
+from .loss import LossSums, distillation_loss
 from .nonfinite import NonfiniteGuard, deepspeed_skipped, local_nonfinite
 from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from .._compat import is_peft_model
 from ..frozen_models import load_frozen_model, vocab_size
-from ..loss import CHUNK_SIZE
+from ..heads import CHUNK_SIZE
 from .base import Teacher, TeacherScores
 from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
 from .ensemble import EnsembleTeacher

@@ -7,9 +7,9 @@ import contextlib
 import torch
 
 from .._compat import hidden_states_request, is_peft_model
-from ..frozen_models import base_model_outputs, frozen_head, place_frozen_model, vocab_size
+from ..frozen_models import base_model_outputs, place_frozen_model, vocab_size
+from ..heads import frozen_head, output_logits
 from ..launchers import has_sharded_parameters, max_over_processes
-from ..loss import output_logits
 from ..rollouts import position_kwargs, sample
 from .base import Teacher, TeacherScores
 
