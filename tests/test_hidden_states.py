@@ -3,6 +3,7 @@
 import copy
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import tiny_models as tm
@@ -11,8 +12,9 @@ from safetensors.torch import load_file
 from test_trainer import Recorder, params
 from transformers import LlamaForCausalLM
 
+from trl_onpolicy import hidden_states
 from trl_onpolicy.hidden_states import PROJECTOR_FILE, HiddenStateProjector, hidden_state_distance, layer_map
-from trl_onpolicy.teachers import EnsembleTeacher
+from trl_onpolicy.teachers import EnsembleTeacher, LocalTeacher, Teacher
 
 
 def test_default_layer_map_is_evenly_spaced_and_ends_together():
@@ -137,3 +139,31 @@ def test_needs_a_local_teacher(tmp_path):
         tm.trainer(
             tmp_path, teacher=EnsembleTeacher({"a": tm.model(tok)}, "weighted"), tok=tok, hidden_state_weight=1.0
         )
+
+
+def test_attach_projector_reads_the_teachers_width_from_the_teacher_interface():
+    """`attach_projector` asks the backend for its `text_config` (no import of a concrete backend): a local teacher
+    (or a subclass) gives its model's, so the projector maps its width to the student's; a backend that wraps a local
+    teacher without running it here has none, and the error names that backend."""
+    tok = tm.tokenizer()
+    student, teacher_model = tm.model(tok, layers=1, hidden=16), tm.model(tok, layers=2, hidden=32, seed=1)
+    args = SimpleNamespace(hidden_state_weight=1.0, hidden_state_layers=None)
+
+    class Subclassed(LocalTeacher):
+        pass
+
+    assert hidden_states.attach_projector(student, student, Subclassed(teacher_model), args) == [(1, 2)]
+    assert student.hidden_state_projector.maps[0].weight.shape == (16, 32)  # (H_s, H_t)
+
+    class Wrapper(Teacher):
+        def __init__(self, inner):
+            self.inner = inner
+
+    with pytest.raises(ValueError) as error:
+        hidden_states.attach_projector(student, student, Wrapper(LocalTeacher(teacher_model)), args)
+    assert str(error.value) == (
+        "`hidden_state_weight=1.0` matches the teacher's hidden states, which only a teacher running in this process "
+        "has; the Wrapper backend returns log-probs only. Use a local teacher model or set `hidden_state_weight=0.0`."
+    )
+    off = SimpleNamespace(hidden_state_weight=0)
+    assert hidden_states.attach_projector(student, student, Wrapper(None), off) is None  # no matching: no check

@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .teachers.local import LocalTeacher
-
 PROJECTOR_FILE = "hidden_state_projector.safetensors"
 PROJECTOR_ATTRIBUTE = "hidden_state_projector"
 
@@ -138,18 +136,18 @@ def attach_projector(model, student, teacher, args) -> list[tuple[int, int]] | N
     Args:
         model: The module the trainer optimises (the student, or its PEFT wrapper).
         student: The student's causal LM.
-        teacher: The teacher backend; it must run in this process.
+        teacher: The teacher backend; it must run in this process (its `text_config` is not None).
     """
     if args.hidden_state_weight == 0:
         return None
-    if not isinstance(teacher, LocalTeacher):
+    t_config = teacher.text_config
+    if t_config is None:
         raise ValueError(
             f"`hidden_state_weight={args.hidden_state_weight}` matches the teacher's hidden states, which only a teacher "
             f"running in this process has; the {type(teacher).__name__} backend returns log-probs only. Use a local "
             "teacher model or set `hidden_state_weight=0.0`."
         )
     s_config = student.config.get_text_config()
-    t_config = teacher.model.config.get_text_config()
     pairs = layer_map(s_config.num_hidden_layers, t_config.num_hidden_layers, args.hidden_state_layers)
     projector = HiddenStateProjector(len(pairs), t_config.hidden_size, s_config.hidden_size)
     if projector.learned:

@@ -167,6 +167,13 @@ class Teacher:
     def vocab_size(self) -> int | None:
         return None
 
+    @property
+    def text_config(self):
+        """The text config (`num_hidden_layers`, `hidden_size`) of a teacher model that runs in this process, whose
+        hidden states `score(..., hidden_layers=...)` can return (hidden-state matching); None for a backend without
+        one here (a server, a cache, an ensemble)."""
+        return None
+
     def to(self, device) -> Teacher:
         """Move what the backend holds in this process to `device` (nothing, for a remote or cached teacher)."""
         return self

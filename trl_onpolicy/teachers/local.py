@@ -165,8 +165,12 @@ class LocalTeacher(Teacher):
         return f"`{name}` (in the training process)"
 
     @property
+    def text_config(self):
+        return self._causal_lm().config.get_text_config()
+
+    @property
     def num_hidden_layers(self) -> int:
-        return self._causal_lm().config.get_text_config().num_hidden_layers
+        return self.text_config.num_hidden_layers
 
     def score(self, batch, *, temperature=1.0, top_k=None, need="full", hidden_layers=None) -> TeacherScores:
         hidden, layer_hidden = self.completion_hidden(batch, hidden_layers)  # (B, C, H_t), (B, C, L, H_t)
