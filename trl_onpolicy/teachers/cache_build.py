@@ -17,19 +17,10 @@ from tqdm.auto import tqdm
 
 from ..prompts import check_columns, prepare_dataset
 from ..rollouts import Rollouts, collate
+from . import cache_format as fmt
 from .base import Teacher
 from .cache import TeacherCache
-from .cache_format import (
-    FORMAT,
-    MANIFEST,
-    SHARD_PATTERN,
-    VERSION,
-    CacheError,
-    is_teacher_cache,
-    model_fingerprint,
-    row_key,
-    tokenizer_fingerprint,
-)
+from .cache_format import CacheError
 from .local import LocalTeacher
 
 
@@ -69,8 +60,8 @@ class _ShardWriter:
             "topk_logps": torch.cat(logps).to(torch.float32).contiguous(),  # (N, K)
             "token_logps": torch.cat(tokens).to(torch.float32).contiguous(),  # (N,)
         }
-        data = save_safetensors(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
-        name = SHARD_PATTERN.format(len(self.entries))
+        data = save_safetensors(tensors, metadata={"format": fmt.FORMAT, "version": str(fmt.VERSION)})
+        name = fmt.SHARD_PATTERN.format(len(self.entries))
         _write_atomic(os.path.join(self.folder, name), data)
         entry = {"file": name, "rows": len(keys), "tokens": self._tokens, "sha256": hashlib.sha256(data).hexdigest()}
         self.entries.append(entry)
@@ -86,21 +77,21 @@ def _as_local(teacher, teacher_name: str | None, vocab_size: int | None) -> tupl
     if isinstance(teacher, LocalTeacher):
         model = teacher._causal_lm()
         name = teacher_name or model.config._name_or_path or None
-        return teacher, name, model_fingerprint(teacher.model, include_adapters=not teacher.disable_adapters)
+        return teacher, name, fmt.model_fingerprint(teacher.model, include_adapters=not teacher.disable_adapters)
     return teacher, teacher_name, None
 
 
 def _prepare_folder(folder: str, overwrite: bool) -> None:
-    if os.path.isfile(os.path.join(folder, MANIFEST)) and not is_teacher_cache(folder):
-        raise CacheError(f"{folder} holds a {MANIFEST} that is not a teacher cache's: choose another folder.")
-    if is_teacher_cache(folder):
+    if os.path.isfile(os.path.join(folder, fmt.MANIFEST)) and not fmt.is_teacher_cache(folder):
+        raise CacheError(f"{folder} holds a {fmt.MANIFEST} that is not a teacher cache's: choose another folder.")
+    if fmt.is_teacher_cache(folder):
         if not overwrite:
             raise CacheError(
                 f"{folder} already holds a teacher cache (or the shards of an interrupted build). Pass "
                 "`overwrite=True` to replace it, or choose another folder."
             )
-        if os.path.isfile(os.path.join(folder, MANIFEST)):
-            os.remove(os.path.join(folder, MANIFEST))
+        if os.path.isfile(os.path.join(folder, fmt.MANIFEST)):
+            os.remove(os.path.join(folder, fmt.MANIFEST))
         for name in os.listdir(folder):  # the manifest went first: a crash from here on leaves an incomplete cache
             if name.startswith("shard-") and name.endswith(".safetensors"):
                 os.remove(os.path.join(folder, name))
@@ -115,7 +106,7 @@ def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batc
     if hasattr(rows, "select_columns"):
         rows = rows.select_columns(["prompt_ids", "completion_ids"])
     for row in tqdm(rows, total=total, desc="Teacher cache", unit="row"):
-        key = row_key(row["prompt_ids"], row["completion_ids"])
+        key = fmt.row_key(row["prompt_ids"], row["completion_ids"])
         if not row["completion_ids"] or key in seen:  # nothing to score, or scored already
             continue
         seen.add(key)
@@ -210,10 +201,10 @@ def build_teacher_cache(
     if k is None:
         raise ValueError("Every completion in the dataset is empty: there is nothing for the teacher to score.")
     manifest = {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": fmt.FORMAT,
+        "version": fmt.VERSION,
         "teacher": {"name": name, "fingerprint": fingerprint},
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer)},
+        "tokenizer": {"fingerprint": fmt.tokenizer_fingerprint(tokenizer)},
         "top_k": k,
         "temperature": float(temperature),
         "vocab_size": getattr(teacher, "compare_vocab", None) or teacher.vocab_size,
@@ -223,5 +214,5 @@ def build_teacher_cache(
         "max_completion_length": max_completion_length,
         "shards": writer.entries,
     }
-    _write_atomic(os.path.join(output_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+    _write_atomic(os.path.join(output_dir, fmt.MANIFEST), json.dumps(manifest, indent=2).encode())
     return TeacherCache(output_dir, tokenizer)
