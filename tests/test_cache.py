@@ -16,14 +16,9 @@ import torch
 from trl_onpolicy.prompts import prepare_dataset
 from trl_onpolicy.rollouts import Rollouts, collate
 from trl_onpolicy.teachers import LocalTeacher
-from trl_onpolicy.teachers.cache import (
-    CacheError,
-    TeacherCache,
-    build_teacher_cache,
-    is_teacher_cache,
-    model_fingerprint,
-    tokenizer_fingerprint,
-)
+from trl_onpolicy.teachers.cache import TeacherCache
+from trl_onpolicy.teachers.cache_build import build_teacher_cache
+from trl_onpolicy.teachers.cache_format import CacheError, is_teacher_cache, model_fingerprint, tokenizer_fingerprint
 
 K = 5
 MAX_LENGTH, MAX_COMPLETION = 64, 8  # tm.config's: the trainer cuts prompts to 56 and completions to 8 tokens

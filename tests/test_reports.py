@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from trl_onpolicy.reports import build_report, format_table, model_card_section, plot_scores, write_report
+from trl_onpolicy.model_card import model_card_section
+from trl_onpolicy.reports import build_report, format_table, plot_scores, write_report
 
 HISTORY = [
     {"round": 0, "step": 0, "kind": "before", "scores": {"toy_gsm8k": 0.1, "toy_mmlu": 0.25},

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from .serve_teacher import load_model
-    from .teachers.cache import build_teacher_cache
+    from .teachers.cache_build import build_teacher_cache
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,6 +12,9 @@ callbacks that define them, so ordinary `TrainerCallback`s keep working unchange
 
 Built in: [`CompletionsLogger`] writes one JSON line per completion with the per-token log-prob summary of the
 teacher and the student.
+
+[`completion_records`] makes the records that `on_scored` receives. The trainer's own rounds callback is in
+`rounds.py`.
 """
 
 from __future__ import annotations
@@ -89,21 +92,3 @@ def completion_records(rollouts: Rollouts, student_logps, teacher_logps, tokeniz
             "mean_logp_gap": (s - t).mean().item() if n else None,
         })  # fmt: skip
     return records
-
-
-class RoundsCallback(TrainerCallback):
-    """The trainer's own: ends rounds (fires `on_round_end` on every process, asks for a checkpoint) and tells the loss
-    temperature schedule the run's length once training starts."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.loss_temperature.total_steps = max(int(state.max_steps), 1)  # known only once training starts
-
-    def on_step_end(self, args, state, control, **kwargs):
-        round_index = self.trainer.round_ending_at(state.global_step)
-        if round_index is not None:
-            self.trainer.end_round(round_index)
-            control.should_save = True
-        return control

@@ -17,7 +17,7 @@ import transformers
 import trl
 
 from . import __version__
-from .reports import format_table
+from .reports import format_table, round_rows
 
 SETTINGS = (  # config fields that define the method, in the order a reader wants them
     "loss_type", "beta", "skew_alpha", "reward_scale", "lmbda", "seq_kd", "num_generations", "teacher_top_k",
@@ -114,11 +114,28 @@ def _compute(trainer) -> str:
     return "\n".join(lines)
 
 
+def model_card_section(
+    history: list[dict], teacher_scores: dict[str, float] | None = None, heading: str = "## Evaluation"
+) -> str:
+    """
+    Markdown for a model card: `heading`, how the scores were measured, and the per-round table of
+    [`~trl_onpolicy.reports.format_table`] (round 0: the student before training); `""` when `history` (as
+    [`~trl_onpolicy.eval.LmEvalCallback`] fills it) holds no round-level evaluation.
+    """
+    if not round_rows(history):
+        return ""
+    return (
+        f"{heading}\n\nMeasured with lm-evaluation-harness on the student after each round (round 0: before "
+        "training), next to the teacher's scores on the same tasks.\n\n" + format_table(history, teacher_scores)
+    )
+
+
 def _evaluation(trainer) -> str:
+    """The scores section from the first callback with an evaluation `history` (`""` without one)."""
     for callback in trainer.callback_handler.callbacks:
         history = getattr(callback, "history", None)
         if isinstance(history, list) and history:
-            return "\n\n" + format_table(history, getattr(callback, "teacher_scores", None))
+            return model_card_section(history, getattr(callback, "teacher_scores", None), "### Scores per round")
     return ""
 
 
@@ -141,8 +158,5 @@ def card_section(trainer) -> str:
         "### Compute\n\n" + _compute(trainer),
     ]
     if evaluation:
-        parts.append(
-            "### Scores per round\n\nMeasured with lm-evaluation-harness on the student after each round (round 0: "
-            "before training), next to the teacher's scores on the same tasks." + evaluation
-        )
+        parts.append(evaluation)
     return "\n\n".join(parts) + "\n"

@@ -1,11 +1,12 @@
-"""The per-round report: `report.json`, `report.md` and `scores.png` from the evaluation history; a model card section.
+"""The per-round report: `report.json`, `report.md` and `scores.png` from the evaluation history.
 
 Input is plain data, so this module needs no trainer: the `history` list that [`~trl_onpolicy.eval.LmEvalCallback`]
 fills (`{"round", "step", "kind", "scores": {task: value}, "seconds", ...}` per evaluation; round 0 is the student
 before training) and the teacher's scores on the same tasks (`{task: value}`, or `None` when not measured).
 
 Only round-level rows go into the report (`kind` "before" or "round"); evaluations made every `eval_steps` are
-plotted against steps elsewhere (the trainer log). A failed evaluation keeps its row with empty scores.
+plotted against steps elsewhere (the trainer log). A failed evaluation keeps its row with empty scores. The model
+card's scores section ([`~trl_onpolicy.model_card.model_card_section`]) shows the same table.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 from .tasks import chance_level
 
 
-def _rows(history: list[dict]) -> list[dict]:
+def round_rows(history: list[dict]) -> list[dict]:
+    """The round-level entries of `history` (`kind` "before" or "round"): the rows of the report."""
     return [e for e in history if e.get("kind", "round") != "step"]
 
 
@@ -40,7 +42,7 @@ def build_report(history: list[dict], teacher_scores: dict[str, float] | None = 
                 "scores": {t: float(v) for t, v in (e.get("scores") or {}).items()},
                 "seconds": float(e.get("seconds", 0.0)),
             }
-            for e in _rows(history)
+            for e in round_rows(history)
         ],
     }
 
@@ -52,7 +54,7 @@ def _fmt(value: float | None) -> str:
 def format_table(history: list[dict], teacher_scores: dict[str, float] | None = None) -> str:
     """A Markdown table: one row per round (round 0: the student before training), the teacher, and the fraction of
     the teacher's score that the last round reached."""
-    rows, teacher = _rows(history), teacher_scores or {}
+    rows, teacher = round_rows(history), teacher_scores or {}
     tasks = _tasks(rows, teacher)
     lines = [
         "| " + " | ".join(["model", "step", *tasks, "eval seconds"]) + " |",
@@ -79,7 +81,7 @@ def make_figure(history: list[dict], teacher_scores: dict[str, float] | None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows, teacher = _rows(history), teacher_scores or {}
+    rows, teacher = round_rows(history), teacher_scores or {}
     tasks = _tasks(rows, teacher)
     fig = Figure(figsize=(8.0, 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # Agg without pyplot: leaves the user's matplotlib backend alone
@@ -128,15 +130,3 @@ def write_report(output_dir: str, history: list[dict], teacher_scores: dict[str,
         f.write("# On-policy distillation: scores per round\n\n" + format_table(history, teacher_scores))
     plot_scores(history, teacher_scores, os.path.join(output_dir, "scores.png"))
     return report
-
-
-def model_card_section(history: list[dict], teacher_scores: dict[str, float] | None = None) -> str:
-    """Markdown for the model card: the per-round table with a sentence on how it was measured."""
-    if not _rows(history):
-        return ""
-    return (
-        "## Evaluation\n\n"
-        "Scores measured with [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) on the "
-        "in-memory student after each round of on-policy distillation (round 0: the student before training), "
-        "next to the teacher's scores on the same tasks.\n\n" + format_table(history, teacher_scores)
-    )

@@ -35,7 +35,7 @@ from trl import SFTConfig, SFTTrainer
 
 from . import checkpoints, hidden_states, merge, model_card, model_paths, precision, quantized
 from ._compat import ForwardRedirection, hidden_states_request, is_peft_model, unwrap_model_for_generation
-from .callbacks import RoundsCallback, completion_records
+from .callbacks import completion_records
 from .config import OnPolicyDistillConfig
 from .heads import linear_head, output_logits
 from .importance_sampling import ImportanceSamplingStats
@@ -45,6 +45,7 @@ from .nonfinite import NonfiniteGuard, deepspeed_skipped, local_nonfinite
 from .prompts import check_columns, prepare_dataset
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollouts import Rollouts, build_generation_config, collate, position_kwargs, sample
+from .rounds import RoundsCallback
 from .teachers import (
     EnsembleTeacher, LocalTeacher, build_teacher, check_cached_rows, load_teacher_model, local_models,
     micro_batch_rows,

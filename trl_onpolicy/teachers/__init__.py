@@ -12,7 +12,9 @@ from .._compat import is_peft_model
 from ..frozen_models import load_frozen_model, vocab_size
 from ..heads import CHUNK_SIZE
 from .base import Teacher, TeacherScores
-from .cache import CacheError, TeacherCache, build_teacher_cache, is_teacher_cache
+from .cache import TeacherCache
+from .cache_build import build_teacher_cache
+from .cache_format import CacheError, is_teacher_cache
 from .ensemble import EnsembleTeacher
 from .local import LocalTeacher
 from .server import ServerTeacher, TeacherServerError
