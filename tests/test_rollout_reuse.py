@@ -38,10 +38,10 @@ def spy(trainer) -> dict:
     def recorded_get_batch_samples(*args, **kwargs):
         micro, num_items = get_batch_samples(*args, **kwargs)
         if micro:
-            seen["input_ids"].append([m["input_ids"].clone() for m in micro])  # (b, p + c) each, trimmed
+            seen["input_ids"].append([m.input_ids.clone() for m in micro])  # (b, p + c) each, trimmed
             seen["rows"].append([tuple(ids[mask.bool()].tolist()) for m in micro
-                                 for ids, mask in zip(m["input_ids"], m["attention_mask"])])  # fmt: skip
-            seen["keys"].append(sorted(micro[0]))
+                                 for ids, mask in zip(m.input_ids, m.attention_mask)])  # fmt: skip
+            seen["keys"].append(sorted(k for k, v in vars(micro[0]).items() if v is not None))
         return micro, num_items
 
     trainer.make_rollouts, trainer.teacher.score = counted_make_rollouts, counted_score
@@ -162,14 +162,14 @@ class Snapshots(DistillCallback):
 
     def __init__(self):
         self.weights, self.grads, self.rollouts, self.buffers = [], [], [], []
-        self.trainer = None
 
     def on_rollouts(self, args, state, control, rollouts, **kwargs):
         self.rollouts.append(copy.deepcopy(rollouts))
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, trainer=None, **kwargs):
         self.weights.append({name: value.detach().clone() for name, value in model.state_dict().items()})
-        behaviour = self.trainer.rollout_buffer.behaviour
+        batch = trainer.rollout_buffer.batch
+        behaviour = None if batch is None else batch.behaviour_logps
         self.buffers.append(None if behaviour is None else behaviour.clone())
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -212,7 +212,7 @@ def test_sampled_reverse_kl_reuse_step_equals_naive_importance_weighted_referenc
         log_p = naive_token_logps(teacher.double(), rollouts)  # (N,)
         log_q0 = naive_token_logps(models[0], rollouts)  # (N,) the student that sampled them
     n_tokens = log_p.numel()
-    mask = tr.rollout_buffer.batch["completion_mask"].bool()  # the buffer is kept: step 3 would reuse it too
+    mask = tr.rollout_buffer.batch.completion_mask.bool()  # the buffer is kept: step 3 would reuse it too
     torch.testing.assert_close(snapshots.buffers[1][mask].double(), log_q0, rtol=1e-5, atol=1e-5)  # stored at use 1
 
     logs = tm.step_logs(tr)

@@ -358,16 +358,16 @@ def test_reference_model_changes_the_sampled_reverse_kl_advantage(tmp_path):
     )  # fmt: skip
     with_ref.train()
     batch = with_ref.score(with_ref.make_rollouts([with_ref.train_dataset[i] for i in range(8)], "dataset"))
-    mask = batch["completion_mask"].bool()
+    mask = batch.completion_mask.bool()
     student = tm.model(tok, seed=0)  # the student before its update
     with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    n = batch["completion_ids"].shape[1]
-    log_q = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1).gather(-1, batch["completion_ids"][..., None])[
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    n = batch.completion_ids.shape[1]
+    log_q = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1).gather(-1, batch.completion_ids[..., None])[
         ..., 0
     ]
-    log_p = batch["teacher"].token_logps[mask]  # sampled-token form: the loss needs nothing else
-    log_ref = batch["reference"][mask]
+    log_p = batch.teacher.token_logps[mask]  # sampled-token form: the loss needs nothing else
+    log_ref = batch.reference_logps[mask]
     expected = -(2.0 * (log_p - log_ref) - (log_q[mask] - log_ref)).mean()
     first = tm.step_logs(with_ref)[0]
     assert first["loss"] == pytest.approx(expected.item(), rel=1e-4)
@@ -401,11 +401,8 @@ def test_round_end_evaluation_keeps_the_steps_training_row(tmp_path):
     """An eval hook logging at a round end must not swallow that step's own loss row."""
 
     class LogsAtRoundEnd(DistillCallback):
-        def __init__(self):
-            self.trainer = None
-
-        def on_round_end(self, args, state, control, round_index, **kwargs):
-            self.trainer.log({"eval/toy/score": float(round_index)})
+        def on_round_end(self, args, state, control, round_index, trainer=None, **kwargs):
+            trainer.log({"eval/toy/score": float(round_index)})
 
     tr = tm.trainer(tmp_path, callbacks=[LogsAtRoundEnd()], max_steps=4, num_rounds=2)
     tr.train()

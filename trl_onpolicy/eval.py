@@ -244,7 +244,7 @@ class LmEvalCallback(DistillCallback, ExportableState):
         self.gen_kwargs, self.batch_size, self.max_length, self.seed = gen_kwargs, batch_size, max_length, seed
         self.tokenizer, self.task_dir, self.local_data = tokenizer, task_dir, local_data
         self.toy_eval_size, self.toy_seed = toy_eval_size, toy_seed
-        self.trainer = None  # set by the trainer (or taken from `on_round_end`'s kwargs) to log through Trainer.log
+        self.trainer = None  # the last trainer an event named (events carry `trainer`), to log through Trainer.log
         self.history: list[dict[str, Any]] = []
         self.teacher_scores: dict[str, float] | None = None  # the teacher's scores, for the report and model card
         self._round = 0  # rounds finished so far

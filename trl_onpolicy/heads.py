@@ -5,8 +5,9 @@
 - [`LinearHead`]: a head that is one affine map (weights as tensors), which the tiled loss
   ([`~trl_onpolicy.fused_divergence`]) projects one vocabulary tile at a time; [`linear_head`] makes one from a model
   where it can.
-- [`frozen_head`]: the head of a frozen model (a teacher, the reference model) as the loss calls it, gathered once
-  where the model is sharded.
+- [`frozen_head`]: the head of a frozen model (a teacher, the reference model) as a `LinearHead` of tensors, gathered
+  once where the model is sharded, or read out of a head module that is not a plain `nn.Linear` (a quantised or
+  wrapped layer): the teacher's scores are then data, which a checkpoint saves and the loss walks in tiles.
 
 The dtypes the matmuls run in come from [`~trl_onpolicy.precision`]. The loss, the teachers and the frozen models
 import their heads from here; this module imports none of them.
@@ -17,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import precision
@@ -30,8 +30,10 @@ CHUNK_SIZE = 1024  # default positions projected to the whole vocabulary at once
 @dataclass
 class LinearHead:
     """
-    An output head that is one affine map, `logits = multiplier * (hidden @ weight.T + bias)`: what the tiled loss can
-    project one vocabulary tile at a time. Callable like the head it describes (`(n, H)` -> `(n, V_w)`).
+    An output head that is one affine map, `logits = multiplier * (hidden @ weight.T + bias)`, optionally soft-capped
+    (`softcap * tanh(logits / softcap)`, Gemma 2): what the tiled loss can project one vocabulary tile at a time.
+    Callable like the head it describes (`(n, H)` -> `(n, V_w)`). A student's head has no cap (the tiled gradient is
+    that of the affine map); a teacher's may.
 
     Args:
         weight (`torch.Tensor`): `(V_w, H)` the output matrix (a parameter of the student, detached for a teacher).
@@ -40,12 +42,14 @@ class LinearHead:
             [`logit_multiplier`]).
         dtype (`torch.dtype`, *optional*): The dtype its matmuls run in; defaults to the weight's (see
             [`~trl_onpolicy.precision.matmul_dtype`]). Hidden states are cast to it; logits come out in float32.
+        softcap (`float`, *optional*): The architecture's `final_logit_softcapping`, applied after the multiplier.
     """
 
     weight: Tensor
     bias: Tensor | None = None
     multiplier: float = 1.0
     dtype: torch.dtype | None = None
+    softcap: float | None = None
 
     def __post_init__(self):
         if self.dtype is None:
@@ -53,7 +57,7 @@ class LinearHead:
 
     def __call__(self, hidden: Tensor) -> Tensor:
         """`(n, H)` -> `(n, V_w)` logits in float32 (float64 stays)."""
-        return precision.project(hidden, self.weight, self.bias, self.multiplier, self.dtype)
+        return self.tile(hidden, 0, self.weight.shape[0], 1.0)
 
     def parameters(self) -> list[Tensor]:
         """The head's tensors that need gradients."""
@@ -62,7 +66,15 @@ class LinearHead:
     def tile(self, hidden: Tensor, start: int, end: int, scale: float) -> Tensor:
         """`(n, end - start)` float32 (float64 stays): `scale` times this head's logits of columns `start:end`."""
         bias = None if self.bias is None else self.bias[start:end]
-        return precision.project(hidden, self.weight[start:end], bias, scale * self.multiplier, self.dtype)
+        if self.softcap is None:
+            return precision.project(hidden, self.weight[start:end], bias, scale * self.multiplier, self.dtype)
+        logits = precision.project(hidden, self.weight[start:end], bias, self.multiplier / self.softcap, self.dtype)
+        return logits.tanh_().mul_(self.softcap * scale)  # (n, end - start)
+
+    def fingerprint(self) -> list[float]:
+        """Shape and float64 sums of the tensors: tells a checkpoint whether a head is the one it was saved with."""
+        sums = [float(t.detach().double().sum()) for t in (self.weight, self.bias) if t is not None]
+        return [*map(float, self.weight.shape), self.multiplier, self.softcap or 0.0, *sums]
 
 
 def logit_multiplier(config) -> float:
@@ -130,38 +142,61 @@ def linear_head(model, detach: bool = False, autocast: torch.dtype | None = None
     if getattr(config, "final_logit_softcapping", None) is not None:
         return None
     weight, bias = head.weight, head.bias
-    if type(weight.data) is not torch.Tensor or weight.numel() == 0 or weight.is_meta or is_partitioned(weight):
+    if not _plain(weight):
         return None
     if detach:
         weight, bias = weight.detach(), None if bias is None else bias.detach()
     return LinearHead(weight, bias, logit_multiplier(config), precision.matmul_dtype(weight.dtype, autocast))
 
 
-def frozen_head(model):
+def frozen_head(model) -> LinearHead:
     """
-    The output head of a frozen model as the loss calls it, `(n, H)` -> `(n, V)` logits. A whole plain linear head
-    is a [`LinearHead`] over its weights; a sharded one is gathered once here (a collective) into a copy that lives as
-    long as the scores; any other head is its module, called per chunk (None: the caller projects through it).
+    The output head of a frozen model (a teacher, the reference model) as a [`LinearHead`] of detached tensors, with
+    its logit multiplier and soft cap: the same function as [`output_logits`]. A whole plain linear head lends its
+    weights; a sharded one is gathered once here (a collective) into copies that live as long as the scores; any other
+    head module (a quantised layer, a PEFT wrapper, offloaded weights behind accelerate hooks) is read out as a dense
+    matrix by projecting the identity through it ([`dense_weights`]): the head of an LM is affine.
     """
-    head = linear_head(model, detach=True)
-    if head is not None:
-        return head
     module = model.get_output_embeddings()
-    params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
-    if not (any(hasattr(p, "ds_id") for p in params) or (DTensor is not None and isinstance(params[0], DTensor))):
-        return None  # a whole head that is not plain linear: the caller projects through the module
-    if not is_fsdp_module_of(module, torch.nn.Linear):
-        raise ValueError(
-            f"The teacher's output head is a sharded {type(module).__name__}, which the loss cannot gather; a sharded "
-            "teacher needs a plain linear head. Serve the teacher instead (`trl-onpolicy serve-teacher`)."
-        )
-    weight, bias = _gathered_copies(params)
     config = model.config.get_text_config()
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is None:
-        return LinearHead(weight, bias, logit_multiplier(config))
-    scale = logit_multiplier(config)
-    return lambda h: torch.tanh(F.linear(h, weight, bias) * scale / cap) * cap  # (n, V)
+    multiplier, cap = logit_multiplier(config), getattr(config, "final_logit_softcapping", None)
+    params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+    if any(hasattr(p, "ds_id") for p in params) or (DTensor is not None and isinstance(params[0], DTensor)):
+        if not is_fsdp_module_of(module, torch.nn.Linear):
+            raise ValueError(
+                f"The teacher's output head is a sharded {type(module).__name__}, which the loss cannot gather; a "
+                "sharded teacher needs a plain linear head. Serve the teacher instead (`trl-onpolicy serve-teacher`)."
+            )
+        weight, bias = _gathered_copies(params)
+    elif is_fsdp_module_of(module, torch.nn.Linear) and not hasattr(module, "_hf_hook") and _plain(module.weight):
+        weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    else:
+        weight, bias = dense_weights(module, config.hidden_size)
+    return LinearHead(weight, bias, multiplier, precision.matmul_dtype(weight.dtype), cap)
+
+
+def _plain(weight) -> bool:
+    """A whole dense tensor here (not a quantised parameter, a ZeRO-3 partition or on the meta device)."""
+    return type(weight.data) is torch.Tensor and weight.numel() > 0 and not weight.is_meta and not is_partitioned(weight)
+
+
+@torch.no_grad()
+def dense_weights(module, hidden_size: int, block: int = 256) -> tuple[Tensor, Tensor | None]:
+    """
+    `(V, H)` weight and `(V,)` bias (None if zero) of an affine head module, read out by calling it: `module(0)` is the
+    bias and `module(e_i) - bias` column `i` of the weight, `block` unit vectors at a time. Exact for a quantised layer
+    (the identity picks its dequantised weights) and for any wrapper that calls the module's own matmul.
+    """
+    weight = getattr(module, "weight", None)
+    device = weight.device if weight is not None and not weight.is_meta else None
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    device = device or next((p.device for p in module.parameters() if not p.is_meta), torch.device("cpu"))
+    bias = module(torch.zeros(1, hidden_size, dtype=dtype, device=device))[0]  # (V,)
+    out = torch.empty(bias.shape[0], hidden_size, dtype=bias.dtype, device=bias.device)  # (V, H)
+    eye = torch.eye(hidden_size, dtype=dtype, device=device)  # (H, H)
+    for lo in range(0, hidden_size, block):
+        out[:, lo : lo + block] = (module(eye[lo : lo + block]) - bias).t()  # (V, b)
+    return out, None if not bias.any() else bias
 
 
 def _gathered_copies(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -173,3 +208,11 @@ def _gathered_copies(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
         with deepspeed.zero.GatheredParameters(params):
             copies = [p.detach().clone() for p in params]
     return copies[0], copies[1] if len(copies) > 1 else None
+
+
+def student_head(model, autocast: torch.dtype | None = None):
+    """
+    The student's head as the loss takes it: a [`LinearHead`] over its parameters where the tiled loss can walk it
+    ([`linear_head`]), else a function through the head module ([`output_logits`]).
+    """
+    return linear_head(model, autocast=autocast) or (lambda hidden: output_logits(model, hidden, autocast))

@@ -10,10 +10,14 @@ exceeded the cap; TRL logs none). Tokens vLLM gave no log-prob for are left out.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from .divergences import truncated_importance_weights
+
+if TYPE_CHECKING:  # annotations only
+    from .step_batch import StepBatch
 
 PREFIX = "sampling/"
 
@@ -30,14 +34,14 @@ class ImportanceSamplingStats:
         self.clip_max = clip_max
         self._local = None  # (7,): tokens, sum of weights, clipped, sum |diff|, -min weight, max weight, max |diff|
 
-    def add(self, inputs: dict, student_token_logps: torch.Tensor) -> None:
+    def add(self, batch: StepBatch, student_token_logps: torch.Tensor) -> None:
         """A micro-batch's `sampling_logps` `(b, C)` against the log-probs its weight used: the student's at the
         first use of the tokens (`behaviour_logps` `(b, C)` on a reused batch, else `student_token_logps` `(N,)`)."""
-        if "sampling_logps" not in inputs:
+        if batch.sampling_logps is None:
             return
-        mask = inputs["completion_mask"].bool()  # (b, C)
-        target = inputs["behaviour_logps"][mask] if "behaviour_logps" in inputs else student_token_logps  # (N,)
-        sampler = inputs["sampling_logps"][mask]  # (N,)
+        behaviour = batch.flat("behaviour_logps")  # (N,) or None
+        target = behaviour if behaviour is not None else student_token_logps  # (N,)
+        sampler = batch.flat("sampling_logps")  # (N,)
         known = ~torch.isnan(sampler)  # (N,)
         target, sampler = target[known].float(), sampler[known].float()  # (n,) each
         weights = truncated_importance_weights(target, sampler, self.clip_max)  # (n,)

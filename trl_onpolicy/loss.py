@@ -162,15 +162,21 @@ def _autograd_step(chunk_loss, params):
     return step
 
 
+def _walks_in_tiles(teacher: TeacherScores) -> bool:
+    """One teacher whose head is a `LinearHead`: its logits are projected one vocabulary tile at a time (a mixture of
+    several teachers, or a head given as a function, is projected to the whole vocabulary once per chunk)."""
+    return teacher.members is None and isinstance(teacher.head, LinearHead)
+
+
 def _teacher_tiles(teacher: TeacherScores, start: int, end: int, vocab_size: int):
     """`(t0, t1)` -> `(n, t1 - t0)` float32 teacher logits / T of positions `start:end`: a matmul per tile for a
     [`~trl_onpolicy.heads.LinearHead`], else slices of the `(n, V)` logits the teacher's head computes once for the chunk."""
-    width = teacher.vocab_size or (teacher.head.weight.shape[0] if isinstance(teacher.head, LinearHead) else None)
+    width = teacher.vocab_size or (teacher.head.weight.shape[0] if _walks_in_tiles(teacher) else None)
     if width is not None and width != vocab_size:
         raise ValueError(f"The teacher compares {width} logit columns and the student {vocab_size}.")
     k = 1.0 / teacher.temperature
-    hidden = teacher.hidden[start:end]  # (n, H_t)
-    if isinstance(teacher.head, LinearHead):
+    if _walks_in_tiles(teacher):
+        hidden = teacher.hidden[start:end]  # (n, H_t)
         return lambda t0, t1: teacher.head.tile(hidden, t0, t1, k)
     logits = teacher.logits(start, end)  # (n, V)
     if logits.shape[-1] != vocab_size:
@@ -271,7 +277,7 @@ def distillation_loss(
     tiled = (vocab_tile != 0 and isinstance(student_head, LinearHead) and teacher.form == "full"
              and loss_type in TILED_LOSS_TYPES)  # fmt: skip
     n_tokens = student_hidden.shape[0]
-    chunk_size = chunk_size or (TILED_CHUNK_SIZE if tiled and isinstance(teacher.head, LinearHead) else CHUNK_SIZE)
+    chunk_size = chunk_size or (TILED_CHUNK_SIZE if tiled and _walks_in_tiles(teacher) else CHUNK_SIZE)
     vocab_tile = vocab_tile or default_vocab_tile(min(chunk_size, n_tokens), student_hidden.device)
     divisor = max(float(num_items), 1e-8)
     stats = _Statistics(teacher.teacher_weights)

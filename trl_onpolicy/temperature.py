@@ -102,6 +102,21 @@ class LossTemperature:
     ```
     """
 
+    @classmethod
+    def from_config(cls, args) -> LossTemperature:
+        """The schedule an [`OnPolicyDistillConfig`] describes (`loss_temperature_schedule`, `temperature_*`,
+        `target_teacher_entropy`), over `max_steps` (the trainer sets the real count once training starts)."""
+        return cls(
+            schedule=args.loss_temperature_schedule,
+            start=args.temperature_start,
+            end=args.temperature_end,
+            total_steps=max(args.max_steps, 1),
+            target_entropy=args.target_teacher_entropy,
+            min_temperature=args.temperature_min,
+            max_temperature=args.temperature_max,
+            adapt_rate=args.temperature_adapt_rate,
+        )
+
     def __init__(
         self,
         schedule: str = "constant",

@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 
 from ._compat import vllm_generation_class
 from .rollouts import finish_completion
+from .samplers import Samples
 
 logger = logging.getLogger(__name__)
 
@@ -183,13 +184,14 @@ class VLLMSampler:
 
     def sample(
         self, prompt_ids: list[list[int]], generation_config: GenerationConfig, tokenizer=None
-    ) -> tuple[list[list[int]], list[bool], list[list[float]] | None]:
+    ) -> Samples:
         """
-        One completion per prompt, finished as the transformers path finishes them.
+        One completion per prompt, finished as the transformers path finishes them (a
+        [`~trl_onpolicy.samplers.Sampler`]).
 
         Returns:
-            `(completion_ids, truncated, sampling_logps)`: `sampling_logps` holds vLLM's log-prob of each completion
-            token (NaN where it gave none), or is `None` when vLLM returned no log-probs.
+            [`~trl_onpolicy.samplers.Samples`]: `logps` holds vLLM's log-prob of each completion token (NaN where it
+            gave none), or is `None` when vLLM returned no log-probs.
         """
         step = self.trainer.state.global_step
         if step != self._synced_step:
@@ -206,4 +208,4 @@ class VLLMSampler:
             if logprobs is not None:
                 position_ids = None if logprob_ids is None else logprob_ids[i]
                 sampling_logps.append(sampled_token_logps(ids, logprobs[i], position_ids))
-        return completions, truncated, sampling_logps if logprobs is not None else None
+        return Samples(completions, truncated, sampling_logps if logprobs is not None else None)

@@ -8,14 +8,15 @@
   `w_k = softmax_k(-H(p_k))`: a teacher that is sure of the next token (low entropy) counts more there.
 
 Token-level mixing needs each teacher's whole distribution, so it takes teachers that run in this process. The mixture
-is again a full-form [`TeacherScores`]: its hidden states are the teachers' hidden states side by side, followed by the
-`T` mixture weights, and its head maps them to `T * log p` (the loss divides logits by the loss temperature `T`, so it
-sees `log p` exactly). Each teacher's head runs only where its weight is non-zero, so routed rows cost one head each.
+is again a full-form [`TeacherScores`], and data: the teachers' full-form scores as its `members` and the `(B, C, T)`
+mixture weights; its logits are `T * log p` (the loss divides logits by the loss temperature `T`, so it sees `log p`
+exactly). Each teacher's head runs only where its weight is non-zero, so routed rows cost one head each.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -91,6 +92,9 @@ class EnsembleTeacher(Teacher):
             f"{name}: {teacher.describe()}" for name, teacher in self.teachers.items()
         )
 
+    def output_heads(self) -> list:
+        return [t.output_heads()[0] if isinstance(t, Teacher) else None for t in self.members]
+
     @property
     def members(self) -> list[Teacher]:
         return list(self.teachers.values())
@@ -165,16 +169,14 @@ class EnsembleTeacher(Teacher):
             one_hot[rows, :, k] = 1.0
         scored = [p for p in parts if p is not None]
         if all(p.form == "full" for p in scored):
-            full = [p if p is not None else _empty_full(c) for p in parts]
-            return self._finish(_mixture(full, one_hot, temperature, rows_of), batch, top_k, need)
+            return self._finish(_mixture(parts, one_hot, temperature, rows_of), batch, top_k, need)
         merged = _merge_rows(parts, rows_of, batch["completion_ids"], top_k, self.chunk_size)
         merged.teacher_weights, merged.teacher_names = one_hot.to(merged.token_logps.device), self.names
         return merged
 
     def _confidence(self, parts: list[TeacherScores], n: int) -> torch.Tensor:
         """`(n, T)` per-token weights softmax_k(-H(p_k)) over the teachers."""
-        flat = [TeacherScores(p.temperature, hidden=p.hidden.flatten(0, 1), head=p.head, vocab_size=p.vocab_size)
-                for p in parts]  # fmt: skip
+        flat = [p._map(lambda t: t.flatten(0, 1)) for p in parts]
         weights = []
         for start in range(0, n, self.chunk_size):
             end = min(start + self.chunk_size, n)
@@ -203,53 +205,28 @@ def per_teacher_metrics(names: list[str], totals: list[float]) -> dict[str, floa
     return metrics
 
 
-def _empty_full(c: int) -> TeacherScores:
-    """A stand-in for a teacher with no routed rows: no rows, zero-width hidden states, never projected."""
-    return TeacherScores(hidden=torch.zeros(0, c, 0), head=None)
-
-
 def _mixture(parts, weights: torch.Tensor, temperature: float, rows_of=None) -> TeacherScores:
     """
-    One full-form score whose head gives `T * log(sum_k w_k p_k)` from the teachers' full-form scores.
+    One full-form score of the mixture `p = sum_k w_k p_k` of the teachers' full-form scores (its `members`).
 
     Args:
         parts: Full-form [`TeacherScores`] of the `T` teachers, `(B, C, H_k)` hidden states each (`(B_k, C, H_k)`
-            for the rows `rows_of[k]` when rows are routed).
+            for the rows `rows_of[k]` when rows are routed; None for a teacher routed no rows).
         weights: `(B, C, T)` mixture weights, summing to 1 over the teachers.
         rows_of: The batch rows each teacher scored, when rows are routed.
     """
-    device = next(p.hidden.device for p in parts if p.head is not None)
-    widths = [p.hidden.shape[-1] for p in parts]
+    device = next(p.hidden.device for p in parts if p is not None)
     b, c = weights.shape[:2]
-    blocks = []
+    members = []
     for k, p in enumerate(parts):
-        block = p.hidden.float().to(device)  # (B_k, C, H_k): all rows, or only the rows routed to teacher k
-        if rows_of is not None:
-            block = block.new_zeros(b, c, widths[k]).index_copy_(
-                0, torch.tensor(rows_of[k], dtype=torch.long, device=device), block
-            )
-        blocks.append(block)
-    hidden = torch.cat(blocks + [weights.to(device)], -1)  # (B, C, sum H + T)
-    heads = [(p.head, p.vocab_size, p.hidden.dtype) for p in parts]
-
-    def head(h: torch.Tensor) -> torch.Tensor:
-        chunks = list(h.split(widths + [len(parts)], -1))
-        w = chunks.pop()  # (n, T)
-        mixed = None
-        for k, (h_k, (head_k, vocab, dtype)) in enumerate(zip(chunks, heads)):
-            where = w[:, k] > 0  # (n,) only positions this teacher has a say in
-            if not where.any():
-                continue
-            with torch.no_grad():
-                logits = head_k(h_k[where].to(dtype)).float()  # (m, V_k)
-            logits = logits[:, :vocab] if vocab is not None else logits
-            term = torch.log_softmax(logits / temperature, -1) + w[where, k, None].log()  # (m, V)
-            if mixed is None:
-                mixed = torch.full((h.shape[0], term.shape[-1]), -math.inf, device=h.device)  # (n, V)
-            mixed[where] = torch.logaddexp(mixed[where], term)
-        return mixed * temperature  # (n, V): the loss's log_softmax(. / T) gives log p
-
-    return TeacherScores(temperature, hidden=hidden, head=head, teacher_weights=weights.to(device))
+        if p is None:  # no rows: zero-width hidden states, never projected (its weight is 0 everywhere)
+            members.append(TeacherScores(temperature, hidden=torch.zeros(b, c, 0, device=device)))
+            continue
+        if rows_of is not None:  # its rows in batch order, zeros elsewhere
+            index = torch.tensor(rows_of[k], dtype=torch.long, device=p.hidden.device)
+            p = replace(p, hidden=p.hidden.new_zeros(b, c, p.hidden.shape[-1]).index_copy_(0, index, p.hidden))
+        members.append(replace(p, layer_hidden=None))
+    return TeacherScores(temperature, teacher_weights=weights.to(device), members=members)
 
 
 def _merge_rows(parts, rows_of, targets: torch.Tensor, top_k, chunk_size) -> TeacherScores:

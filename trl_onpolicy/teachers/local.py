@@ -8,7 +8,7 @@ import torch
 
 from .._compat import hidden_states_request, is_peft_model
 from ..frozen_models import base_model_outputs, place_frozen_model, vocab_size
-from ..heads import frozen_head, output_logits
+from ..heads import frozen_head
 from ..launchers import has_sharded_parameters, max_over_processes
 from ..rollouts import position_kwargs, sample
 from .base import Teacher, TeacherScores
@@ -172,19 +172,16 @@ class LocalTeacher(Teacher):
     def num_hidden_layers(self) -> int:
         return self.text_config.num_hidden_layers
 
+    def output_heads(self) -> list:
+        with self._context():  # the student's own base network: the head as it is with the adapters off
+            return [frozen_head(self._causal_lm())]  # gathered once if sharded
+
     def score(self, batch, *, temperature=1.0, top_k=None, need="full", hidden_layers=None) -> TeacherScores:
         hidden, layer_hidden = self.completion_hidden(batch, hidden_layers)  # (B, C, H_t), (B, C, L, H_t)
-        lm = self._causal_lm()
-
-        def head(h):
-            with self._context(), torch.no_grad():
-                return output_logits(lm, h)
-
-        head = frozen_head(lm) or head  # a plain linear head (gathered once if sharded): the loss walks it in tiles
-
         scores = TeacherScores(
-            temperature, hidden=hidden, head=head, vocab_size=self.compare_vocab, layer_hidden=layer_hidden
-        )
+            temperature, hidden=hidden, head=self.output_heads()[0], vocab_size=self.compare_vocab,
+            layer_hidden=layer_hidden,
+        )  # fmt: skip
         if need == "full" and top_k is None:
             return scores
         return scores.reduce(batch["completion_ids"], top_k, self.chunk_size)

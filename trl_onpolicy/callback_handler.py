@@ -1,0 +1,86 @@
+"""The trainer's callback handler: the Trainer's events, plus the distillation events and the rounds.
+
+[`DistillCallbackHandler`] is the [`~transformers.trainer_callback.CallbackHandler`] the trainer runs with. Beside the
+Trainer's events it sends the distillation events of [`~trl_onpolicy.callbacks.DistillCallback`] to the callbacks
+that define them (`on_rollouts`, chained; `on_scored`; `on_round_end`), and it ends the rounds itself: after the step
+that ends a round it fires `on_round_end` on every process, waits for all of them, and asks for a checkpoint. Every
+event's kwargs carry the `trainer` (as they carry the `model`), which a callback uses to log (`trainer.log`) or to
+reach the accelerator; nothing is written into the callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers.trainer_callback import CallbackHandler
+
+from .callbacks import completion_records
+
+logger = logging.getLogger(__name__)
+
+
+def round_ends(max_steps: int, num_rounds: int) -> list[int]:
+    """Global steps at which rounds end: `num_rounds` equal shares of `max_steps`."""
+    return sorted({max(1, round(max_steps * (r + 1) / num_rounds)) for r in range(num_rounds)})
+
+
+def round_ending_at(step: int, max_steps: int, num_rounds: int) -> int | None:
+    """The (1-based) round that ends at `step`, if any."""
+    ends = round_ends(max_steps, num_rounds)
+    return ends.index(step) + 1 if step in ends else None
+
+
+class DistillCallbackHandler(CallbackHandler):
+    """
+    The Trainer's callback handler with the distillation events and the rounds.
+
+    Args:
+        handler ([`~transformers.trainer_callback.CallbackHandler`]): The handler the Trainer built, whose callbacks
+            and objects this one takes over.
+        trainer ([`OnPolicyDistillTrainer`]): Passed to every event as `trainer`.
+    """
+
+    def __init__(self, handler: CallbackHandler, trainer):
+        super().__init__(handler.callbacks, handler.model, handler.processing_class, handler.optimizer,
+                         handler.lr_scheduler)  # fmt: skip
+        self.trainer = trainer
+
+    def call_event(self, event, args, state, control, **kwargs):
+        return super().call_event(event, args, state, control, trainer=self.trainer, **kwargs)
+
+    def dispatch(self, event: str, args, state, control, **kwargs) -> None:
+        """Send a distillation event to the callbacks that define it, in order."""
+        for callback in self.callbacks:
+            method = getattr(callback, event, None)
+            if method is not None:
+                method(args, state, control, model=self.model, processing_class=self.processing_class,
+                       trainer=self.trainer, **kwargs)  # fmt: skip
+
+    def on_rollouts(self, args, state, control, rollouts):
+        """`on_rollouts` along the callbacks in order: each sees the rollouts the previous one returned (None: keep)."""
+        for callback in self.callbacks:
+            method = getattr(callback, "on_rollouts", None)
+            if method is not None:
+                edited = method(args, state, control, rollouts=rollouts)
+                rollouts = edited if edited is not None else rollouts
+        return rollouts
+
+    @property
+    def wants_scored(self) -> bool:
+        return any(hasattr(callback, "on_scored") for callback in self.callbacks)
+
+    def on_scored(self, args, state, control, rollouts, student_logps, teacher_logps) -> None:
+        """`on_scored` with one record per completion (see [`~trl_onpolicy.callbacks.completion_records`])."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        records = completion_records(rollouts, student_logps, teacher_logps, tokenizer)
+        self.dispatch("on_scored", args, state, control, records=records)
+
+    def on_step_end(self, args, state, control):
+        control = super().on_step_end(args, state, control)
+        round_index = round_ending_at(state.global_step, state.max_steps, args.num_rounds)
+        if round_index is not None:
+            logger.info("Round %d of %d ended at step %d.", round_index, args.num_rounds, state.global_step)
+            self.dispatch("on_round_end", args, state, control, round_index=round_index)
+            self.trainer.accelerator.wait_for_everyone()  # the main process may have been evaluating
+            control.should_save = True
+        return control

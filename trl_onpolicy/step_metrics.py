@@ -1,0 +1,78 @@
+"""The metrics of one optimizer step: summed over its micro-batches on the device, reduced once, then logged.
+
+[`StepStatistics`] adds each micro-batch's [`~trl_onpolicy.loss.LossSums`] (0-dim device tensors: no host sync per
+micro-batch), and at the step's end reduces them over processes in one collective, with the flag of non-finite
+gradients, so the trainer reads everything it decides on and logs with one host sync.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .loss import LossSums
+from .nonfinite import local_nonfinite
+from .teachers.ensemble import per_teacher_metrics
+
+SUMS = ("divergence", "student_entropy", "teacher_entropy", "teacher_entropy_tokens", "hidden_distance")
+KEYS = (*SUMS, "local_tokens", "nonfinite")
+
+
+class StepStatistics:
+    """The sums of one optimizer step (see the module docstring)."""
+
+    def __init__(self):
+        self.start(tokens=0.0)
+
+    def start(self, tokens: float) -> None:
+        """A new step whose rollouts hold `tokens` completion tokens on all processes."""
+        self.sums = defaultdict(float)
+        self.tokens = tokens
+        self.per_teacher = None  # (2 T,) each teacher's summed divergence, then its tokens (several teachers)
+
+    def add(self, loss: torch.Tensor, sums: LossSums) -> None:
+        """One micro-batch's loss and sums."""
+        for key in SUMS:
+            self.sums[key] += getattr(sums, key)
+        self.sums["local_tokens"] += sums.tokens
+        self.sums["nonfinite"] += (~torch.isfinite(loss.detach())).float()  # no host sync: read once per step
+        if sums.teacher_tokens is not None:
+            part = torch.cat([sums.teacher_divergence, sums.teacher_tokens])
+            self.per_teacher = part if self.per_teacher is None else self.per_teacher + part
+
+    def reduce(self, accelerator, grads: list[torch.Tensor]) -> dict[str, float]:
+        """The step's sums over all processes, and `nonfinite_grads` (> 0: a gradient somewhere is not finite)."""
+        device = accelerator.device
+        local = torch.stack(
+            [torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in KEYS]
+            + [local_nonfinite(grads).to(device=device, dtype=torch.float64)]
+        )  # (8,)
+        return dict(zip((*KEYS, "nonfinite_grads"), accelerator.reduce(local, reduction="sum").tolist()))
+
+    def per_teacher_metrics(self, accelerator, names: list[str]) -> dict[str, float]:
+        """Several teachers: each one's divergence (weighted by its share of each token) and its tokens."""
+        local = self.per_teacher if self.per_teacher is not None else torch.zeros(2 * len(names), dtype=torch.float64)
+        total = accelerator.reduce(local.to(accelerator.device), reduction="sum").tolist()
+        return per_teacher_metrics(names, total)
+
+
+def log_losses(metrics: dict[str, list[float]], total: dict[str, float], hidden_matching: bool) -> None:
+    """The step's per-token divergence, student entropy and (with hidden-state matching) hidden-state distance."""
+    tokens = max(total["local_tokens"], 1.0)
+    metrics["divergence"].append(total["divergence"] / tokens)
+    metrics["student_entropy"].append(total["student_entropy"] / tokens)
+    if hidden_matching:
+        metrics["hidden_state_distance"].append(total["hidden_distance"] / tokens)
+
+
+def log_rollouts(metrics: dict[str, list[float]], stats: dict[str, float], seconds: tuple[float, float],
+                 temperature: float, reused: float | None) -> None:  # fmt: skip
+    """The step's rollout metrics: a reused batch's lengths again (`reused` 1.0), and no generation or teacher time."""
+    metrics["completion_length"].append(stats["completion_length"])
+    metrics["truncated_fraction"].append(stats["truncated_fraction"])
+    metrics["loss_temperature"].append(temperature)
+    metrics["time/generation"].append(seconds[0])
+    metrics["time/teacher"].append(seconds[1])
+    if reused is not None:
+        metrics["rollouts/reused"].append(reused)

@@ -1,0 +1,72 @@
+"""What [`~trl_onpolicy.OnPolicyDistillTrainer`] checks and builds once, when it is made: the pad token, the sources of
+off-policy completions, the reference model, one half-precision format per run."""
+
+from __future__ import annotations
+
+import logging
+
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from . import precision
+from .teachers import LocalTeacher, load_teacher_model, local_models, micro_batch_rows
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_pad_token(processing_class, model, args):
+    """The processing class (loaded from the student's name when None) with a pad token (its EOS when it has none)."""
+    if processing_class is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        processing_class = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer.pad_token is None:
+        logger.warning("The tokenizer has no pad token: using its eos token %r for padding.", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return processing_class
+
+
+def check_completion_sources(args, dataset, prepared) -> None:
+    """Off-policy batches need completions: from the teacher (`seq_kd`) or from the dataset (`dataset` as given,
+    `prepared` tokenized)."""
+    if args.lmbda >= 1.0 or args.seq_kd:
+        return
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    if "completion" not in columns and "messages" not in columns:
+        raise ValueError(
+            f"`lmbda={args.lmbda}` makes some batches off-policy, which need completions, but the dataset "
+            f"has none (columns: {columns}). Set `seq_kd=True` to let the teacher write them, set `lmbda=1.0`, "
+            "or add a `completion` column."
+        )
+    if isinstance(prepared, Dataset):
+        empty = [i for i, ids in enumerate(prepared["completion_ids"]) if len(ids) == 0]
+        if empty:
+            raise no_completion_error(args.lmbda, empty, len(prepared))
+
+
+def no_completion_error(lmbda: float, empty: list[int], total: int) -> ValueError:
+    return ValueError(
+        f"`lmbda={lmbda}` makes some batches off-policy, which use the dataset's completions, but "
+        f"{len(empty)} of {total} rows have no completion (rows {empty[:5]}: a `messages` row that does not end with "
+        "an assistant turn, or a None `completion`). Set `seq_kd=True` to let the teacher write them, set "
+        "`lmbda=1.0`, or filter these rows out."
+    )
+
+
+def build_reference(args, tokenizer, vocab_size: int, accelerator) -> LocalTeacher | None:
+    """The reference model of `sampled_reverse_kl`'s reward-scaled form, placed for the launcher; None if unset."""
+    if args.reference_model_name_or_path is None:
+        return None
+    reference = load_teacher_model(args.reference_model_name_or_path, args, tokenizer)
+    return LocalTeacher(
+        reference, vocab_size=vocab_size, micro_batch_size=micro_batch_rows(args)
+    ).prepare(accelerator)  # sharded where the launcher shards (see frozen_models.py)
+
+
+def check_dtypes(accelerator, student, teacher, reference) -> None:
+    """One half-precision format per run (see [`~trl_onpolicy.precision.check_teacher_dtype`])."""
+    autocast = precision.autocast_dtype(accelerator)
+    frozen = [("teacher", m) for m in local_models(teacher)]
+    frozen += [("reference model", reference.model)] if reference is not None else []
+    for what, model in frozen:
+        precision.check_teacher_dtype(student.dtype, model.dtype, autocast, what)
