@@ -36,7 +36,7 @@ import torch
 from _memory import LiveTensorBytes  # benchmarks/_memory.py
 from _models import padded_llama
 
-from trl_onpolicy.rollout_buffer import split
+from trl_onpolicy.step_batch import StepBatch
 from trl_onpolicy.rollouts import Rollouts, collate, position_kwargs
 from trl_onpolicy.teachers import LocalTeacher, TeacherScores
 
@@ -94,8 +94,10 @@ def student_step(student, micro_batches) -> None:
 
 
 def student_point(student, batch, accumulation: int, repeats: int) -> dict:
-    scored = {**batch, "teacher": TeacherScores(1.0, token_logps=torch.zeros(batch["completion_ids"].shape))}
-    trimmed, _ = split(scored, accumulation)
+    scored = StepBatch(**{k: v for k, v in batch.items() if k != "rows"},
+                       teacher=TeacherScores(1.0, token_logps=torch.zeros(batch["completion_ids"].shape)))
+    trimmed = [{"input_ids": part.input_ids, "attention_mask": part.attention_mask}
+               for part in scored.split(accumulation)[0]]
     rows = batch["input_ids"].shape[0]
     bounds = [round(i * rows / accumulation) for i in range(accumulation + 1)]
     padded = [{k: batch[k][lo:hi] for k in ("input_ids", "attention_mask")} for lo, hi in zip(bounds, bounds[1:])]

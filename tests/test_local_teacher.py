@@ -5,7 +5,7 @@ import pytest
 import tiny_models as tm
 import torch
 
-from trl_onpolicy.rollout_buffer import split, trim
+from trl_onpolicy.step_batch import StepBatch
 from trl_onpolicy.rollouts import Rollouts, collate
 from trl_onpolicy.teachers import LocalTeacher
 from trl_onpolicy.teachers.base import TeacherScores
@@ -64,18 +64,18 @@ def test_trim_cuts_a_micro_batch_to_its_own_lengths():
     tok = tm.tokenizer()
     inputs = batch(tok)  # (5, 9 + 7)
     n = inputs["completion_ids"].shape[1]
-    inputs["teacher"] = TeacherScores(1.0, token_logps=torch.arange(5 * n, dtype=torch.float32).view(5, n))
-    inputs["reference"] = torch.randn(5, n)
-    micro, ranges = split(inputs, 2)
+    inputs = StepBatch(**{k: v for k, v in inputs.items() if k != "rows"}, reference_logps=torch.randn(5, n),
+                       teacher=TeacherScores(1.0, token_logps=torch.arange(5 * n, dtype=torch.float32).view(5, n)))
+    micro, ranges = inputs.split(2)
     assert ranges == [(0, 2), (2, 5)]
     for part, (lo, hi) in zip(micro, ranges):
         p = max(len(PROMPTS[i]) for i in range(lo, hi))
         c = max(len(COMPLETIONS[i]) for i in range(lo, hi))
-        assert part["input_ids"].shape == part["attention_mask"].shape == (hi - lo, p + c)
-        assert part["completion_ids"].shape == part["completion_mask"].shape == part["reference"].shape == (hi - lo, c)
-        assert part["teacher"].token_logps.shape == (hi - lo, c)
+        assert part.input_ids.shape == part.attention_mask.shape == (hi - lo, p + c)
+        assert part.completion_ids.shape == part.completion_mask.shape == part.reference_logps.shape == (hi - lo, c)
+        assert part.teacher.token_logps.shape == (hi - lo, c)
         for row, i in enumerate(range(lo, hi)):  # every real token kept, in place
-            ids = part["input_ids"][row][part["attention_mask"][row].bool()].tolist()
+            ids = part.input_ids[row][part.attention_mask[row].bool()].tolist()
             assert ids == PROMPTS[i] + COMPLETIONS[i]
-        torch.testing.assert_close(part["teacher"].token_logps, inputs["teacher"].token_logps[lo:hi, :c])
-    assert trim({**micro[0]})["input_ids"].shape == micro[0]["input_ids"].shape  # trimming twice changes nothing
+        torch.testing.assert_close(part.teacher.token_logps, inputs.teacher.token_logps[lo:hi, :c])
+    assert micro[0].trim().input_ids.shape == micro[0].input_ids.shape  # trimming twice changes nothing

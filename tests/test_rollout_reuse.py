@@ -231,21 +231,24 @@ def test_sampled_reverse_kl_reuse_step_equals_naive_importance_weighted_referenc
 
 
 # ------------------------------------------------------------------------------------------ resume
-def _run(output_dir, loss_type, teacher_top_k=None, resume=None) -> tuple[list[float], dict]:
+def _trainer(output_dir, loss_type, teacher_top_k=None):
     tok = tm.tokenizer()
-    student = tm.model(tok, seed=0)
-    tr = tm.trainer(
-        output_dir, student, tm.model(tok, seed=1), tok, lmbda=1.0, loss_type=loss_type, teacher_top_k=teacher_top_k,
-        num_iterations=3, max_steps=6, save_strategy="steps", save_steps=2, learning_rate=1e-2,
-        train_dataset=tm.dataset(n=16),
+    return tm.trainer(
+        output_dir, tm.model(tok, seed=0), tm.model(tok, seed=1), tok, lmbda=1.0, loss_type=loss_type,
+        teacher_top_k=teacher_top_k, num_iterations=3, max_steps=6, save_strategy="steps", save_steps=2,
+        learning_rate=1e-2, train_dataset=tm.dataset(n=16),
     )  # fmt: skip
+
+
+def _run(output_dir, loss_type, teacher_top_k=None, resume=None) -> tuple[list[float], dict]:
+    tr = _trainer(output_dir, loss_type, teacher_top_k)
     tr.train(resume_from_checkpoint=resume)
-    return {h["step"]: h["loss"] for h in tm.step_logs(tr)}, params(student)
+    return {h["step"]: h["loss"] for h in tm.step_logs(tr)}, params(tr.accelerator.unwrap_model(tr.model))
 
 
 @pytest.mark.parametrize(
     "loss_type, teacher_top_k",
-    [("jsd", None), ("reverse_kl", 5), ("sampled_reverse_kl", None)],  # full (scored again), top-k, sampled-token form
+    [("jsd", None), ("reverse_kl", 5), ("sampled_reverse_kl", None)],  # full, top-k, sampled-token form
 )
 def test_resume_mid_cycle_equals_the_straight_run(tmp_path, loss_type, teacher_top_k):
     straight, weights = _run(tmp_path / "straight", loss_type, teacher_top_k)
@@ -260,6 +263,33 @@ def test_resume_mid_cycle_equals_the_straight_run(tmp_path, loss_type, teacher_t
             assert resumed[later] == pytest.approx(straight[later], rel=1e-6), (step, later)
         for name, value in weights.items():
             torch.testing.assert_close(resumed_weights[name], value, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("teacher_top_k", [None, 5])  # full distribution (hidden states + head), top-k
+def test_resume_restores_the_buffered_batch_without_scoring_it_again(tmp_path, teacher_top_k):
+    """The buffered batch is data: resumed at step 2, the run trains step 3 on it with no generation and no teacher
+    pass, and samples and scores again only for step 4's fresh batch."""
+    _run(tmp_path / "straight", "jsd", teacher_top_k)
+    tr = _trainer(tmp_path / "resumed", "jsd", teacher_top_k)
+    seen = spy(tr)
+    tr.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    assert seen["generate"] == 1 and seen["teacher"] == 1  # step 4 only
+    assert [len(ids) for ids in seen["input_ids"]] == [1, 1, 1, 1]  # steps 3-6 trained
+
+
+def test_resume_with_another_teacher_is_refused(tmp_path):
+    """A buffered full-distribution score takes its head from the teacher again: a different teacher is caught."""
+    _run(tmp_path / "straight", "jsd")
+    tok = tm.tokenizer()
+    tr = tm.trainer(tmp_path / "resumed", tm.model(tok, seed=0), tm.model(tok, seed=7), tok, lmbda=1.0,
+                    num_iterations=3, max_steps=6, train_dataset=tm.dataset(n=16))  # fmt: skip
+    message = (
+        "The rollout buffer of this checkpoint was scored by a teacher whose output head differs from this run's "
+        "teacher. Resume with the same teacher, or delete the checkpoint's `rollout_buffer_*.pt` files to sample "
+        "fresh rollouts."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tr.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
 
 
 def test_resume_without_the_buffer_would_differ(tmp_path):

@@ -98,6 +98,19 @@ def restore_distill_state(trainer, state: dict) -> None:
             callback.load_state_dict(saved[type(callback).__name__])
 
 
+def prepare_resume(trainer, resume_from_checkpoint):
+    """Before `Trainer.train`: the checkpoint to resume from ([`resolve_resume_from_checkpoint`]), with the
+    distillation state and this process's rollout buffer restored from it; returns it as the Trainer takes it."""
+    resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+    folder = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+    trainer._rng_checkpoint = folder  # restored once, before the first resumed step samples (see the trainer)
+    state = read_state(folder) if folder is not None else None
+    if state is not None:
+        restore_distill_state(trainer, state)
+    trainer.rollout_buffer.restore(folder, trainer.accelerator, trainer.teacher.output_heads)
+    return resume_from_checkpoint
+
+
 def is_whole(folder: str) -> bool:
     """Both state files parse and the weights are there (see the module docstring)."""
     return (

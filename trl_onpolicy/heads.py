@@ -160,16 +160,17 @@ def frozen_head(model) -> LinearHead:
     module = model.get_output_embeddings()
     config = model.config.get_text_config()
     multiplier, cap = logit_multiplier(config), getattr(config, "final_logit_softcapping", None)
-    params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
-    if any(hasattr(p, "ds_id") for p in params) or (DTensor is not None and isinstance(params[0], DTensor)):
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    params = [p for p in (weight, bias) if isinstance(p, torch.Tensor)]
+    if any(hasattr(p, "ds_id") for p in params) or (DTensor is not None and isinstance(weight, DTensor)):
         if not is_fsdp_module_of(module, torch.nn.Linear):
             raise ValueError(
                 f"The teacher's output head is a sharded {type(module).__name__}, which the loss cannot gather; a "
                 "sharded teacher needs a plain linear head. Serve the teacher instead (`trl-onpolicy serve-teacher`)."
             )
         weight, bias = _gathered_copies(params)
-    elif is_fsdp_module_of(module, torch.nn.Linear) and not hasattr(module, "_hf_hook") and _plain(module.weight):
-        weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    elif is_fsdp_module_of(module, torch.nn.Linear) and not hasattr(module, "_hf_hook") and _plain(weight):
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
     else:
         weight, bias = dense_weights(module, config.hidden_size)
     return LinearHead(weight, bias, multiplier, precision.matmul_dtype(weight.dtype), cap)

@@ -57,13 +57,26 @@ class StepStatistics:
         return per_teacher_metrics(names, total)
 
 
-def log_losses(metrics: dict[str, list[float]], total: dict[str, float], hidden_matching: bool) -> None:
-    """The step's per-token divergence, student entropy and (with hidden-state matching) hidden-state distance."""
-    tokens = max(total["local_tokens"], 1.0)
-    metrics["divergence"].append(total["divergence"] / tokens)
-    metrics["student_entropy"].append(total["student_entropy"] / tokens)
+def log_update(metrics: dict[str, list[float]], total: dict[str, float], extra: dict[str, float], *,
+               hidden_matching: bool, teacher_entropy: float | None, seconds: float, tokens: float,
+               nonfinite_total: int) -> None:  # fmt: skip
+    """
+    The step's update metrics: per-token divergence and student entropy, hidden-state distance (with hidden-state
+    matching), `extra` (per-teacher, importance-sampling), the teacher's entropy, the update's seconds (the step's
+    minus generation and teacher, logged by [`log_rollouts`]), completion tokens per second, skipped steps so far.
+    """
+    per_token = max(total["local_tokens"], 1.0)
+    metrics["divergence"].append(total["divergence"] / per_token)
+    metrics["student_entropy"].append(total["student_entropy"] / per_token)
     if hidden_matching:
-        metrics["hidden_state_distance"].append(total["hidden_distance"] / tokens)
+        metrics["hidden_state_distance"].append(total["hidden_distance"] / per_token)
+    for key, value in extra.items():
+        metrics[key].append(value)
+    if teacher_entropy is not None:
+        metrics["teacher_entropy"].append(teacher_entropy)
+    metrics["time/update"].append(seconds - metrics["time/generation"][-1] - metrics["time/teacher"][-1])
+    metrics["tokens_per_second"].append(tokens / max(seconds, 1e-9))
+    metrics["nonfinite_skipped"] = [float(nonfinite_total)]
 
 
 def log_rollouts(metrics: dict[str, list[float]], stats: dict[str, float], seconds: tuple[float, float],

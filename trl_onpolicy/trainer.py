@@ -39,12 +39,12 @@ from .callback_handler import DistillCallbackHandler, round_ends
 from .config import OnPolicyDistillConfig
 from .importance_sampling import ImportanceSamplingStats
 from .nonfinite import NonfiniteGuard, deepspeed_skipped
-from .prompts import check_columns, prepare_dataset
+from .prompts import check_columns
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollouts import Rollouts, build_generation_config
 from .samplers import GenerateSampler, TeacherSampler
 from .step_batch import StepBatch
-from .step_metrics import StepStatistics, log_losses, log_rollouts
+from .step_metrics import StepStatistics, log_rollouts, log_update
 from .student_loss import StudentLoss
 from .teachers import EnsembleTeacher, build_teacher, check_cached_rows
 from .temperature import LossTemperature
@@ -199,15 +199,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return OnPolicyDistillConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if formatting_func is not None:
-            raise ValueError(
-                "`formatting_func` is not supported: on-policy distillation needs the prompt separate from the "
-                "completion. Map your dataset to `prompt`/`completion` (or `messages`) columns instead."
-            )
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        return prepare_dataset(
-            dataset, tokenizer, args.max_prompt_length, args.max_completion_length, dataset_name, args.dataset_num_proc
-        )
+        return trainer_setup.prepare(dataset, processing_class, args, formatting_func, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -340,19 +332,12 @@ class OnPolicyDistillTrainer(SFTTrainer):
                                           self.loss_temperature.value, self.args.output_dir)  # fmt: skip
         if total["teacher_entropy_tokens"] > 0:
             self._last_teacher_entropy = total["teacher_entropy"] / total["teacher_entropy_tokens"]
-        metrics = self._metrics["train"]
-        log_losses(metrics, total, bool(self.hidden_pairs))
         names = getattr(self.teacher, "names", None)
-        for key, value in (self.step_stats.per_teacher_metrics(self.accelerator, names) if names else {}).items():
-            metrics[key].append(value)
-        for key, value in (self._importance.pop(self.accelerator) if self._importance is not None else {}).items():
-            metrics[key].append(value)
-        if self._last_teacher_entropy is not None:
-            metrics["teacher_entropy"].append(self._last_teacher_entropy)
-        seconds = time.perf_counter() - self._step_start
-        metrics["time/update"].append(seconds - metrics["time/generation"][-1] - metrics["time/teacher"][-1])
-        metrics["tokens_per_second"].append(self.step_stats.tokens / max(seconds, 1e-9))
-        metrics["nonfinite_skipped"] = [float(self.nonfinite.total)]
+        extra = self.step_stats.per_teacher_metrics(self.accelerator, names) if names else {}
+        extra.update(self._importance.pop(self.accelerator) if self._importance is not None else {})
+        log_update(self._metrics["train"], total, extra, hidden_matching=bool(self.hidden_pairs),
+                   teacher_entropy=self._last_teacher_entropy, seconds=time.perf_counter() - self._step_start,
+                   tokens=self.step_stats.tokens, nonfinite_total=self.nonfinite.total)  # fmt: skip
         if self._scored is not None and self._scored[1]:
             rollouts, logps = self._scored
             student, teacher = (torch.cat(column) for column in zip(*logps))  # (N,) each
@@ -436,13 +421,5 @@ class OnPolicyDistillTrainer(SFTTrainer):
         the last *whole* checkpoint (one a killed process left half-written is skipped; see
         [`~trl_onpolicy.checkpoints.resolve_resume_from_checkpoint`]) and restores the distillation state and rollout
         buffer with it."""
-        resume_from_checkpoint = checkpoints.resolve_resume_from_checkpoint(
-            resume_from_checkpoint, self.args.output_dir
-        )
-        self._rng_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
-        if isinstance(resume_from_checkpoint, str):
-            state = checkpoints.read_state(resume_from_checkpoint)
-            if state is not None:
-                checkpoints.restore_distill_state(self, state)
-        self.rollout_buffer.restore(self._rng_checkpoint, self.accelerator, self.teacher.output_heads)
+        resume_from_checkpoint = checkpoints.prepare_resume(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)

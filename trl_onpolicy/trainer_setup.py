@@ -9,6 +9,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from . import precision
+from .prompts import prepare_dataset
 from .teachers import LocalTeacher, load_teacher_model, local_models, micro_batch_rows
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,20 @@ def ensure_pad_token(processing_class, model, args):
         logger.warning("The tokenizer has no pad token: using its eos token %r for padding.", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return processing_class
+
+
+def prepare(dataset, processing_class, args, formatting_func, dataset_name):
+    """A dataset tokenized into prompt and completion ids (the trainer's `_prepare_dataset`); `formatting_func` is
+    refused (the prompt must stay separate from the completion)."""
+    if formatting_func is not None:
+        raise ValueError(
+            "`formatting_func` is not supported: on-policy distillation needs the prompt separate from the "
+            "completion. Map your dataset to `prompt`/`completion` (or `messages`) columns instead."
+        )
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return prepare_dataset(
+        dataset, tokenizer, args.max_prompt_length, args.max_completion_length, dataset_name, args.dataset_num_proc
+    )
 
 
 def check_completion_sources(args, dataset, prepared) -> None:
