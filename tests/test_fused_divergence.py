@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tiny_models as tm
-from test_trainer_chunked_loss import PeakLiveBytes
+from test_loss import PeakLiveBytes
 from trl_onpolicy import OnPolicyDistillConfig
 from trl_onpolicy import loss as loss_module
 from trl_onpolicy.fused_divergence import tiled_divergence

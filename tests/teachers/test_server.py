@@ -37,7 +37,7 @@ from trl_onpolicy.teachers.local import LocalTeacher
 from trl_onpolicy.teachers.server import ServerTeacher, TeacherServerError
 from trl_onpolicy.toy.tokenizer import CHARS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY_ENV = "TRL_ONPOLICY_TEST_TEACHER_KEY"
 FAST = {"timeout": 5.0, "max_retries": 3, "backoff": 0.01}  # client settings that keep the fault tests short
 
