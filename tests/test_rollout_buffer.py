@@ -1,7 +1,8 @@
 """`num_iterations`: one batch of rollouts and teacher scores trains several optimizer steps (`rollout_buffer.py`).
 
 Tiny CPU models (see `tiny_models.py`). Each test counts what was generated and scored, compares what was trained on,
-pins `sampled_reverse_kl`'s importance weight against a naive reference, or resumes mid-cycle.
+pins `sampled_reverse_kl`'s importance weight against a naive reference, or resumes mid-cycle; and `split` / `trim`
+cut a step's batch into micro-batches, each to its own lengths.
 """
 
 import copy
@@ -13,8 +14,9 @@ import tiny_models as tm
 import torch
 
 from trl_onpolicy import DistillCallback, OnPolicyDistillConfig
-from trl_onpolicy.divergences import sampled_reverse_kl
-from trl_onpolicy.rollout_buffer import buffer_file
+from trl_onpolicy.rollout_buffer import buffer_file, split, trim
+from trl_onpolicy.rollouts import Rollouts, collate
+from trl_onpolicy.teachers.base import TeacherScores
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -135,26 +137,6 @@ def test_num_iterations_1_is_the_default_and_keeps_nothing(tmp_path, loss_type):
 
 
 # ------------------------------------------------------------------------------------------ importance weight
-def test_importance_weight_formula():
-    """The divergence alone: ratio 1 (bit for bit) when the behaviour policy is the current student; otherwise the
-    value and gradient of ratio * (log q - log p) with the ratio's gradient, written from the definition."""
-    torch.manual_seed(0)
-    log_q = torch.log_softmax(torch.randn(7, 5), -1)[:, 0].requires_grad_()  # (N,)
-    log_p = torch.log_softmax(torch.randn(7, 5), -1)[:, 0]  # (N,)
-    plain = sampled_reverse_kl(log_q, log_p)  # (N,)
-    (g_plain,) = torch.autograd.grad(plain.sum(), log_q)
-    same = sampled_reverse_kl(log_q, log_p, behaviour_token_logps=log_q.detach())  # (N,)
-    (g_same,) = torch.autograd.grad(same.sum(), log_q)
-    assert torch.equal(same, plain) and torch.equal(g_same, g_plain)
-
-    log_q_old = log_q.detach() + 0.3 * torch.randn(7)  # (N,) an older student
-    loss = sampled_reverse_kl(log_q, log_p, behaviour_token_logps=log_q_old)  # (N,)
-    (grad,) = torch.autograd.grad(loss.sum(), log_q)
-    ratio = torch.exp(log_q.detach() - log_q_old)  # (N,)
-    torch.testing.assert_close(loss.detach(), ratio * (log_q.detach() - log_p))
-    torch.testing.assert_close(grad, ratio * (log_q.detach() - log_p))  # d/d log q of ratio * stopgrad(KL term)
-
-
 class Snapshots(DistillCallback):
     """The student's weights before each step, its gradients right before each optimizer step, the rollouts, and the
     buffer's stored log-probs. (A deep copy of the model in training would keep the Trainer's patched `forward`,
@@ -270,3 +252,34 @@ def test_resume_without_the_buffer_would_differ(tmp_path):
     resumed, resumed_weights = _run(tmp_path / "resumed", "jsd", resume=str(checkpoint))
     assert resumed[3] != pytest.approx(straight[3], rel=1e-6)  # step 3 sampled a fresh batch
     assert any(not torch.allclose(resumed_weights[k], v) for k, v in weights.items())
+
+
+# ------------------------------------------------------------------------------------------ micro-batches
+# five rollouts whose prompt and completion lengths differ, so that every group of two has its own longest of each
+PROMPTS = [[5, 6, 7], [8] * 9, [9, 10], [11] * 6, [12]]
+COMPLETIONS = [[13, 14], [15], [16] * 7, [17, 18, 19], [20] * 4]
+
+
+def batch(tok):
+    return collate(Rollouts(PROMPTS, COMPLETIONS, "dataset"), tok.pad_token_id)
+
+
+def test_trim_cuts_a_micro_batch_to_its_own_lengths():
+    tok = tm.tokenizer()
+    inputs = batch(tok)  # (5, 9 + 7)
+    n = inputs["completion_ids"].shape[1]
+    inputs["teacher"] = TeacherScores(1.0, token_logps=torch.arange(5 * n, dtype=torch.float32).view(5, n))
+    inputs["reference"] = torch.randn(5, n)
+    micro, ranges = split(inputs, 2)
+    assert ranges == [(0, 2), (2, 5)]
+    for part, (lo, hi) in zip(micro, ranges):
+        p = max(len(PROMPTS[i]) for i in range(lo, hi))
+        c = max(len(COMPLETIONS[i]) for i in range(lo, hi))
+        assert part["input_ids"].shape == part["attention_mask"].shape == (hi - lo, p + c)
+        assert part["completion_ids"].shape == part["completion_mask"].shape == part["reference"].shape == (hi - lo, c)
+        assert part["teacher"].token_logps.shape == (hi - lo, c)
+        for row, i in enumerate(range(lo, hi)):  # every real token kept, in place
+            ids = part["input_ids"][row][part["attention_mask"][row].bool()].tolist()
+            assert ids == PROMPTS[i] + COMPLETIONS[i]
+        torch.testing.assert_close(part["teacher"].token_logps, inputs["teacher"].token_logps[lo:hi, :c])
+    assert trim({**micro[0]})["input_ids"].shape == micro[0]["input_ids"].shape  # trimming twice changes nothing
