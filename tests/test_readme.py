@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-from trl_onpolicy.cli import build_parser
+from trl_onpolicy.commands.cli import build_parser
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
