@@ -70,7 +70,7 @@ def free_port() -> int:
 def start_server(model_dir: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "trl_onpolicy.cli", "serve-teacher", model_dir, "--port", str(port)]
+    cmd = [sys.executable, "-m", "trl_onpolicy.commands.cli", "serve-teacher", model_dir, "--port", str(port)]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -4,7 +4,7 @@
 """
 On-policy distillation in TRL's script style: `TrlParser` over the script arguments, `OnPolicyDistillConfig` and
 `ModelConfig`, so every field is a flag and `--config recipe.yaml` sets them from a file (flags after it win).
-`trl-onpolicy distill` runs this same code (`trl_onpolicy/distill_command.py`).
+`trl-onpolicy distill` runs this same code (`trl_onpolicy/commands/distill.py`).
 
 Qwen2.5-1.5B-Instruct teaches Qwen2.5-0.5B-Instruct on GSM8K: `openai/gsm8k`'s `question`/`answer` rows become
 conversational prompts (and completions, used only when `--lmbda` < 1); the student writes its own answers and the
@@ -64,7 +64,7 @@ Any local model folder or dataset works the same way: `--model_name_or_path path
 import shlex
 import sys
 
-from trl_onpolicy.distill_command import run
+from trl_onpolicy.commands.distill import run
 
 if __name__ == "__main__":  # exit status 143 when SIGTERM stopped training (it prints the command that resumes)
     sys.exit(run(prog=shlex.join(["python", sys.argv[0]])))

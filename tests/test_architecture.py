@@ -135,7 +135,7 @@ def test_the_graph_sees_imports_at_every_level():
     edges known to be in the code today."""
     assert {"heads", "fused_divergence", "divergences", "precision"} <= imports_of("loss")
     assert "teachers.base" not in imports_of("loss")  # under `if TYPE_CHECKING:` only
-    assert "teachers.local" in imports_of("serve_teacher")  # imported inside a function
+    assert "teachers.local" in imports_of("commands.serve_teacher")  # imported inside a function
     assert {"teachers.base", "teachers.local", "heads"} <= imports_of("teachers")  # the package's __init__.py
     assert "" in imports_of("model_card")  # `from . import __version__`: the root package
 

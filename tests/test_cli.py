@@ -15,9 +15,9 @@ import pytest
 import yaml
 from tiny_assets import save_tiny_assets, train_flags
 
-from trl_onpolicy import cli
 from trl_onpolicy.checkpoints import last_whole_checkpoint
-from trl_onpolicy.distill_command import DistillScriptArguments, load_datasets
+from trl_onpolicy.commands import cli
+from trl_onpolicy.commands.distill import DistillScriptArguments, load_datasets
 from trl_onpolicy.toy.models import build_model
 from trl_onpolicy.toy.tokenizer import build_tokenizer
 
@@ -83,7 +83,8 @@ def test_help_and_version_load_no_heavy_library(argv):
     """Start-up: `--help` and `--version` (of every command but `distill`, whose flags are TRL's dataclasses) import
     neither torch nor transformers, TRL, PEFT or lm-eval (they took 6-13 s to load before anything was printed)."""
     code = (
-        "import sys\nfrom trl_onpolicy import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom trl_onpolicy.commands import cli\n"
+        "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
         "heavy = sorted({'torch', 'transformers', 'trl', 'peft', 'lm_eval', 'datasets'} & set(sys.modules))\n"
         "print('HEAVY', heavy)"
     )
@@ -93,7 +94,7 @@ def test_help_and_version_load_no_heavy_library(argv):
 
 def test_cache_teacher_flag_defaults_are_the_configs():
     from trl_onpolicy import OnPolicyDistillConfig
-    from trl_onpolicy.cache_teacher import DEFAULTS
+    from trl_onpolicy.commands.cache_teacher import DEFAULTS
 
     fields = OnPolicyDistillConfig.__dataclass_fields__
     assert DEFAULTS == {name: fields[name].default for name in DEFAULTS}
@@ -193,11 +194,11 @@ ERROR_END = "(add --debug for the traceback)"
 
 
 def _cli(args: list[str], cwd, timeout: float = 180, popen: bool = False):
-    """`python -m trl_onpolicy.cli ARGS` as a user runs it (this checkout first on the path), offline, one thread:
-    the finished process, or with `popen` the running one (output piped)."""
+    """`python -m trl_onpolicy.commands.cli ARGS` as a user runs it (this checkout first on the path), offline, one
+    thread: the finished process, or with `popen` the running one (output piped)."""
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    command = [sys.executable, "-m", "trl_onpolicy.cli", *args]
+    command = [sys.executable, "-m", "trl_onpolicy.commands.cli", *args]
     if popen:
         return subprocess.Popen(command, env=env, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -447,7 +448,7 @@ def test_subcommand_help_shows_each_default_once(command, flag, default, capsys)
 
 
 def test_plain_text_drops_doc_markup():
-    from trl_onpolicy.help_format import plain_text
+    from trl_onpolicy.commands.help_format import plain_text
 
     assert plain_text("hook's ([`~trl_onpolicy.eval.LmEvalCallback`]), [`trl.ModelConfig`] and `lmbda`") == (
         "hook's (LmEvalCallback), trl.ModelConfig and lmbda"

@@ -361,6 +361,26 @@ def test_sampled_reverse_kl_with_vllm_log_probs_values_and_gradients():
                        sampled_reverse_kl(student_lp, lp))  # fmt: skip
 
 
+def test_importance_weight_formula():
+    """The divergence alone: ratio 1 (bit for bit) when the behaviour policy is the current student; otherwise the
+    value and gradient of ratio * (log q - log p) with the ratio's gradient, written from the definition."""
+    torch.manual_seed(0)
+    log_q = torch.log_softmax(torch.randn(7, 5), -1)[:, 0].requires_grad_()  # (N,)
+    log_p = torch.log_softmax(torch.randn(7, 5), -1)[:, 0]  # (N,)
+    plain = sampled_reverse_kl(log_q, log_p)  # (N,)
+    (g_plain,) = torch.autograd.grad(plain.sum(), log_q)
+    same = sampled_reverse_kl(log_q, log_p, behaviour_token_logps=log_q.detach())  # (N,)
+    (g_same,) = torch.autograd.grad(same.sum(), log_q)
+    assert torch.equal(same, plain) and torch.equal(g_same, g_plain)
+
+    log_q_old = log_q.detach() + 0.3 * torch.randn(7)  # (N,) an older student
+    loss = sampled_reverse_kl(log_q, log_p, behaviour_token_logps=log_q_old)  # (N,)
+    (grad,) = torch.autograd.grad(loss.sum(), log_q)
+    ratio = torch.exp(log_q.detach() - log_q_old)  # (N,)
+    torch.testing.assert_close(loss.detach(), ratio * (log_q.detach() - log_p))
+    torch.testing.assert_close(grad, ratio * (log_q.detach() - log_p))  # d/d log q of ratio * stopgrad(KL term)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Property test
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tiny_assets import save_tiny_assets, train_flags
 
 from trl_onpolicy import LocalTeacher
-from trl_onpolicy.distill_command import make_parser
+from trl_onpolicy.commands.distill import make_parser
 from trl_onpolicy.rollouts import Rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def _train_calls(path: Path) -> list[ast.Call]:
 
 def test_every_training_example_passes_resume_from_checkpoint():
     """Each `trainer.train(...)` in examples/ passes the `--resume_from_checkpoint` flag through (on_policy_distill.py
-    runs `trl_onpolicy.distill_command`, which does; tests/test_cli.py resumes through it)."""
+    runs `trl_onpolicy.commands.distill`, which does; tests/test_cli.py resumes through it)."""
     training = {path.name: _train_calls(path) for path in EXAMPLES.glob("*.py") if _train_calls(path)}
     assert set(training) == {"distill.py", "sft_to_distill.py", "custom_callback.py", "custom_teacher.py"}
     for name, calls in training.items():

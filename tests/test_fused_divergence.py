@@ -16,12 +16,11 @@ import pytest
 import torch
 
 import tiny_models as tm
-from test_trainer_chunked_loss import PeakLiveBytes
-from trl_onpolicy import OnPolicyDistillConfig
+from test_loss import PeakLiveBytes
 from trl_onpolicy import loss as loss_module
 from trl_onpolicy.fused_divergence import tiled_divergence
-from trl_onpolicy.heads import LinearHead, linear_head, output_logits
-from trl_onpolicy.loss import default_vocab_tile, distillation_loss
+from trl_onpolicy.heads import LinearHead
+from trl_onpolicy.loss import distillation_loss
 from trl_onpolicy.teachers.base import TeacherScores
 
 
@@ -207,30 +206,7 @@ def test_no_vocabulary_wide_tensor_the_tile_sets_the_peak():
     assert peak(vocab_tile=0) > 5 * one_logits  # the whole-vocabulary path holds several (N, V) tensors
 
 
-def test_default_sizes():
-    assert default_vocab_tile(4096, "cpu") == 256
-    assert default_vocab_tile(512, "cpu") == 1024
-    assert default_vocab_tile(4096, "cuda") == 4096
-    assert default_vocab_tile(1, "cpu") == 2**19
-    with pytest.raises(ValueError, match="loss_vocab_tile"):
-        OnPolicyDistillConfig(output_dir="out", loss_vocab_tile=-1, report_to="none")
-    with pytest.raises(ValueError, match="loss_chunk_size"):
-        OnPolicyDistillConfig(output_dir="out", loss_chunk_size=0, report_to="none")
-
-
 # ------------------------------------------------------------------------------------------ models and the trainer
-def test_linear_head_is_the_models_head():
-    tok = tm.tokenizer()
-    model = tm.model(tok)
-    model.config.logit_scale = 0.25  # a logit multiplier (Cohere's name)
-    hidden = torch.randn(5, 16)
-    torch.testing.assert_close(linear_head(model)(hidden), output_logits(model, hidden))
-    assert linear_head(model).multiplier == 0.25 and linear_head(model).weight is model.lm_head.weight
-    assert not linear_head(model, detach=True).weight.requires_grad
-    model.config.final_logit_softcapping = 30.0  # not a linear map: the whole-vocabulary path
-    assert linear_head(model) is None
-
-
 @pytest.mark.parametrize(
     "loss_type, temperature, tied",
     [("jsd", 1.0, False), ("reverse_kl", 2.0, True), ("forward_kl", 2.0, False), ("skew_reverse_kl", 1.0, True)],

@@ -12,10 +12,10 @@ like the trainer's own `prompt_ids` / `completion_ids`). Each case builds the tr
 (`lmbda=0`) or the teacher (`lmbda=0, seq_kd=True`).
 
 The property: training finishes with a finite loss, or a `ValueError` / `TypeError` is raised whose message is one of the
-messages the package itself raises. Those are collected from the source of `prompts.py`, `trainer.py` and `config.py`
-(every `raise ValueError/TypeError(...)` and every config `check(..., message)`), each turned into a regex (the
-formatted parts match anything), so a new documented error needs no edit here, while a bare `IndexError`,
-a `torch.cat()` complaint from the loss or a Jinja `UndefinedError` from a chat template fails the test.
+messages the package itself raises. Those are collected from the source of `prompts.py`, `trainer.py`, `config.py`
+and `config_checks.py` (every `raise ValueError/TypeError(...)` and every config `check(..., message)`), each turned
+into a regex (the formatted parts match anything), so a new documented error needs no edit here, while a bare
+`IndexError`, a `torch.cat()` complaint from the loss or a Jinja `UndefinedError` from a chat template fails the test.
 
 Cases tried (derandomized, so CI tries the same ones every run): 60 mutated datasets of the four formats, 25 rows that
 mix formats, 15 column sets; 100 in all, about 40 s on a busy 2-core CPU. Set `TRL_ONPOLICY_FUZZ_SCALE=10` to try ten
@@ -49,7 +49,7 @@ from trl_onpolicy.toy.tokenizer import CHARS
 
 # ------------------------------------------------------------------------------------------------ the documented errors
 PACKAGE = Path(trl_onpolicy.__file__).parent
-SOURCES = ("prompts.py", "trainer.py", "config.py")
+SOURCES = ("prompts.py", "trainer.py", "trainer_setup.py", "config.py", "config_checks.py")
 FIXED_TRAINER_BUG = "torch.cat(): expected a non-empty list of Tensors"  # see the module docstring
 
 

@@ -150,7 +150,7 @@ def test_qlora_student_trains(tmp_path, tok, base_dir, lmbda, teacher, eval_befo
 
 def test_qlora_through_the_distill_command(tmp_path, tok, base_dir):
     """`--load_in_4bit --use_peft` (trl.ModelConfig) gives a 4-bit student whose adapters learn, on-policy."""
-    from trl_onpolicy.distill_command import main, make_parser
+    from trl_onpolicy.commands.distill import main, make_parser
 
     teacher_dir = tmp_path / "teacher"
     build_model(2, 64, tok, seed=1).save_pretrained(teacher_dir)

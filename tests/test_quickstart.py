@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trl_onpolicy.cli import main
-from trl_onpolicy.quickstart import LOSS_TYPES
+from trl_onpolicy.commands.cli import main
+from trl_onpolicy.commands.quickstart import LOSS_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,8 @@ def test_a_bad_option_fails_before_any_work(flags, message, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "trl_onpolicy.cli", "quickstart", "--output-dir", str(out), *flags],
-                          env=env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    command = [sys.executable, "-m", "trl_onpolicy.commands.cli", "quickstart", "--output-dir", str(out), *flags]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     seconds = time.perf_counter() - start
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == f"trl-onpolicy quickstart: error: {message}"
@@ -88,8 +88,8 @@ def test_a_quickstart_stopped_by_sigterm_does_not_look_finished(capsys):
     """SIGTERM used to end the quickstart with its report and "Saved the final student", as a finished run. Now it
     says where it stopped, writes neither, and the command exits 143 (128 + SIGTERM)."""
     from trl_onpolicy.checkpoints import SigtermCheckpoint
-    from trl_onpolicy.cli import _run
-    from trl_onpolicy.quickstart import stopped_by_sigterm
+    from trl_onpolicy.commands.cli import _run
+    from trl_onpolicy.commands.quickstart import stopped_by_sigterm
 
     stop = SigtermCheckpoint()
     stop.stopped_at = (12, 300)

@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-from trl_onpolicy.cli import build_parser
+from trl_onpolicy.commands.cli import build_parser
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_every_example_output_folder_is_ignored_by_git():
     """`toy-cpu-out/` and `custom-callback-out/` showed up as untracked files after running the examples."""
     import subprocess
 
-    sources = [*ROOT.glob("examples/*.py"), *ROOT.glob("examples/recipes/*.yaml"), *ROOT.glob("trl_onpolicy/*.py")]
+    sources = [*ROOT.glob("examples/*.py"), *ROOT.glob("examples/recipes/*.yaml"), *ROOT.glob("trl_onpolicy/**/*.py")]
     folders = {m for path in sources for m in re.findall(r"\b([a-z0-9][a-z0-9-]*-out)\b", path.read_text())}
     assert {"toy-cpu-out", "custom-callback-out", "quickstart-out", "eval-out"} <= folders
     for folder in sorted(folders):

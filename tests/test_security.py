@@ -155,7 +155,7 @@ def keyed_teacher_server(api_key: str):
     """`serve-teacher`'s app around a tiny teacher, requiring `api_key`, served by uvicorn in a thread."""
     pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
-    from trl_onpolicy.serve_teacher import create_app
+    from trl_onpolicy.commands.serve_teacher import create_app
 
     tok = tm.tokenizer()
     app = create_app(tm.model(tok, seed=1).eval(), tok, api_key=api_key)

@@ -8,18 +8,23 @@ import tiny_models as tm
 import torch
 
 from trl_onpolicy.heads import LinearHead
-from trl_onpolicy.rollouts import Rollouts
+from trl_onpolicy.rollouts import Rollouts, collate
 from trl_onpolicy.step_batch import StepBatch
 from trl_onpolicy.teachers import EnsembleTeacher, LocalTeacher
 from trl_onpolicy.teachers.base import TeacherScores
 
-PROMPTS = [[5, 6, 7], [8] * 9, [9, 10], [11] * 6]
-COMPLETIONS = [[13, 14], [15], [16] * 7, [17, 18, 19]]
+# five rollouts whose prompt and completion lengths differ, so that every group of two has its own longest of each
+PROMPTS = [[5, 6, 7], [8] * 9, [9, 10], [11] * 6, [12]]
+COMPLETIONS = [[13, 14], [15], [16] * 7, [17, 18, 19], [20] * 4]
+
+
+def batch(tok):
+    return collate(Rollouts(PROMPTS, COMPLETIONS, "dataset"), tok.pad_token_id)
 
 
 def rollouts() -> Rollouts:
     rows = [{"prompt": f"p{i}", "teacher": "a" if i % 2 else "b"} for i in range(len(PROMPTS))]
-    return Rollouts(PROMPTS, COMPLETIONS, "student", [False, False, True, False], rows)
+    return Rollouts(PROMPTS, COMPLETIONS, "student", [False, False, True, False, True], rows)
 
 
 def scored(teacher, tok, **score_kwargs) -> StepBatch:
@@ -95,7 +100,7 @@ def test_split_keeps_every_field_of_its_rows():
     batch = scored(LocalTeacher(tm.model(tok, seed=1)), tok, need="token")
     batch.behaviour_logps = torch.randn(batch.completion_ids.shape)
     micro, ranges = batch.split(3)
-    assert ranges == [(0, 1), (1, 3), (3, 4)]
+    assert ranges == [(0, 2), (2, 3), (3, 5)]
     for part, (lo, hi) in zip(micro, ranges):
         c = part.completion_ids.shape[1]
         assert part.rows == batch.rows[lo:hi] and part.truncated == batch.truncated[lo:hi]
@@ -116,3 +121,24 @@ def test_a_mixture_is_its_members_and_weights():
     parts = [full_log_probs(m, mask) for m in scores.members]
     expected = torch.logsumexp(torch.stack([p + torch.tensor(0.5).log() for p in parts]), 0)  # (N, V)
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_trim_cuts_a_micro_batch_to_its_own_lengths():
+    tok = tm.tokenizer()
+    inputs = batch(tok)  # (5, 9 + 7)
+    n = inputs["completion_ids"].shape[1]
+    inputs = StepBatch(**inputs, reference_logps=torch.randn(5, n),
+                       teacher=TeacherScores(1.0, token_logps=torch.arange(5 * n, dtype=torch.float32).view(5, n)))
+    micro, ranges = inputs.split(2)
+    assert ranges == [(0, 2), (2, 5)]
+    for part, (lo, hi) in zip(micro, ranges):
+        p = max(len(PROMPTS[i]) for i in range(lo, hi))
+        c = max(len(COMPLETIONS[i]) for i in range(lo, hi))
+        assert part.input_ids.shape == part.attention_mask.shape == (hi - lo, p + c)
+        assert part.completion_ids.shape == part.completion_mask.shape == part.reference_logps.shape == (hi - lo, c)
+        assert part.teacher.token_logps.shape == (hi - lo, c)
+        for row, i in enumerate(range(lo, hi)):  # every real token kept, in place
+            ids = part.input_ids[row][part.attention_mask[row].bool()].tolist()
+            assert ids == PROMPTS[i] + COMPLETIONS[i]
+        torch.testing.assert_close(part.teacher.token_logps, inputs.teacher.token_logps[lo:hi, :c])
+    assert micro[0].trim().input_ids.shape == micro[0].input_ids.shape  # trimming twice changes nothing

@@ -265,38 +265,6 @@ def test_rounds_fire_and_checkpoint(tmp_path):
         assert (tmp_path / name / "model.safetensors").is_file()
 
 
-def test_completions_logger(tmp_path):
-    import json
-
-    from trl_onpolicy import CompletionsLogger
-
-    tok = tm.tokenizer()
-    student, teacher = tm.model(tok, seed=0), tm.model(tok, seed=1)
-    initial_student = copy.deepcopy(student)
-    tr = tm.trainer(tmp_path, student, teacher, tok, callbacks=[CompletionsLogger()], lmbda=0.0, max_steps=2)
-    tr.train()
-    lines = (tmp_path / "completions.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert len(records) == 4  # 2 steps x batch 2
-    assert [r["step"] for r in records] == [1, 1, 2, 2]
-    for r in records:
-        assert {"prompt", "completion", "student_mean_logp", "teacher_mean_logp"} <= r.keys()
-        index = tm.PROMPTS.index(r["prompt"])
-        assert r["completion"] == tm.COMPLETIONS[index]
-        ids = tok(r["prompt"] + r["completion"])["input_ids"] + [tok.eos_token_id]
-        n_prompt = len(tok(r["prompt"])["input_ids"])
-
-        def mean_logp(model, ids=ids, n_prompt=n_prompt):  # mean log-prob of the completion tokens, naively
-            with torch.no_grad():
-                logps = torch.log_softmax(model(torch.tensor([ids])).logits[0, n_prompt - 1 : -1].double(), -1)
-            return logps.gather(-1, torch.tensor(ids[n_prompt:])[:, None]).mean().item()
-
-        assert r["teacher_mean_logp"] == pytest.approx(mean_logp(teacher), rel=1e-5)  # the teacher never changes
-        if r["step"] == 1:  # scored before the first update
-            assert r["student_mean_logp"] == pytest.approx(mean_logp(initial_student), rel=1e-5)
-        assert r["student_mean_logp"] != r["teacher_mean_logp"]
-
-
 def test_metrics_are_logged(tmp_path):
     tr = tm.trainer(tmp_path, lmbda=1.0)
     tr.train()
@@ -408,27 +376,6 @@ def test_round_end_evaluation_keeps_the_steps_training_row(tmp_path):
     tr.train()
     assert [h["step"] for h in tm.step_logs(tr)] == [1, 2, 3, 4]
     assert [h["eval/toy/score"] for h in tr.state.log_history if "eval/toy/score" in h] == [1.0, 2.0]
-
-
-@pytest.mark.parametrize("top_k, most", [(0, None), (5, 5)])
-def test_rollouts_sample_from_the_whole_distribution_unless_top_k_is_set(tmp_path, top_k, most):
-    """`top_k=0` means no top-k: the model's own generation default (transformers: 50) must not apply."""
-    from trl_onpolicy.rollouts import build_generation_config, sample
-
-    tok = tm.tokenizer()
-    model = tm.model(tok, vocab_size=128)
-    model.generation_config.top_k = 50  # what `from_pretrained` gives most checkpoints
-    with torch.no_grad():
-        model.lm_head.weight.mul_(1e-3)  # a nearly uniform next-token distribution over 128 ids, without ties
-    config = build_generation_config(tm.config(tmp_path, top_k=top_k), tok, max_new_tokens=1)
-    config.eos_token_id = None  # keep every sampled id
-    torch.manual_seed(0)
-    completions, _ = sample(model, [[5, 6]] * 600, config)
-    distinct = len({c[0] for c in completions if c})  # (a sampled pad id is trimmed as padding)
-    if most is None:
-        assert distinct > 100  # ~128 expected; 50 at most if a hidden top-k applied
-    else:
-        assert distinct <= most
 
 
 def test_no_gradient_checkpointing_future_warning_at_checkpoint_saves(tmp_path):

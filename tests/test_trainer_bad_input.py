@@ -200,20 +200,3 @@ def test_an_sft_config_is_converted_with_its_tokens_and_settings(tmp_path, caplo
     assert (tr.args.learning_rate, tr.args.max_length, tr.args.loss_type) == (3e-4, 512, "jsd")
     tr.train()
     assert tr.state.global_step == 1 and math.isfinite(tr.state.log_history[-1]["train_loss"])
-
-
-@pytest.mark.parametrize(
-    "attributes, factor",
-    [({}, 1.0), ({"logit_scale": 0.5}, 0.5), ({"output_multiplier": 2.0}, 2.0), ({"lm_head_multiplier": 3.0}, 3.0),
-     ({"logits_scaling": 4.0}, 0.25), ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, 4.0)],
-)  # fmt: skip
-def test_output_logits_apply_each_architectures_multiplier(attributes, factor):
-    from trl_onpolicy.heads import output_logits
-
-    tok = tm.tokenizer()
-    model = tm.model(tok)
-    hidden = torch.randn(3, 16)
-    plain = model.lm_head(hidden)
-    for name, value in attributes.items():
-        setattr(model.config, name, value)
-    torch.testing.assert_close(output_logits(model, hidden), plain * factor)

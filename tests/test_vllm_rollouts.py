@@ -424,16 +424,3 @@ def test_sampling_settings_the_weight_also_measures_are_named(tmp_path, engine_c
     with caplog.at_level(logging.WARNING, logger="trl_onpolicy.vllm_rollouts"):
         VLLMSampler(stub_trainer(tmp_path, loss_type="jsd", temperature=0.7))  # no weight: nothing to say
     assert caplog.text == ""
-
-
-def test_sampling_logps_must_match_the_completions(tmp_path):
-    from trl_onpolicy import Rollouts
-
-    rollouts = Rollouts([[1], [2]], [[3, 4], [5]], "student", sampling_logps=[[-1.0, -2.0], [-3.0]])
-    assert rollouts.select([1]).sampling_logps == [[-3.0]]
-    tail = ("A callback that edits completions must edit `sampling_logps` alike (NaN for a token the sampler did not "
-            "draw) or set them to `None` (no importance-sampling correction).")  # fmt: skip
-    for logps, where in (([[-1.0], [-3.0]], "completions [0]"), ([[-1.0, -2.0]], "1 rows for 2 completions")):
-        message = f"`sampling_logps` must hold one log-prob per completion token, got {where}. {tail}"
-        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-            Rollouts([[1], [2]], [[3, 4], [5]], "student", sampling_logps=logps)

@@ -1,24 +1,19 @@
-"""`OnPolicyDistillConfig`: the settings of on-policy distillation, on top of everything `trl.SFTConfig` holds."""
+"""`OnPolicyDistillConfig`: the settings of on-policy distillation, on top of everything `trl.SFTConfig` holds.
+
+Their checks are in `config_checks.py`; what the config shares with `SFTConfig` (`loss_type`) in `config_sft.py`."""
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from transformers import TrainingArguments
 from trl import SFTConfig
 
+from . import config_sft
+from .config_checks import LOSS_TYPES, check_config
 from .temperature import SCHEDULES
-from .vllm_rollouts import check_sampling_kwargs
-
-logger = logging.getLogger(__name__)
-
-MIXTURES = ("route", "weighted", "confidence")
-LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
 
 
 @dataclass
@@ -373,16 +368,7 @@ class OnPolicyDistillConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        on_cuda = torch.cuda.is_available() and not self.use_cpu
-        if self.bf16 is None:
-            self.bf16 = bool(on_cuda and torch.cuda.is_bf16_supported()) and not self.fp16
-        # TRL's default on GPUs; on a CPU it only costs time. Older transformers (5.17, the GPU machines' image) have
-        # only `gradient_checkpointing`, not its newer name.
-        name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else "gradient_checkpointing"
-        if getattr(self, name) is None and self.gradient_checkpointing is None:
-            setattr(self, name, on_cuda)
-        if self.ddp_find_unused_parameters is None:
-            self.ddp_find_unused_parameters = False  # every trainable weight is used each step: skip DDP's extra pass
+        config_sft.set_device_defaults(self)
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         for name in ("teacher_model_name_or_path", "teacher_weights", "generation_kwargs", "vllm_generation_kwargs"):
@@ -390,147 +376,22 @@ class OnPolicyDistillConfig(SFTConfig):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
                 setattr(self, name, json.loads(value))
-        # SFTConfig validates its own `loss_type` ("nll"/"dft"); ours names a divergence and is checked below.
-        loss_type, self.loss_type = self.loss_type, "nll"
-        super().__post_init__()
-        self.loss_type = loss_type
+        with self.sft_loss_type():  # SFTConfig validates its own `loss_type` ("nll"/"dft"); ours is checked below
+            super().__post_init__()
         if self.temperature_end is None:
             self.temperature_end = self.temperature_start
-        self._validate()
+        check_config(self)
 
-    def _validate(self):
-        def check(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
+    def sft_loss_type(self):
+        """Context manager: inside it, `loss_type` is SFT's own `"nll"`, for the SFT code that reads it; ours is
+        restored on leaving, even by an exception (see [`~trl_onpolicy.config_sft.sft_loss_type`])."""
+        return config_sft.sft_loss_type(self)
 
-        check(self.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
-        check(
-            0.0 <= self.beta <= 1.0, f"`beta` must be in [0.0, 1.0] (0 = forward KL, 1 = reverse KL), got {self.beta}."
-        )
-        check(0.0 <= self.lmbda <= 1.0, f"`lmbda` must be a probability in [0.0, 1.0], got {self.lmbda}.")
-        check(0.0 <= self.skew_alpha < 1.0, f"`skew_alpha` must be in [0.0, 1.0), got {self.skew_alpha}.")
-        check(self.temperature > 0.0, f"`temperature` (sampling) must be > 0, got {self.temperature}.")
-        check(0.0 < self.top_p <= 1.0, f"`top_p` must be in (0.0, 1.0], got {self.top_p}.")
-        check(self.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {self.top_k}.")
-        check(
-            self.vllm_mode in ("colocate", "server"),
-            f"`vllm_mode` must be 'colocate' or 'server', got {self.vllm_mode!r}.",
-        )
-        check(self.num_generations >= 1, f"`num_generations` must be >= 1, got {self.num_generations}.")
-        self._validate_vllm_sampling()
-        check(
-            isinstance(self.num_iterations, int) and self.num_iterations >= 1,
-            f"`num_iterations` must be an integer >= 1 (1 = fresh rollouts every optimizer step), got "
-            f"{self.num_iterations!r}.",
-        )
-        check(
-            self.max_completion_length >= 1, f"`max_completion_length` must be >= 1, got {self.max_completion_length}."
-        )
-        check(
-            self.teacher_top_k is None or self.teacher_top_k >= 1,
-            f"`teacher_top_k` must be None (full vocabulary) or >= 1, got {self.teacher_top_k}.",
-        )
-        check(
-            self.loss_chunk_size is None or self.loss_chunk_size >= 1,
-            f"`loss_chunk_size` must be None (automatic) or >= 1, got {self.loss_chunk_size}.",
-        )
-        check(
-            self.loss_vocab_tile is None or self.loss_vocab_tile >= 0,
-            f"`loss_vocab_tile` must be None (automatic), 0 (no tiles) or >= 1, got {self.loss_vocab_tile}.",
-        )
-        check(self.num_rounds >= 1, f"`num_rounds` must be >= 1, got {self.num_rounds}.")
-        check(self.max_nonfinite_steps >= 1, f"`max_nonfinite_steps` must be >= 1, got {self.max_nonfinite_steps}.")
-        check(
-            self.loss_temperature_schedule in SCHEDULES,
-            f"`loss_temperature_schedule` must be one of {SCHEDULES}, got {self.loss_temperature_schedule!r}.",
-        )
-        check(
-            self.temperature_start > 0 and self.temperature_end > 0,
-            "Loss temperatures must be > 0, got "
-            f"`temperature_start`={self.temperature_start} and `temperature_end`={self.temperature_end}.",
-        )
-        check(
-            self.loss_temperature_schedule != "adaptive" or (self.target_teacher_entropy or 0) > 0,
-            "`loss_temperature_schedule='adaptive'` needs `target_teacher_entropy` > 0 (nats per token), got "
-            f"{self.target_teacher_entropy}.",
-        )
-        check(
-            self.loss_temperature_schedule != "adaptive" or self.loss_type != "sampled_reverse_kl",
-            "`loss_temperature_schedule='adaptive'` steers by the teacher's entropy, which `loss_type="
-            "'sampled_reverse_kl'` never measures (the teacher scores only the sampled tokens): use a fixed schedule "
-            "or another loss.",
-        )
-        check(
-            self.max_length is None or self.max_length > self.max_completion_length,
-            f"`max_length` ({self.max_length}) must exceed `max_completion_length` ({self.max_completion_length}): "
-            "the prompt gets `max_length - max_completion_length` tokens.",
-        )
-        check(
-            not (self.fp16 and self.device.type == "cpu"),
-            "`fp16=True` needs a GPU: on a CPU accelerate has no float16 mixed precision and would quietly train in "
-            "float32. Set `bf16=True` (bfloat16 autocast runs on CPUs) or `fp16=False`.",
-        )
-        check(
-            not (self.packing or self.padding_free),
-            "`packing` and `padding_free` do not apply to on-policy distillation: completions are generated per step. "
-            "Set `packing=False` and `padding_free=False`.",
-        )
-
-        self._validate_teachers()
-
-    def _validate_vllm_sampling(self):
-        clip = self.vllm_importance_sampling_clip_max
-        if clip is not None and not clip >= 1.0:
-            raise ValueError(
-                f"`vllm_importance_sampling_clip_max` must be >= 1.0 or None (no cap), got {clip}: a cap below 1 "
-                "would down-weight the tokens vLLM and the student agree on."
-            )
-        check_sampling_kwargs(self.vllm_generation_kwargs)
-        if self.use_vllm and self.generation_kwargs and self.vllm_generation_kwargs is None:
-            logger.warning(
-                "`generation_kwargs` (%s) are transformers `GenerationConfig` fields: with `use_vllm=True` they apply "
-                "only where transformers generates (the teacher with `seq_kd`). vLLM's rollouts take "
-                "`vllm_generation_kwargs` (vLLM `SamplingParams` fields).",
-                sorted(self.generation_kwargs),
-            )
-
-    def _validate_teachers(self):
-        def check(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
-
-        check(
-            self.teacher_server_timeout > 0,
-            f"`teacher_server_timeout` must be > 0, got {self.teacher_server_timeout}.",
-        )
-        check(
-            self.teacher_server_max_retries >= 0,
-            f"`teacher_server_max_retries` must be >= 0, got {self.teacher_server_max_retries}.",
-        )
-        check(
-            self.teacher_server_batch_size >= 1 and self.teacher_server_concurrency >= 1,
-            "`teacher_server_batch_size` and `teacher_server_concurrency` must be >= 1, got "
-            f"{self.teacher_server_batch_size} and {self.teacher_server_concurrency}.",
-        )
-        check(
-            self.teacher_mixture in MIXTURES,
-            f"`teacher_mixture` must be one of {MIXTURES}, got {self.teacher_mixture!r}.",
-        )
-        if self.teacher_weights is not None:
-            check(
-                isinstance(self.teacher_weights, dict), "`teacher_weights` must be a dict of teacher name -> weight."
-            )
-            weights = list(self.teacher_weights.values())
-            check(
-                all(w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-6),
-                f"`teacher_weights` must be non-negative and sum to 1, got {self.teacher_weights} (sum "
-                f"{sum(weights):.6g}). Divide each weight by the sum.",
-            )
-        check(self.hidden_state_weight >= 0, f"`hidden_state_weight` must be >= 0, got {self.hidden_state_weight}.")
-        check(
-            self.hidden_state_distance in ("mse", "cosine"),
-            f"`hidden_state_distance` must be 'mse' or 'cosine', got {self.hidden_state_distance!r}.",
-        )
+    @classmethod
+    def from_args(cls, args, model) -> OnPolicyDistillConfig:
+        """The trainer's `args` as an `OnPolicyDistillConfig`: None, an [`~trl.SFTConfig`] or a `TrainingArguments` is
+        converted (see [`~trl_onpolicy.config_sft.from_args`])."""
+        return config_sft.from_args(cls, args, model)
 
     def __repr__(self) -> str:  # the dataclass repr would show `hub_token`; TrainingArguments' masks it
         return TrainingArguments.__str__(self)

@@ -22,7 +22,6 @@ data loader is left as SFT's and the whole step's rollouts are made at once, so 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -31,7 +30,7 @@ import time
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from . import checkpoints, hidden_states, merge, model_card, model_paths, quantized, trainer_setup
 from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generation
@@ -112,7 +111,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
-        args = self._as_config(args, model)
+        args = OnPolicyDistillConfig.from_args(args, model)
         if args.accelerator_config.dispatch_batches:
             logger.warning("`dispatch_batches` is set to False: batches are rows of text, which cannot be broadcast.")
         args.accelerator_config.dispatch_batches = False  # else an iterable eval set's rows fail in accelerate
@@ -122,8 +121,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         model_paths.check_trainer_models(model, teacher_model, args)  # a missing model path: say which, before loading
         quantized.check_student(model, peft_config, kwargs.get("quantization_config"), args.model_init_kwargs)
         processing_class = trainer_setup.ensure_pad_token(processing_class, model, args)
-        loss_type, args.loss_type = args.loss_type, "nll"  # SFTTrainer only knows "nll"/"dft"; ours is restored below
-        try:
+        with args.sft_loss_type():  # SFTTrainer only knows "nll"/"dft"; ours is restored after
             super().__init__(
                 model,
                 args=args,
@@ -136,8 +134,6 @@ class OnPolicyDistillTrainer(SFTTrainer):
                 peft_config=peft_config,
                 **kwargs,
             )
-        finally:
-            args.loss_type = loss_type
         trainer_setup.check_completion_sources(args, train_dataset, self.train_dataset)
         self._build_teacher(teacher_model, train_dataset)
         self._build_step(args)
@@ -180,24 +176,6 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.callback_handler = DistillCallbackHandler(self.callback_handler, self)
 
     # ----------------------------------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _as_config(args, model) -> OnPolicyDistillConfig:
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path or "model"
-            return OnPolicyDistillConfig(f"{name.split('/')[-1]}-OnPolicyDistill")
-        if isinstance(args, OnPolicyDistillConfig):
-            return args
-        # the fields' own values (`to_dict` masks tokens with placeholders such as "<EOS_TOKEN>")
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        if isinstance(args, SFTConfig) and values.get("loss_type") in ("nll", "dft"):
-            values.pop("loss_type")  # SFT's loss type has no meaning here; ours defaults to "jsd"
-        known = OnPolicyDistillConfig.__dataclass_fields__
-        defaults = {f.name: f.default for f in dataclasses.fields(args)}
-        dropped = sorted(k for k, v in values.items() if (k not in known or not known[k].init) and v != defaults[k])
-        if dropped:
-            logger.warning("%s settings with no counterpart here are ignored: %s.", type(args).__name__, dropped)
-        return OnPolicyDistillConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
-
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         return trainer_setup.prepare(dataset, processing_class, args, formatting_func, dataset_name)
 

@@ -76,14 +76,14 @@ def _saved_step(path: str) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """Score `args.model` (and `args.teacher`), write the report; returns the `eval.json` dict."""
-    from .model_paths import check_model_name
+    from ..model_paths import check_model_name
 
     check_model_name(args.model, "student", "MODEL")  # both before any loading
     check_model_name(args.teacher, "teacher", "--teacher")
     import torch
 
-    from .eval import LmEvalCallback
-    from .reports import format_table, write_report
+    from ..eval import LmEvalCallback
+    from ..reports import format_table, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -321,7 +321,7 @@ def test_score_refuses_temperature_top_k_hidden_states_and_unknown_rows(tmp_path
 
 # ------------------------------------------------------------------------------------------ command line
 def test_cache_teacher_command_builds_what_the_function_builds(tmp_path, capsys):
-    from trl_onpolicy.cli import main
+    from trl_onpolicy.commands.cli import main
 
     tok = tm.tokenizer()
     teacher = tm.model(tok, seed=1)

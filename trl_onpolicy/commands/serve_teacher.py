@@ -32,7 +32,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch, transformers and the teacher are imported when a server starts, not for `--help`
-    from .teachers.local import LocalTeacher
+    from ..teachers.local import LocalTeacher
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, local request models included.
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise SystemExit("`serve-teacher` needs FastAPI and uvicorn: pip install 'trl-onpolicy[serve]'") from None
-    from .model_paths import check_model_name
+    from ..model_paths import check_model_name
 
     check_model_name(args.model, "teacher", "MODEL")  # before "Serving ...": a missing model is not a server
     import torch
@@ -121,7 +121,7 @@ def score_sequences(teacher: "LocalTeacher", sequences: list[list[int]], k: int,
     """
     import torch
 
-    from .rollouts import Rollouts, collate
+    from ..rollouts import Rollouts, collate
 
     device = next(teacher.model.parameters()).device
     rollouts = Rollouts([s[:1] for s in sequences], [s[1:] + [0] for s in sequences], source="dataset")
@@ -258,7 +258,7 @@ def create_app(
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
-    from .teachers.local import LocalTeacher
+    from ..teachers.local import LocalTeacher
 
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"`logprobs_mode` must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}.")

@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 
-from . import __version__
+from .. import __version__
 from .help_format import HelpFormatter
 
 EPILOG = """\
@@ -44,7 +44,7 @@ SUBCOMMANDS = (
     ("quickstart", "quickstart",
      "Distill the built-in tiny teacher into a student on a GSM8K-format task, scored after every round."),
     ("distill", None, DISTILL_HELP),
-    ("eval", "eval_command",
+    ("eval", "eval",
      "Score a saved student with lm-eval tasks (toy_gsm8k, gsm8k, mmlu, ...) and write a report."),
     ("serve-teacher", "serve_teacher",
      "Serve a local teacher model over HTTP with vLLM's prompt log-prob API (FastAPI + uvicorn)."),
@@ -78,7 +78,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # trl_onpolicy/, not commands/
 USER_ERROR_TYPES = (ImportError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
 
 
@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("TRL_ONPOLICY_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] == "distill":  # TrlParser: `--config` plus flag overrides, and its own `--help`
-        from . import distill_command
+        from . import distill
 
-        return _run("distill", lambda: distill_command.run(argv[1:]), debug)
+        return _run("distill", lambda: distill.run(argv[1:]), debug)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is None or not hasattr(args, "func"):

@@ -4,7 +4,7 @@
 in which the distillation options came after ~600 lines of generic `TrainingArguments`. [`DistillParser`] prints, in
 this order, the data, the distillation options (the fields [`OnPolicyDistillConfig`] adds to `SFTConfig`), the
 student model's main options and the common training options; `--help-all` adds every other Trainer, SFT and
-`ModelConfig` option. Help strings are plain text with one default each ([`~trl_onpolicy.help_format`]).
+`ModelConfig` option. Help strings are plain text with one default each ([`~trl_onpolicy.commands.help_format`]).
 
 An unknown field, in the YAML recipe or on the command line, is an error that names the closest known field (`lmdba`:
 "did you mean `lmbda`?") instead of TRL's "add them to the dataclass".

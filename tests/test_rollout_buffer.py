@@ -1,7 +1,8 @@
 """`num_iterations`: one batch of rollouts and teacher scores trains several optimizer steps (`rollout_buffer.py`).
 
 Tiny CPU models (see `tiny_models.py`). Each test counts what was generated and scored, compares what was trained on,
-pins `sampled_reverse_kl`'s importance weight against a naive reference, or resumes mid-cycle.
+pins `sampled_reverse_kl`'s importance weight against a naive reference, or resumes mid-cycle; and `split` / `trim`
+cut a step's batch into micro-batches, each to its own lengths.
 """
 
 import copy
@@ -13,7 +14,6 @@ import tiny_models as tm
 import torch
 
 from trl_onpolicy import DistillCallback, OnPolicyDistillConfig
-from trl_onpolicy.divergences import sampled_reverse_kl
 from trl_onpolicy.rollout_buffer import buffer_file
 
 
@@ -135,26 +135,6 @@ def test_num_iterations_1_is_the_default_and_keeps_nothing(tmp_path, loss_type):
 
 
 # ------------------------------------------------------------------------------------------ importance weight
-def test_importance_weight_formula():
-    """The divergence alone: ratio 1 (bit for bit) when the behaviour policy is the current student; otherwise the
-    value and gradient of ratio * (log q - log p) with the ratio's gradient, written from the definition."""
-    torch.manual_seed(0)
-    log_q = torch.log_softmax(torch.randn(7, 5), -1)[:, 0].requires_grad_()  # (N,)
-    log_p = torch.log_softmax(torch.randn(7, 5), -1)[:, 0]  # (N,)
-    plain = sampled_reverse_kl(log_q, log_p)  # (N,)
-    (g_plain,) = torch.autograd.grad(plain.sum(), log_q)
-    same = sampled_reverse_kl(log_q, log_p, behaviour_token_logps=log_q.detach())  # (N,)
-    (g_same,) = torch.autograd.grad(same.sum(), log_q)
-    assert torch.equal(same, plain) and torch.equal(g_same, g_plain)
-
-    log_q_old = log_q.detach() + 0.3 * torch.randn(7)  # (N,) an older student
-    loss = sampled_reverse_kl(log_q, log_p, behaviour_token_logps=log_q_old)  # (N,)
-    (grad,) = torch.autograd.grad(loss.sum(), log_q)
-    ratio = torch.exp(log_q.detach() - log_q_old)  # (N,)
-    torch.testing.assert_close(loss.detach(), ratio * (log_q.detach() - log_p))
-    torch.testing.assert_close(grad, ratio * (log_q.detach() - log_p))  # d/d log q of ratio * stopgrad(KL term)
-
-
 class Snapshots(DistillCallback):
     """The student's weights before each step, its gradients right before each optimizer step, the rollouts, and the
     buffer's stored log-probs. (A deep copy of the model in training would keep the Trainer's patched `forward`,

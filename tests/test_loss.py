@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from trl_onpolicy.loss import distillation_loss
+from trl_onpolicy import OnPolicyDistillConfig
+from trl_onpolicy.loss import default_vocab_tile, distillation_loss
 from trl_onpolicy.teachers.base import TeacherScores
 
 
@@ -170,3 +171,14 @@ def test_without_head_parameters_chunks_run_under_checkpointing_with_the_same_re
     torch.testing.assert_close(hidden.grad, grad_fused, rtol=1e-5, atol=1e-7)
     assert float(plain.divergence) == pytest.approx(float(fused.divergence), rel=1e-6) and plain.tokens == 50
     assert len(plain.student_token_logps) == 50
+
+
+def test_default_sizes():
+    assert default_vocab_tile(4096, "cpu") == 256
+    assert default_vocab_tile(512, "cpu") == 1024
+    assert default_vocab_tile(4096, "cuda") == 4096
+    assert default_vocab_tile(1, "cpu") == 2**19
+    with pytest.raises(ValueError, match="loss_vocab_tile"):
+        OnPolicyDistillConfig(output_dir="out", loss_vocab_tile=-1, report_to="none")
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        OnPolicyDistillConfig(output_dir="out", loss_chunk_size=0, report_to="none")

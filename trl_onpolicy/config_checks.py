@@ -1,0 +1,183 @@
+"""The checks `OnPolicyDistillConfig.__post_init__` runs: one function per concern, each error naming the bad value.
+
+`check_config` runs them in order (loss, rollouts, vLLM, teachers, loss temperature, rounds, inherited SFT settings);
+the first failed check raises a `ValueError`. The allowed values of the string fields live here too (`LOSS_TYPES`,
+`MIXTURES`); the loss temperature's schedules are `temperature.SCHEDULES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from .temperature import SCHEDULES
+from .vllm_rollouts import check_sampling_kwargs
+
+logger = logging.getLogger(f"{__package__}.config")  # the config's warnings, under the config's name
+
+MIXTURES = ("route", "weighted", "confidence")
+LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise `ValueError(message)` unless `ok`."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_config(config) -> None:
+    """Every check of an `OnPolicyDistillConfig`, after `SFTConfig.__post_init__` has run."""
+    check_loss(config)
+    check_rollouts(config)
+    check_vllm(config)
+    check_teachers(config)
+    check_loss_temperature(config)
+    check_rounds(config)
+    check_sft_settings(config)
+
+
+def check_loss(config) -> None:
+    """The divergence, its parameters, its chunking, and the hidden-state term."""
+    check(config.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {config.loss_type!r}.")
+    check(
+        0.0 <= config.beta <= 1.0,
+        f"`beta` must be in [0.0, 1.0] (0 = forward KL, 1 = reverse KL), got {config.beta}.",
+    )
+    check(0.0 <= config.skew_alpha < 1.0, f"`skew_alpha` must be in [0.0, 1.0), got {config.skew_alpha}.")
+    check(
+        config.loss_chunk_size is None or config.loss_chunk_size >= 1,
+        f"`loss_chunk_size` must be None (automatic) or >= 1, got {config.loss_chunk_size}.",
+    )
+    check(
+        config.loss_vocab_tile is None or config.loss_vocab_tile >= 0,
+        f"`loss_vocab_tile` must be None (automatic), 0 (no tiles) or >= 1, got {config.loss_vocab_tile}.",
+    )
+    check(config.hidden_state_weight >= 0, f"`hidden_state_weight` must be >= 0, got {config.hidden_state_weight}.")
+    check(
+        config.hidden_state_distance in ("mse", "cosine"),
+        f"`hidden_state_distance` must be 'mse' or 'cosine', got {config.hidden_state_distance!r}.",
+    )
+
+
+def check_rollouts(config) -> None:
+    """Where completions come from, how they are sampled, how long they may be, and how often they are reused."""
+    check(0.0 <= config.lmbda <= 1.0, f"`lmbda` must be a probability in [0.0, 1.0], got {config.lmbda}.")
+    check(config.temperature > 0.0, f"`temperature` (sampling) must be > 0, got {config.temperature}.")
+    check(0.0 < config.top_p <= 1.0, f"`top_p` must be in (0.0, 1.0], got {config.top_p}.")
+    check(config.top_k >= 0, f"`top_k` must be >= 0 (0 disables it), got {config.top_k}.")
+    check(config.num_generations >= 1, f"`num_generations` must be >= 1, got {config.num_generations}.")
+    check(
+        isinstance(config.num_iterations, int) and config.num_iterations >= 1,
+        f"`num_iterations` must be an integer >= 1 (1 = fresh rollouts every optimizer step), got "
+        f"{config.num_iterations!r}.",
+    )
+    check(
+        config.max_completion_length >= 1,
+        f"`max_completion_length` must be >= 1, got {config.max_completion_length}.",
+    )
+    check(
+        config.max_length is None or config.max_length > config.max_completion_length,
+        f"`max_length` ({config.max_length}) must exceed `max_completion_length` ({config.max_completion_length}): "
+        "the prompt gets `max_length - max_completion_length` tokens.",
+    )
+
+
+def check_vllm(config) -> None:
+    """vLLM's mode, its sampling fields, and the cap of its importance weight; warns when `generation_kwargs` would be
+    mistaken for vLLM's."""
+    check(
+        config.vllm_mode in ("colocate", "server"),
+        f"`vllm_mode` must be 'colocate' or 'server', got {config.vllm_mode!r}.",
+    )
+    clip = config.vllm_importance_sampling_clip_max
+    if clip is not None and not clip >= 1.0:
+        raise ValueError(
+            f"`vllm_importance_sampling_clip_max` must be >= 1.0 or None (no cap), got {clip}: a cap below 1 "
+            "would down-weight the tokens vLLM and the student agree on."
+        )
+    check_sampling_kwargs(config.vllm_generation_kwargs)
+    if config.use_vllm and config.generation_kwargs and config.vllm_generation_kwargs is None:
+        logger.warning(
+            "`generation_kwargs` (%s) are transformers `GenerationConfig` fields: with `use_vllm=True` they apply "
+            "only where transformers generates (the teacher with `seq_kd`). vLLM's rollouts take "
+            "`vllm_generation_kwargs` (vLLM `SamplingParams` fields).",
+            sorted(config.generation_kwargs),
+        )
+
+
+def check_teachers(config) -> None:
+    """The teacher's top-k, the teacher server's client settings, and the mixture of several teachers."""
+    check(
+        config.teacher_top_k is None or config.teacher_top_k >= 1,
+        f"`teacher_top_k` must be None (full vocabulary) or >= 1, got {config.teacher_top_k}.",
+    )
+    check(
+        config.teacher_server_timeout > 0,
+        f"`teacher_server_timeout` must be > 0, got {config.teacher_server_timeout}.",
+    )
+    check(
+        config.teacher_server_max_retries >= 0,
+        f"`teacher_server_max_retries` must be >= 0, got {config.teacher_server_max_retries}.",
+    )
+    check(
+        config.teacher_server_batch_size >= 1 and config.teacher_server_concurrency >= 1,
+        "`teacher_server_batch_size` and `teacher_server_concurrency` must be >= 1, got "
+        f"{config.teacher_server_batch_size} and {config.teacher_server_concurrency}.",
+    )
+    check(
+        config.teacher_mixture in MIXTURES,
+        f"`teacher_mixture` must be one of {MIXTURES}, got {config.teacher_mixture!r}.",
+    )
+    if config.teacher_weights is not None:
+        check(isinstance(config.teacher_weights, dict), "`teacher_weights` must be a dict of teacher name -> weight.")
+        weights = list(config.teacher_weights.values())
+        check(
+            all(w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-6),
+            f"`teacher_weights` must be non-negative and sum to 1, got {config.teacher_weights} (sum "
+            f"{sum(weights):.6g}). Divide each weight by the sum.",
+        )
+
+
+def check_loss_temperature(config) -> None:
+    """The schedule of the loss temperature and what it needs (`temperature_end` is already filled in)."""
+    check(
+        config.loss_temperature_schedule in SCHEDULES,
+        f"`loss_temperature_schedule` must be one of {SCHEDULES}, got {config.loss_temperature_schedule!r}.",
+    )
+    check(
+        config.temperature_start > 0 and config.temperature_end > 0,
+        "Loss temperatures must be > 0, got "
+        f"`temperature_start`={config.temperature_start} and `temperature_end`={config.temperature_end}.",
+    )
+    adaptive = config.loss_temperature_schedule == "adaptive"
+    check(
+        not adaptive or (config.target_teacher_entropy or 0) > 0,
+        "`loss_temperature_schedule='adaptive'` needs `target_teacher_entropy` > 0 (nats per token), got "
+        f"{config.target_teacher_entropy}.",
+    )
+    check(
+        not adaptive or config.loss_type != "sampled_reverse_kl",
+        "`loss_temperature_schedule='adaptive'` steers by the teacher's entropy, which `loss_type="
+        "'sampled_reverse_kl'` never measures (the teacher scores only the sampled tokens): use a fixed schedule "
+        "or another loss.",
+    )
+
+
+def check_rounds(config) -> None:
+    """Rounds of training and the tolerance for non-finite steps."""
+    check(config.num_rounds >= 1, f"`num_rounds` must be >= 1, got {config.num_rounds}.")
+    check(config.max_nonfinite_steps >= 1, f"`max_nonfinite_steps` must be >= 1, got {config.max_nonfinite_steps}.")
+
+
+def check_sft_settings(config) -> None:
+    """Settings inherited from `SFTConfig` / `TrainingArguments` that on-policy distillation cannot honour."""
+    check(
+        not (config.fp16 and config.device.type == "cpu"),
+        "`fp16=True` needs a GPU: on a CPU accelerate has no float16 mixed precision and would quietly train in "
+        "float32. Set `bf16=True` (bfloat16 autocast runs on CPUs) or `fp16=False`.",
+    )
+    check(
+        not (config.packing or config.padding_free),
+        "`packing` and `padding_free` do not apply to on-policy distillation: completions are generated per step. "
+        "Set `packing=False` and `padding_free=False`.",
+    )
