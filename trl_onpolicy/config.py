@@ -4,7 +4,6 @@ Their checks are in `config_checks.py`; what the config shares with `SFTConfig` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +11,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 from . import config_sft
-from .config_checks import LOSS_TYPES, check_config
+from .config_checks import LOSS_TYPES, check_config, parse_text_values
 from .temperature import SCHEDULES
 
 
@@ -369,13 +368,7 @@ class OnPolicyDistillConfig(SFTConfig):
 
     def __post_init__(self):
         config_sft.set_device_defaults(self)
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = [self.stop_strings]
-        for name in ("teacher_model_name_or_path", "teacher_weights", "generation_kwargs", "vllm_generation_kwargs"):
-            # dicts arrive as JSON from the command line
-            value = getattr(self, name)
-            if isinstance(value, str) and value.lstrip().startswith("{"):
-                setattr(self, name, json.loads(value))
+        parse_text_values(self)  # lists and dicts that arrive as text from the command line
         with self.sft_loss_type():  # SFTConfig validates its own `loss_type` ("nll"/"dft"); ours is checked below
             super().__post_init__()
         if self.temperature_end is None:

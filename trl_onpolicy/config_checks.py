@@ -7,6 +7,7 @@ the first failed check raises a `ValueError`. The allowed values of the string f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -23,6 +24,17 @@ def check(ok: bool, message: str) -> None:
     """Raise `ValueError(message)` unless `ok`."""
     if not ok:
         raise ValueError(message)
+
+
+def parse_text_values(config) -> None:
+    """Values that arrive as text from the command line, made what the fields hold: one stop string -> a list, a JSON
+    object -> a dict (`teacher_model_name_or_path`, `teacher_weights`, `generation_kwargs`, `vllm_generation_kwargs`)."""
+    if isinstance(config.stop_strings, str):
+        config.stop_strings = [config.stop_strings]
+    for name in ("teacher_model_name_or_path", "teacher_weights", "generation_kwargs", "vllm_generation_kwargs"):
+        value = getattr(config, name)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            setattr(config, name, json.loads(value))
 
 
 def check_config(config) -> None:

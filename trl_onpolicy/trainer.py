@@ -157,7 +157,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         student = self.accelerator.unwrap_model(self.model)
         self.generation_config = build_generation_config(args, self._tokenizer, model=student)
         self.vllm = VLLMSampler(self) if args.use_vllm else None
-        self.student_sampler = self.vllm or GenerateSampler(self._unwrapped_for_generation)
+        lend = lambda: unwrap_model_for_generation(self.model_wrapped, self.accelerator)
+        self.student_sampler = self.vllm or GenerateSampler(lend)  # `lend` gathers a ZeRO-3 student's weights
         self.teacher_sampler = TeacherSampler(self.teacher)
         self.loss_temperature = LossTemperature.from_config(args)
         self.rollout_buffer = RolloutBuffer(args.num_iterations, keep_logps=args.loss_type == "sampled_reverse_kl")
@@ -182,9 +183,6 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids"]
-
-    def _unwrapped_for_generation(self):
-        return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
 
     # ------------------------------------------------------------------------------------------- the step's data
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -289,8 +287,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return loss
 
     def _record(self, batch: StepBatch, sums) -> None:
-        """The micro-batch's sums into the step's statistics; the student's log-probs of the sampled tokens as the
-        behaviour policy of a batch that will be reused, into the importance-sampling statistics, and for `on_scored`."""
+        """What the loss measured: into the step's statistics, the buffer (behaviour log-probs), and `on_scored`."""
         self.step_stats.add(sums.loss, sums)
         self.rollout_buffer.record(self._micro_step, sums.student_token_logps)
         if self._importance is not None:
