@@ -13,8 +13,9 @@ callbacks that define them, so ordinary `TrainerCallback`s keep working unchange
 Built in: [`CompletionsLogger`] writes one JSON line per completion with the per-token log-prob summary of the
 teacher and the student.
 
-[`completion_records`] makes the records that `on_scored` receives. The trainer's own rounds callback is in
-`rounds.py`.
+[`completion_records`] makes the records that `on_scored` receives. The trainer's callback handler
+([`~trl_onpolicy.callback_handler.DistillCallbackHandler`]) sends these events and ends the rounds; every event's
+kwargs carry the `trainer`.
 """
 
 from __future__ import annotations
