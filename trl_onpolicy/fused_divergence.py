@@ -200,10 +200,12 @@ class _TileWalk:
     """One chunk's student and teacher log-probabilities, a vocabulary tile at a time; pass 1 (the log-normalisers)
     runs on construction."""
 
-    def __init__(self, hidden: Tensor, head: LinearHead, teacher_tile: Callable[[int, int], Tensor], temperature: float,
-                 vocab_size: int, tile: int):  # fmt: skip
+    def __init__(
+        self, hidden: Tensor, head: LinearHead, teacher_tile: Callable[[int, int], Tensor], temperature: float,
+        vocab_size: int, tile: int,
+    ):  # fmt: skip
         self.hidden, self.head, self.teacher_tile, self.k = hidden, head, teacher_tile, 1.0 / temperature
-        self.dtype = precision.sum_dtype(head.dtype)  # of the math and the results: float32 (float64 for a float64 head)
+        self.dtype = precision.sum_dtype(head.dtype)  # of the math and results: float32 (float64 for a float64 head)
         self.tiles = [(start, min(start + tile, vocab_size)) for start in range(0, vocab_size, tile)]
         lse_s, lse_t = (OnlineLogSumExp(hidden.shape[0], self.dtype, hidden.device) for _ in range(2))
         for start, end in self.tiles:  # pass 1: log-normalisers
