@@ -196,14 +196,68 @@ def _pick(values: Tensor, targets: Tensor, start: int, end: int, out: Tensor) ->
     return torch.where(inside, picked, out)
 
 
-def _backprop_tile(dz, hidden, head, start, end, alpha, grad_hidden, grad_w, grad_b) -> None:
-    """grad_h += alpha dz W[tile], grad_W[tile] += alpha dz^T h, grad_b[tile] += alpha sum_n dz: the matmuls in the
-    head's dtype, the sums in the accumulators' (float32)."""
-    if grad_b is not None:
-        grad_b[start:end].add_(dz.sum(0), alpha=alpha)
-    precision.add_matmul(grad_hidden, dz, head.weight[start:end], alpha, head.dtype)  # (n, H)
-    if grad_w is not None:
-        precision.add_matmul(grad_w[start:end], dz.t(), hidden, alpha, head.dtype)  # (t, H)
+class _TileWalk:
+    """One chunk's student and teacher log-probabilities, a vocabulary tile at a time; pass 1 (the log-normalisers)
+    runs on construction."""
+
+    def __init__(
+        self, hidden: Tensor, head: LinearHead, teacher_tile: Callable[[int, int], Tensor], temperature: float,
+        vocab_size: int, tile: int,
+    ):  # fmt: skip
+        self.hidden, self.head, self.teacher_tile, self.k = hidden, head, teacher_tile, 1.0 / temperature
+        self.dtype = precision.sum_dtype(head.dtype)  # of the math and results: float32 (float64 for a float64 head)
+        self.tiles = [(start, min(start + tile, vocab_size)) for start in range(0, vocab_size, tile)]
+        lse_s, lse_t = (OnlineLogSumExp(hidden.shape[0], self.dtype, hidden.device) for _ in range(2))
+        for start, end in self.tiles:  # pass 1: log-normalisers
+            lse_s.add(self.head.tile(hidden, start, end, self.k))
+            lse_t.add(self.teacher_logits(start, end))
+        self.log_z_s, self.log_z_t = lse_s.value(), lse_t.value()  # (n,) each
+
+    def teacher_logits(self, start: int, end: int) -> Tensor:
+        """`(n, t)` the teacher's logits / T in the math's dtype (a no-op cast in the same dtype)."""
+        return self.teacher_tile(start, end).to(self.dtype)
+
+    def log_probs(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """`(n, t)` log q and `(n, t)` log p of the tile `[start, end)`."""
+        log_q = self.head.tile(self.hidden, start, end, self.k).sub_(self.log_z_s[:, None])  # (n, t)
+        return log_q, self.teacher_logits(start, end).sub_(self.log_z_t[:, None])
+
+
+class _Backprop:
+    """Chains a tile's logit gradient `dz` into `grad_hidden` `(n, H)` and the head's gradient accumulators."""
+
+    def __init__(self, walk: _TileWalk, alpha: float, grad_w: Tensor | None, grad_b: Tensor | None):
+        self.hidden, self.head, self.alpha, self.grad_w, self.grad_b = walk.hidden, walk.head, alpha, grad_w, grad_b
+        self.grad_hidden = walk.hidden.new_zeros(walk.hidden.shape, dtype=walk.dtype)  # (n, H)
+
+    def __call__(self, dz: Tensor, start: int, end: int) -> None:
+        """grad_h += alpha dz W[tile], grad_W[tile] += alpha dz^T h, grad_b[tile] += alpha sum_n dz: the matmuls in the
+        head's dtype, the sums in the accumulators' (float32)."""
+        head, alpha = self.head, self.alpha
+        if self.grad_b is not None:
+            self.grad_b[start:end].add_(dz.sum(0), alpha=alpha)
+        precision.add_matmul(self.grad_hidden, dz, head.weight[start:end], alpha, head.dtype)  # (n, H)
+        if self.grad_w is not None:
+            precision.add_matmul(self.grad_w[start:end], dz.t(), self.hidden, alpha, head.dtype)  # (t, H)
+
+
+def _sums_pass(walk: _TileWalk, targets: Tensor, loss_type: str, w: float, backprop: _Backprop | None):
+    """Pass 2: the per-row divergence, `sum q log q`, `sum p log p`, `c` and the sampled tokens' log-probs, `(n,)`
+    each; the forward KL's gradient goes to `backprop` on the way (None: values only)."""
+    zeros = walk.log_z_s.new_zeros(walk.hidden.shape[0])  # (n,)
+    value, q_log_q, p_log_p, c = zeros, zeros, zeros, zeros
+    s_token = t_token = torch.full_like(zeros, math.nan)  # (n,)
+    for start, end in walk.tiles:
+        log_q, log_p = walk.log_probs(start, end)
+        s_token = _pick(log_q, targets, start, end, s_token)
+        t_token = _pick(log_p, targets, start, end, t_token)
+        sums = tile_sums(log_q, log_p, loss_type, w, with_grad=backprop is not None)
+        value, q_log_q, p_log_p = value + sums[0], q_log_q + sums[1], p_log_p + sums[2]
+        if sums[3] is not None:
+            c = c + sums[3]
+        if sums[4] is not None:
+            backprop(sums[4], start, end)
+    return value, q_log_q, p_log_p, c, s_token, t_token
 
 
 def tiled_divergence(
@@ -244,38 +298,13 @@ def tiled_divergence(
         `grad_scale` is given.
     """
     loss_type, w = _canonical(loss_type, beta, skew_alpha)
-    k = 1.0 / temperature
-    dtype = precision.sum_dtype(head.dtype)  # of the math and the results: float32 (float64 for a float64 head)
-    teacher_logits = lambda t0, t1: teacher_tile(t0, t1).to(dtype)  # noqa: E731  (a no-op in the same dtype)
-    tiles = [(start, min(start + tile, vocab_size)) for start in range(0, vocab_size, tile)]
-    lse_s, lse_t = (OnlineLogSumExp(hidden.shape[0], dtype, hidden.device) for _ in range(2))
-    for start, end in tiles:  # pass 1: log-normalisers
-        lse_s.add(head.tile(hidden, start, end, k))
-        lse_t.add(teacher_logits(start, end))
-    log_z_s, log_z_t = lse_s.value(), lse_t.value()  # (n,) each
-
-    def log_probs(start, end):  # (n, t) log q, (n, t) log p
-        log_q = head.tile(hidden, start, end, k).sub_(log_z_s[:, None])  # (n, t)
-        return log_q, teacher_logits(start, end).sub_(log_z_t[:, None])
-
-    want_grad = grad_scale is not None
-    alpha = (grad_scale or 0.0) * k * head.multiplier * grad_weight(loss_type, w)  # dz -> d(loss)/d(h W^T + b)
-    grad_hidden = hidden.new_zeros(hidden.shape, dtype=dtype) if want_grad else None  # (n, H)
-    zeros = log_z_s.new_zeros(hidden.shape[0])  # (n,)
-    value, q_log_q, p_log_p, c = zeros, zeros, zeros, zeros
-    s_token = t_token = torch.full_like(zeros, math.nan)  # (n,)
-    for start, end in tiles:  # pass 2: sums (and the forward KL's gradient)
-        log_q, log_p = log_probs(start, end)
-        s_token = _pick(log_q, targets, start, end, s_token)
-        t_token = _pick(log_p, targets, start, end, t_token)
-        sums = tile_sums(log_q, log_p, loss_type, w, with_grad=want_grad)
-        value, q_log_q, p_log_p = value + sums[0], q_log_q + sums[1], p_log_p + sums[2]
-        if sums[3] is not None:
-            c = c + sums[3]
-        if sums[4] is not None:
-            _backprop_tile(sums[4], hidden, head, start, end, alpha, grad_hidden, grad_w, grad_b)
-    if want_grad and loss_type != "forward_kl":
-        for start, end in tiles:  # pass 3: the gradient, now that c is known
-            dz = tile_logit_grad(*log_probs(start, end), loss_type, w, c)  # (n, t)
-            _backprop_tile(dz, hidden, head, start, end, alpha, grad_hidden, grad_w, grad_b)
+    walk = _TileWalk(hidden, head, teacher_tile, temperature, vocab_size, tile)  # pass 1
+    backprop = None
+    if grad_scale is not None:  # alpha: dz -> d(loss)/d(h W^T + b)
+        backprop = _Backprop(walk, grad_scale * walk.k * head.multiplier * grad_weight(loss_type, w), grad_w, grad_b)
+    value, q_log_q, p_log_p, c, s_token, t_token = _sums_pass(walk, targets, loss_type, w, backprop)  # pass 2
+    if backprop is not None and loss_type != "forward_kl":
+        for start, end in walk.tiles:  # pass 3: the gradient, now that c is known
+            backprop(tile_logit_grad(*walk.log_probs(start, end), loss_type, w, c), start, end)
+    grad_hidden = None if backprop is None else backprop.grad_hidden  # (n, H)
     return TiledTerms(value, -q_log_q, -p_log_p, s_token, t_token, grad_hidden)

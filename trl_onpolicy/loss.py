@@ -21,7 +21,7 @@ gradient accumulation and multi-process runs give the gradient of one big batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -221,6 +221,96 @@ class _Statistics:
         return sums
 
 
+@dataclass
+class _ChunkLoss:
+    """The settings of one [`distillation_loss`] call and the loss of a chunk of tokens `start:end`: projected to the
+    whole vocabulary and differentiated with autograd ([`autograd_chunk`]), or walked in vocabulary tiles with a
+    closed-form gradient ([`tiled_chunk`])."""
+
+    hidden: torch.Tensor  # (N, H)
+    head: Any  # a LinearHead (an nn.Linear is made one), an nn.Module or a function
+    teacher: TeacherScores
+    targets: torch.Tensor  # (N,)
+    loss_type: str
+    beta: float
+    skew_alpha: float
+    reward_scale: float
+    ref_token_logps: torch.Tensor | None  # (N,)
+    behaviour_logps: torch.Tensor | None  # (N,)
+    sampler_logps: torch.Tensor | None  # (N,)
+    clip_max: float | None
+    vocab_size: int
+    num_items: float
+    scale: float
+    chunk_size: int | None
+    params: list[torch.Tensor] | None  # the head's parameters that need gradients
+    vocab_tile: int | None
+
+    def __post_init__(self):
+        if type(self.head) is torch.nn.Linear:
+            self.head = LinearHead(self.head.weight, self.head.bias)
+        self.tiled = (self.vocab_tile != 0 and isinstance(self.head, LinearHead) and self.teacher.form == "full"
+                      and self.loss_type in TILED_LOSS_TYPES)  # fmt: skip
+        n_tokens = self.hidden.shape[0]
+        walks = self.tiled and _walks_in_tiles(self.teacher)
+        self.chunk_size = self.chunk_size or (TILED_CHUNK_SIZE if walks else CHUNK_SIZE)
+        self.vocab_tile = self.vocab_tile or default_vocab_tile(min(self.chunk_size, n_tokens), self.hidden.device)
+        self.divisor = max(float(self.num_items), 1e-8)
+        self.stats = _Statistics(self.teacher.teacher_weights)
+        if self.params is None and isinstance(self.head, (torch.nn.Module, LinearHead)):
+            self.params = [p for p in self.head.parameters() if p.requires_grad]
+        size = self.chunk_size
+        self.bounds = [(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size)]
+
+    def chunkwise_backward(self) -> bool:
+        """A gradient is wanted and the head's parameters are known: each chunk's gradient is taken in the forward pass
+        ([`_ChunkwiseBackward`]); else the chunks' losses are summed ([`summed`])."""
+        return torch.is_grad_enabled() and self.params is not None and bool(self.hidden.requires_grad or self.params)
+
+    def autograd_chunk(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """The chunk's normalised loss `()` float32, differentiable, from the whole-vocabulary divergence."""
+        per_token, *terms = _chunk_terms(
+            hidden, start, end, self.head, self.teacher, self.targets[start:end], self.loss_type, self.beta,
+            self.skew_alpha, self.reward_scale, self.ref_token_logps, self.behaviour_logps, self.sampler_logps,
+            self.clip_max, self.vocab_size,
+        )  # fmt: skip
+        self.stats.record(start, per_token, *terms)
+        return per_token.sum() * self.scale / self.divisor
+
+    def tiled_chunk(self, hidden: torch.Tensor, start: int, end: int, grad_params=None):
+        """`autograd_chunk` tile by tile: `()` loss and `(n, H)` float32 `grad_hidden`; the gradient of the head's
+        parameters too (into `grad_params`) when `grad_params` is given, else values only (`grad_hidden` None)."""
+        grads = dict(zip(map(id, self.params), grad_params)) if grad_params is not None else {}
+        head, teacher, bias = self.head, self.teacher, self.head.bias
+        terms = tiled_divergence(
+            hidden, head, _teacher_tiles(teacher, start, end, self.vocab_size), self.targets[start:end],
+            loss_type=self.loss_type, beta=self.beta, skew_alpha=self.skew_alpha, temperature=teacher.temperature,
+            vocab_size=self.vocab_size, tile=self.vocab_tile,
+            grad_scale=None if grad_params is None else self.scale / self.divisor, grad_w=grads.get(id(head.weight)),
+            grad_b=None if bias is None else grads.get(id(bias)),
+        )  # fmt: skip
+        t_token = terms.teacher_token_logps if teacher.token_logps is None else teacher.token_logps[start:end]
+        self.stats.record(start, terms.per_token, terms.student_entropy, terms.teacher_entropy,
+                          terms.student_token_logps, t_token)  # fmt: skip
+        return terms.per_token.sum() * self.scale / self.divisor, terms.grad_hidden  # (), (n, H) float32
+
+    def summed(self) -> torch.Tensor:
+        """The loss `()` float32 summed chunk by chunk: tiled values only (no gradient wanted), or autograd chunks,
+        under activation checkpointing when a gradient is wanted over more than one chunk."""
+        use_checkpoint = self.hidden.shape[0] > self.chunk_size and torch.is_grad_enabled() and not self.tiled
+        loss = self.hidden.new_zeros((), dtype=torch.float32)
+        for start, end in self.bounds:
+            hidden = self.hidden[start:end]  # (n, H)
+            if self.tiled:  # no gradient wanted: values only
+                with torch.no_grad():
+                    loss = loss + self.tiled_chunk(hidden, start, end)[0]
+            elif use_checkpoint:
+                loss = loss + checkpoint(self.autograd_chunk, hidden, start, end, use_reentrant=False)
+            else:
+                loss = loss + self.autograd_chunk(hidden, start, end)
+        return loss
+
+
 def distillation_loss(
     student_hidden: torch.Tensor,
     student_head,
@@ -245,10 +335,8 @@ def distillation_loss(
     """
     Sum of per-token divergences over the completion tokens, normalised by the global token count.
 
-    The KLs, skewed KLs and the JSD against a full teacher distribution, with a student head given as a
-    [`~trl_onpolicy.heads.LinearHead`] (see [`~trl_onpolicy.heads.linear_head`]), walk the vocabulary in tiles of `vocab_tile`
-    columns with a closed-form gradient ([`~trl_onpolicy.fused_divergence.tiled_divergence`]); everything else
-    projects each chunk to the whole vocabulary and differentiates [`~trl_onpolicy.divergences`] with autograd.
+    A chunk is walked in vocabulary tiles with a closed-form gradient where it can be, else projected to the whole
+    vocabulary and differentiated with autograd (see the module docstring).
 
     Args:
         student_hidden: `(N, H)` student final hidden states predicting the `N` completion tokens.
@@ -272,56 +360,12 @@ def distillation_loss(
             [`_ChunkwiseBackward`]); without them, chunks run under activation checkpointing.
         vocab_tile: Vocabulary columns per tile of the tiled loss; 0 turns it off; None: [`default_vocab_tile`].
     """
-    if type(student_head) is torch.nn.Linear:
-        student_head = LinearHead(student_head.weight, student_head.bias)
-    tiled = (vocab_tile != 0 and isinstance(student_head, LinearHead) and teacher.form == "full"
-             and loss_type in TILED_LOSS_TYPES)  # fmt: skip
-    n_tokens = student_hidden.shape[0]
-    chunk_size = chunk_size or (TILED_CHUNK_SIZE if tiled and _walks_in_tiles(teacher) else CHUNK_SIZE)
-    vocab_tile = vocab_tile or default_vocab_tile(min(chunk_size, n_tokens), student_hidden.device)
-    divisor = max(float(num_items), 1e-8)
-    stats = _Statistics(teacher.teacher_weights)
-
-    def chunk_loss(hidden, start, end):
-        per_token, *terms = _chunk_terms(
-            hidden, start, end, student_head, teacher, targets[start:end], loss_type, beta, skew_alpha, reward_scale,
-            ref_token_logps, behaviour_logps, sampler_logps, importance_sampling_clip_max, vocab_size,
-        )  # fmt: skip
-        stats.record(start, per_token, *terms)
-        return per_token.sum() * scale / divisor
-
-    def tiled_step(hidden, start, end, grad_params=None):
-        """`chunk_loss` tile by tile; the gradient too (into `grad_params`) when `grad_params` is given."""
-        grads = dict(zip(map(id, params), grad_params)) if grad_params is not None else {}
-        bias = student_head.bias
-        terms = tiled_divergence(
-            hidden, student_head, _teacher_tiles(teacher, start, end, vocab_size), targets[start:end],
-            loss_type=loss_type, beta=beta, skew_alpha=skew_alpha, temperature=teacher.temperature,
-            vocab_size=vocab_size, tile=vocab_tile,
-            grad_scale=None if grad_params is None else scale / divisor, grad_w=grads.get(id(student_head.weight)),
-            grad_b=None if bias is None else grads.get(id(bias)),
-        )  # fmt: skip
-        t_token = terms.teacher_token_logps if teacher.token_logps is None else teacher.token_logps[start:end]
-        stats.record(start, terms.per_token, terms.student_entropy, terms.teacher_entropy, terms.student_token_logps,
-                     t_token)  # fmt: skip
-        return terms.per_token.sum() * scale / divisor, terms.grad_hidden  # (), (n, H) float32
-
-    params = head_params
-    if params is None and isinstance(student_head, (torch.nn.Module, LinearHead)):
-        params = [p for p in student_head.parameters() if p.requires_grad]
-    bounds = [(start, min(start + chunk_size, n_tokens)) for start in range(0, n_tokens, chunk_size)]
-    if torch.is_grad_enabled() and params is not None and (student_hidden.requires_grad or params):
-        step = tiled_step if tiled else _autograd_step(chunk_loss, params)
-        return stats.result(_ChunkwiseBackward.apply(student_hidden, step, bounds, *params), n_tokens)
-    use_checkpoint = n_tokens > chunk_size and torch.is_grad_enabled() and not tiled
-    loss = student_hidden.new_zeros((), dtype=torch.float32)
-    for start, end in bounds:
-        hidden = student_hidden[start:end]
-        if tiled:  # no gradient wanted: values only
-            with torch.no_grad():
-                loss = loss + tiled_step(hidden, start, end)[0]
-        elif use_checkpoint:
-            loss = loss + checkpoint(chunk_loss, hidden, start, end, use_reentrant=False)
-        else:
-            loss = loss + chunk_loss(hidden, start, end)
-    return stats.result(loss, n_tokens)
+    chunks = _ChunkLoss(student_hidden, student_head, teacher, targets, loss_type, beta, skew_alpha, reward_scale,
+                        ref_token_logps, behaviour_logps, sampler_logps, importance_sampling_clip_max, vocab_size,
+                        num_items, scale, chunk_size, head_params, vocab_tile)  # fmt: skip
+    if chunks.chunkwise_backward():
+        step = chunks.tiled_chunk if chunks.tiled else _autograd_step(chunks.autograd_chunk, chunks.params)
+        loss = _ChunkwiseBackward.apply(student_hidden, step, chunks.bounds, *chunks.params)
+    else:
+        loss = chunks.summed()
+    return chunks.stats.result(loss, student_hidden.shape[0])

@@ -154,25 +154,8 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
 # ----------------------------------------------------------------------------------------------------------- run
 
 
-def main(
-    script_args: DistillScriptArguments,
-    training_args: OnPolicyDistillConfig,
-    model_args: ModelConfig,
-    command: list[str] | None = None,
-):  # -> OnPolicyDistillTrainer
-    """
-    Distill `training_args.teacher_model_name_or_path` into `model_args.model_name_or_path`; returns the trainer.
-    `command` (the program and its arguments, default `python` and `sys.argv`) is what the message after a SIGTERM
-    stop tells the user to run again, with `--resume_from_checkpoint`.
-    """
-    import torch
-    from trl import get_peft_config, get_quantization_config
-
-    from ..step_log import use_step_lines
-    from ..trainer import OnPolicyDistillTrainer
-
-    if script_args.num_threads:
-        torch.set_num_threads(script_args.num_threads)
+def _check_arguments(model_args: ModelConfig, training_args: OnPolicyDistillConfig) -> None:
+    """Fail on a missing student or teacher name, or a model or checkpoint that does not exist, before loading."""
     if model_args.model_name_or_path is None:
         raise ValueError("Set `--model_name_or_path` (the student: a Hub id, a local path, or 'toy').")
     if training_args.teacher_model_name_or_path is None:
@@ -187,9 +170,10 @@ def main(
         flags=("--model_name_or_path", "--teacher_model_name_or_path", "--reference_model_name_or_path"),
         revisions=(model_args.model_revision, training_args.teacher_model_revision),
     )
-    resume = checkpoints.resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
-    # ------------------------------------------------------------------ student and teacher
+
+def _resolve_models(model_args: ModelConfig, training_args: OnPolicyDistillConfig):
+    """The student, teacher and tokenizer for the trainer: toy models loaded, other names kept with init kwargs set."""
     student, teacher, tokenizer = model_args.model_name_or_path, None, None
     if student == TOY:
         from .. import toy
@@ -212,18 +196,65 @@ def main(
         training_args.teacher_model_init_kwargs = {
             **teacher_init_kwargs, **(training_args.teacher_model_init_kwargs or {})
         }  # fmt: skip
+    return student, teacher, tokenizer
 
-    # ------------------------------------------------------------------ data
-    need_eval = training_args.eval_strategy != "no"
-    train_dataset, eval_dataset = load_datasets(script_args, need_eval)
-    callbacks = []
-    if script_args.eval_tasks:
-        from ..eval import LmEvalCallback
 
-        tasks = [t.strip() for t in script_args.eval_tasks.split(",") if t.strip()]
-        callbacks.append(LmEvalCallback(tasks=tasks, limit=script_args.eval_limit))
+def _eval_callbacks(script_args: DistillScriptArguments) -> list:
+    """An `LmEvalCallback` for `--eval_tasks`, or none."""
+    if not script_args.eval_tasks:
+        return []
+    from ..eval import LmEvalCallback
 
-    # ------------------------------------------------------------------ train
+    tasks = [t.strip() for t in script_args.eval_tasks.split(",") if t.strip()]
+    return [LmEvalCallback(tasks=tasks, limit=script_args.eval_limit)]
+
+
+def _finish(trainer, script_args, training_args, callbacks: list, command: list[str] | None) -> None:
+    """After `train()`: on a SIGTERM stop, say how to resume; else save the student, write the eval report and push."""
+    stop = checkpoints.sigterm_stop(trainer)
+    if stop is not None:  # not finished: no final model, report or upload; say how to go on
+        launcher = " (under the same launcher as before)" if trainer.accelerator.num_processes > 1 else ""
+        trainer.accelerator.print(
+            f"Stopped by SIGTERM at step {stop.stopped_at[0]} of {stop.stopped_at[1]}; the checkpoint is "
+            f"{stop.checkpoint}. Resume with{launcher}:\n  "
+            + checkpoints.resume_command(command or ["python", *sys.argv], stop.checkpoint)
+        )
+        return
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
+    if callbacks and trainer.is_world_process_zero():
+        from ..reports import format_table, write_report
+
+        write_report(training_args.output_dir, callbacks[0].history)
+        trainer.accelerator.print(format_table(callbacks[0].history))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+def main(
+    script_args: DistillScriptArguments,
+    training_args: OnPolicyDistillConfig,
+    model_args: ModelConfig,
+    command: list[str] | None = None,
+):  # -> OnPolicyDistillTrainer
+    """
+    Distill `training_args.teacher_model_name_or_path` into `model_args.model_name_or_path`; returns the trainer.
+    `command` (the program and its arguments, default `python` and `sys.argv`) is what the message after a SIGTERM
+    stop tells the user to run again, with `--resume_from_checkpoint`.
+    """
+    import torch
+    from trl import get_peft_config, get_quantization_config
+
+    from ..step_log import use_step_lines
+    from ..trainer import OnPolicyDistillTrainer
+
+    if script_args.num_threads:
+        torch.set_num_threads(script_args.num_threads)
+    _check_arguments(model_args, training_args)
+    resume = checkpoints.resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    student, teacher, tokenizer = _resolve_models(model_args, training_args)
+    train_dataset, eval_dataset = load_datasets(script_args, need_eval=training_args.eval_strategy != "no")
+    callbacks = _eval_callbacks(script_args)
     trainer = OnPolicyDistillTrainer(
         model=student,
         teacher_model=teacher,  # None: `training_args.teacher_model_name_or_path` picks the backend
@@ -237,24 +268,7 @@ def main(
     )
     use_step_lines(trainer)  # one readable line per logging step instead of the Trainer's dicts
     trainer.train(resume_from_checkpoint=resume)
-    stop = checkpoints.sigterm_stop(trainer)
-    if stop is not None:  # not finished: no final model, report or upload; say how to go on
-        launcher = " (under the same launcher as before)" if trainer.accelerator.num_processes > 1 else ""
-        trainer.accelerator.print(
-            f"Stopped by SIGTERM at step {stop.stopped_at[0]} of {stop.stopped_at[1]}; the checkpoint is "
-            f"{stop.checkpoint}. Resume with{launcher}:\n  "
-            + checkpoints.resume_command(command or ["python", *sys.argv], stop.checkpoint)
-        )
-        return trainer
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
-    if callbacks and trainer.is_world_process_zero():
-        from ..reports import format_table, write_report
-
-        write_report(training_args.output_dir, callbacks[0].history)
-        trainer.accelerator.print(format_table(callbacks[0].history))
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    _finish(trainer, script_args, training_args, callbacks, command)
     return trainer
 
 

@@ -80,10 +80,8 @@ def run(args: argparse.Namespace) -> dict | int:
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from .. import checkpoints, toy
-    from ..config import OnPolicyDistillConfig
+    from .. import checkpoints
     from ..eval import LmEvalCallback
-    from ..reports import format_table, write_report
     from ..step_log import use_step_lines
     from ..trainer import OnPolicyDistillTrainer
 
@@ -91,13 +89,38 @@ def run(args: argparse.Namespace) -> dict | int:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     started = time.perf_counter()
     smollm2 = getattr(args, "teacher", "toy") == "smollm2"
-    learning_rate = args.learning_rate if args.learning_rate is not None else (5e-5 if smollm2 else 1e-3)
     print("[1/4] Teacher and student (trained once, then loaded from the cache)")
+    teacher, tokenizer, student = _teacher_and_student(args, smollm2)
+
+    print("[2/4] Teacher scores (reference line)")
+    hook = LmEvalCallback(tasks=TASKS, limit=args.eval_limit, tokenizer=tokenizer, toy_eval_size=args.eval_limit,
+                          task_dir=os.path.join(args.output_dir, "lm_eval_tasks"),
+                          apply_chat_template=smollm2)  # an instruct model: prompts in its chat template; fmt: skip
+    teacher_scores = hook.evaluate(teacher, tokenizer, output_dir=args.output_dir)["scores"]
+    hook.teacher_scores = teacher_scores
+
+    print(f"[3/4] On-policy distillation: {args.rounds} rounds x {args.steps_per_round} steps")
+    dataset, max_completion_length = _prompts(args, tokenizer, smollm2)
+    trainer = OnPolicyDistillTrainer(
+        model=student, teacher_model=teacher, args=_config(args, smollm2, max_completion_length),
+        train_dataset=dataset, processing_class=tokenizer, callbacks=[hook],
+    )  # fmt: skip
+    use_step_lines(trainer)
+    trainer.train()
+    if (stop := checkpoints.sigterm_stop(trainer)) is not None:
+        return stopped_by_sigterm(stop)
+    trainer.save_model(args.output_dir)  # the final student (and tokenizer), where `trl-onpolicy eval` finds it
+    return _report(args, hook.history, teacher_scores, started)
+
+
+def _teacher_and_student(args: argparse.Namespace, smollm2: bool):
+    """The teacher, its tokenizer and the student: SmolLM2 and its layer-dropped copy, or the toy models."""
     if smollm2:
-        teacher, tokenizer, student = _smollm2_teacher_and_student(args.student_keep_layers)
+        return _smollm2_teacher_and_student(args.student_keep_layers)
+    from .. import toy
+
     teacher_overrides = {} if args.teacher_steps is None else {"steps": args.teacher_steps}
-    if not smollm2:
-        teacher, tokenizer, _ = toy.load_or_train_teacher(**teacher_overrides)
+    teacher, tokenizer, _ = toy.load_or_train_teacher(**teacher_overrides)
     student_kwargs = {
         k: v
         for k, v in (
@@ -108,17 +131,14 @@ def run(args: argparse.Namespace) -> dict | int:
         )
         if v is not None
     }
-    if not smollm2:
-        student, _, _ = toy.load_or_train_student(**student_kwargs)
+    student, _, _ = toy.load_or_train_student(**student_kwargs)
+    return teacher, tokenizer, student
 
-    print("[2/4] Teacher scores (reference line)")
-    hook = LmEvalCallback(tasks=TASKS, limit=args.eval_limit, tokenizer=tokenizer, toy_eval_size=args.eval_limit,
-                          task_dir=os.path.join(args.output_dir, "lm_eval_tasks"),
-                          apply_chat_template=smollm2)  # an instruct model: prompts in its chat template; fmt: skip
-    teacher_scores = hook.evaluate(teacher, tokenizer, output_dir=args.output_dir)["scores"]
-    hook.teacher_scores = teacher_scores
 
-    print(f"[3/4] On-policy distillation: {args.rounds} rounds x {args.steps_per_round} steps")
+def _prompts(args: argparse.Namespace, tokenizer, smollm2: bool):
+    """The training prompts (a prompt-only dataset) and the tokens to generate per prompt."""
+    from .. import toy
+
     dataset = toy.make_dataset(args.rounds * args.steps_per_round * args.batch_size, split="train", seed=args.seed + 1)
     if smollm2:  # conversational prompts, rendered with the chat template as the eval renders "Question: ...":
         dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
@@ -127,7 +147,17 @@ def run(args: argparse.Namespace) -> dict | int:
         max_completion_length = args.max_completion_length or toy.models.default_max_new_tokens(
             tokenizer, [dataset[i] for i in range(min(256, len(dataset)))])
     dataset = dataset.select_columns(["prompt"])  # prompts only: the teacher is the only source of knowledge
-    config = OnPolicyDistillConfig(
+    return dataset, max_completion_length
+
+
+def _config(args: argparse.Namespace, smollm2: bool, max_completion_length: int):
+    """The `OnPolicyDistillConfig` of the run: all rounds under one cosine schedule, no checkpoints."""
+    import torch
+
+    from ..config import OnPolicyDistillConfig
+
+    learning_rate = args.learning_rate if args.learning_rate is not None else (5e-5 if smollm2 else 1e-3)
+    return OnPolicyDistillConfig(
         output_dir=args.output_dir,
         max_steps=args.rounds * args.steps_per_round,
         num_rounds=args.rounds,
@@ -146,19 +176,15 @@ def run(args: argparse.Namespace) -> dict | int:
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = OnPolicyDistillTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[hook],
-    )  # fmt: skip
-    use_step_lines(trainer)
-    trainer.train()
-    if (stop := checkpoints.sigterm_stop(trainer)) is not None:
-        return stopped_by_sigterm(stop)
-    trainer.save_model(args.output_dir)  # the final student (and tokenizer), where `trl-onpolicy eval` finds it
+
+
+def _report(args: argparse.Namespace, history: list, teacher_scores: dict, started: float) -> dict:
+    """Step 4: write and print the per-round report, and say where the final student is."""
+    from ..reports import format_table, write_report
 
     print("[4/4] Report")
-    report = write_report(args.output_dir, hook.history, teacher_scores)
-    print(format_table(hook.history, teacher_scores))
+    report = write_report(args.output_dir, history, teacher_scores)
+    print(format_table(history, teacher_scores))
     print("toy_mmlu asks for the answer without a chain of thought (2-4 steps of arithmetic in one forward pass); "
           "models this small stay near chance (0.25) there, the teacher included.")
     print(f"Wrote report.json, report.md and scores.png to {args.output_dir} in {time.perf_counter() - started:.0f} s.")

@@ -255,27 +255,36 @@ def create_app(
             temperature (vLLM's default).
         dtype, trust_remote_code: How a path is loaded (see [`load_model`]).
     """
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import JSONResponse
+    from fastapi import FastAPI
 
     from ..teachers.local import LocalTeacher
 
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"`logprobs_mode` must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}.")
-    if isinstance(model_path_or_model, str):
-        model, tokenizer = load_model(model_path_or_model, dtype, trust_remote_code)
-        model_name = model_name or model_path_or_model
-    elif tokenizer is None:
-        raise ValueError("`create_app` needs the `tokenizer` of a model passed as an object.")
-    else:
-        model, model_name = model_path_or_model, model_name or model_path_or_model.config.name_or_path or "teacher"
-    teacher, lock = LocalTeacher(model), threading.Lock()
-    vocab = teacher.vocab_size
+    model, tokenizer, model_name = _served_model(model_path_or_model, tokenizer, model_name, dtype, trust_remote_code)
+    teacher = LocalTeacher(model)
     max_len = getattr(model.config.get_text_config(), "max_position_embeddings", None) or tokenizer.model_max_length
-    decode = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
-    Tokenize, Detokenize, Completion = _request_models()
+    check = _request_check(model_name, teacher.vocab_size)
     app = FastAPI(title="trl-onpolicy teacher server")
     _install_errors_and_auth(app, api_key)
+    _add_model_routes(app, tokenizer, check, model_name, max_len)
+    _add_completions_route(app, teacher, tokenizer, check, model_name, max_logprobs, logprobs_mode)
+    return app
+
+
+def _served_model(model_path_or_model, tokenizer, model_name, dtype, trust_remote_code):
+    """The model, its tokenizer and the name `/v1/models` lists (a path is loaded with [`load_model`])."""
+    if isinstance(model_path_or_model, str):
+        model, tokenizer = load_model(model_path_or_model, dtype, trust_remote_code)
+        return model, tokenizer, model_name or model_path_or_model
+    if tokenizer is None:
+        raise ValueError("`create_app` needs the `tokenizer` of a model passed as an object.")
+    return model_path_or_model, tokenizer, model_name or model_path_or_model.config.name_or_path or "teacher"
+
+
+def _request_check(model_name: str, vocab: int):
+    """`check(name, ids)`: HTTP 404 for another model's name, HTTP 400 for a token id outside the vocabulary."""
+    from fastapi import HTTPException
 
     def check(name: str | None, ids: list[int] = ()) -> None:
         if name is not None and name != model_name:
@@ -283,6 +292,13 @@ def create_app(
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise HTTPException(400, f"Token id {bad[0]} is out of vocabulary (size {vocab}).")
+
+    return check
+
+
+def _add_model_routes(app, tokenizer, check, model_name: str, max_len: int) -> None:
+    """`GET /health`, `GET /v1/models`, `POST /tokenize` and `POST /detokenize`."""
+    Tokenize, Detokenize, _ = _request_models()
 
     @app.get("/health")
     def health():
@@ -303,6 +319,16 @@ def create_app(
     def detokenize(request: Detokenize):
         check(request.model, request.tokens)
         return {"prompt": tokenizer.decode(request.tokens)}
+
+
+def _add_completions_route(app, teacher, tokenizer, check, model_name, max_logprobs, logprobs_mode) -> None:
+    """`POST /v1/completions`: the prompts' log-probs from the teacher, one request at a time."""
+    from fastapi import HTTPException
+    from fastapi.responses import JSONResponse
+
+    Completion = _request_models()[2]
+    lock = threading.Lock()
+    decode = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
 
     @app.post("/v1/completions")
     def completions(request: Completion):
@@ -327,8 +353,6 @@ def create_app(
         answer = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": model_name, "choices": choices, "usage": usage}  # fmt: skip
         return JSONResponse(answer)  # plain JSON: FastAPI's encoder walks every entry and is slow here
-
-    return app
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", **app_kwargs) -> None:

@@ -137,6 +137,43 @@ def _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer) -
     return ids.shape[-1]
 
 
+def _check_arguments(dataset, top_k: int, temperature: float, batch_size: int, shard_tokens: int) -> None:
+    """Refuse bad sizes, a temperature <= 0, and a dataset without completions to score."""
+    if top_k < 1 or temperature <= 0 or batch_size < 1 or shard_tokens < 1:
+        raise ValueError(
+            "`top_k`, `batch_size` and `shard_tokens` must be >= 1 and `temperature` > 0, got "
+            f"top_k={top_k}, batch_size={batch_size}, shard_tokens={shard_tokens}, temperature={temperature}."
+        )
+    check_columns(dataset, "cache")
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    if "completion" not in columns and "messages" not in columns:
+        raise ValueError(
+            f"The dataset has no completions (columns: {columns}). A teacher cache scores the dataset's own "
+            "completions: it needs a `completion` column or a `messages` column. A prompt-only dataset needs a live "
+            "teacher (on-policy distillation, `lmbda > 0`)."
+        )
+
+
+def _manifest(
+    teacher, name, fingerprint, tokenizer, k, temperature, entries, max_prompt_length, max_completion_length
+) -> dict:
+    """The manifest of a cache whose shards `entries` describe."""
+    return {
+        "format": fmt.FORMAT,
+        "version": fmt.VERSION,
+        "teacher": {"name": name, "fingerprint": fingerprint},
+        "tokenizer": {"fingerprint": fmt.tokenizer_fingerprint(tokenizer)},
+        "top_k": k,
+        "temperature": float(temperature),
+        "vocab_size": getattr(teacher, "compare_vocab", None) or teacher.vocab_size,
+        "rows": sum(e["rows"] for e in entries),
+        "tokens": sum(e["tokens"] for e in entries),
+        "max_prompt_length": max_prompt_length,
+        "max_completion_length": max_completion_length,
+        "shards": entries,
+    }
+
+
 def build_teacher_cache(
     teacher,
     dataset,
@@ -178,19 +215,7 @@ def build_teacher_cache(
     Returns:
         [`TeacherCache`]: The new cache, opened with `tokenizer`.
     """
-    if top_k < 1 or temperature <= 0 or batch_size < 1 or shard_tokens < 1:
-        raise ValueError(
-            "`top_k`, `batch_size` and `shard_tokens` must be >= 1 and `temperature` > 0, got "
-            f"top_k={top_k}, batch_size={batch_size}, shard_tokens={shard_tokens}, temperature={temperature}."
-        )
-    check_columns(dataset, "cache")
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
-    if "completion" not in columns and "messages" not in columns:
-        raise ValueError(
-            f"The dataset has no completions (columns: {columns}). A teacher cache scores the dataset's own "
-            "completions: it needs a `completion` column or a `messages` column. A prompt-only dataset needs a live "
-            "teacher (on-policy distillation, `lmbda > 0`)."
-        )
+    _check_arguments(dataset, top_k, temperature, batch_size, shard_tokens)
     teacher, name, fingerprint = _as_local(teacher, teacher_name, vocab_size)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -200,19 +225,7 @@ def build_teacher_cache(
     k = _score_rows(teacher, rows, pad_id, float(temperature), top_k, batch_size, writer)
     if k is None:
         raise ValueError("Every completion in the dataset is empty: there is nothing for the teacher to score.")
-    manifest = {
-        "format": fmt.FORMAT,
-        "version": fmt.VERSION,
-        "teacher": {"name": name, "fingerprint": fingerprint},
-        "tokenizer": {"fingerprint": fmt.tokenizer_fingerprint(tokenizer)},
-        "top_k": k,
-        "temperature": float(temperature),
-        "vocab_size": getattr(teacher, "compare_vocab", None) or teacher.vocab_size,
-        "rows": sum(e["rows"] for e in writer.entries),
-        "tokens": sum(e["tokens"] for e in writer.entries),
-        "max_prompt_length": max_prompt_length,
-        "max_completion_length": max_completion_length,
-        "shards": writer.entries,
-    }
+    manifest = _manifest(teacher, name, fingerprint, tokenizer, k, temperature, writer.entries,
+                         max_prompt_length, max_completion_length)  # fmt: skip
     _write_atomic(os.path.join(output_dir, fmt.MANIFEST), json.dumps(manifest, indent=2).encode())
     return TeacherCache(output_dir, tokenizer)
