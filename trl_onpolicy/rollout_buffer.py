@@ -40,18 +40,15 @@ def buffer_file(folder: str, process_index: int) -> str:
 
 def rollout_stats(batch: StepBatch, accelerator) -> dict[str, float]:
     """Completion length, truncated fraction and completion tokens of a scored batch, over all processes (a reuse
-    step logs its batch's again). Processes may hold different numbers of rollouts (an `on_rollouts` filter): each
-    pads its rows to the longest count before the gather, and the padding rows are dropped after it."""
-    lengths = batch.completion_mask.sum(1).float()  # (B,)
-    truncated = torch.tensor(batch.truncated, dtype=torch.float32, device=lengths.device)  # (B,)
-    rows = torch.stack([lengths, truncated, torch.ones_like(lengths)], 1)  # (B, 3): the last column marks real rows
+    step logs its batch's again; `tokens` is also the loss's divisor), in one gather of integer counts. Processes may
+    hold different numbers of rollouts (an `on_rollouts` filter): each pads its rows to the longest count before the
+    gather, with rows of zeros, which add nothing to the sums."""
+    lengths = batch.completion_mask.sum(1).long()  # (B,)
+    truncated = torch.tensor(batch.truncated, dtype=torch.long, device=lengths.device)  # (B,)
+    rows = torch.stack([lengths, truncated, torch.ones_like(lengths)], 1)  # (B, 3): the last column counts rows
     rows = accelerator.gather(accelerator.pad_across_processes(rows, dim=0))  # (P * B_max, 3)
-    lengths, truncated, _ = rows[rows[:, 2] > 0].unbind(1)  # (B_all,) each
-    return {
-        "completion_length": lengths.mean().item(),
-        "truncated_fraction": truncated.mean().item(),
-        "tokens": lengths.sum().item(),
-    }
+    tokens, n_truncated, n_rows = rows.sum(0).tolist()
+    return {"completion_length": tokens / n_rows, "truncated_fraction": n_truncated / n_rows, "tokens": float(tokens)}
 
 
 def _to(value, device):
@@ -79,7 +76,6 @@ class RolloutBuffer:
         self.keep_logps = keep_logps and num_iterations > 1
         self.batch: StepBatch | None = None
         self.made_at = -1  # the 0-based global step that sampled and scored it
-        self.num_items = None  # completion tokens of the batch on all processes
         self.stats: dict[str, float] = {}  # completion length, truncated fraction, tokens (all processes)
         self._age, self._ranges = 0, []
 
@@ -87,11 +83,16 @@ class RolloutBuffer:
         """Whether step `step` (0-based) trains on the buffered batch rather than a fresh one."""
         return self.batch is not None and 0 < step - self.made_at < self.num_iterations
 
-    def put(self, step: int, batch: StepBatch, num_items: float, stats: dict[str, float]) -> None:
+    @property
+    def num_items(self) -> float:
+        """Completion tokens of the batch on all processes: the loss's divisor."""
+        return self.stats["tokens"]
+
+    def put(self, step: int, batch: StepBatch, stats: dict[str, float]) -> None:
         """Keep the scored batch that step `step` made (it trains this step and the next `num_iterations - 1`)."""
         if self.keep_logps:  # filled in by `record` as the micro-batches first train
             batch.behaviour_logps = torch.full(batch.completion_mask.shape, float("nan"), device=batch.input_ids.device)
-        self.batch, self.made_at, self.num_items, self.stats = batch, step, num_items, stats
+        self.batch, self.made_at, self.stats = batch, step, stats
 
     def micro_batches(self, step: int, n_micro: int) -> list[StepBatch]:
         """The buffered batch cut for step `step` into `n_micro` micro-batches (with the behaviour log-probs on a
@@ -122,8 +123,7 @@ class RolloutBuffer:
         """Write the buffer into checkpoint `folder` when step `step` (the next one) reuses it; atomically."""
         if not self.holds(step):
             return
-        state = {"made_at": self.made_at, "num_items": self.num_items, "stats": self.stats,
-                 "batch": self.batch.state_dict()}  # fmt: skip
+        state = {"made_at": self.made_at, "stats": self.stats, "batch": self.batch.state_dict()}
         os.makedirs(folder, exist_ok=True)
         path = buffer_file(folder, process_index)
         torch.save(state, path + ".tmp")
@@ -149,4 +149,4 @@ class RolloutBuffer:
             return
         state = _to(torch.load(path, map_location="cpu", weights_only=True), accelerator.device)  # "cpu:0" won't map
         self.batch = StepBatch.from_state_dict(state["batch"], heads())
-        self.made_at, self.num_items, self.stats = state["made_at"], state["num_items"], state["stats"]
+        self.made_at, self.stats = state["made_at"], state["stats"]

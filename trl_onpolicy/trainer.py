@@ -198,8 +198,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         step, buffer = self.state.global_step, self.rollout_buffer
         if not buffer.holds(step):
             batch, rollouts, seconds = self.make_step_batch([row for rows in raw for row in rows])
-            num_items = float(self.accelerator.gather(batch.completion_mask.sum().reshape(1)).sum())  # one sync
-            buffer.put(step, batch, num_items, rollout_stats(batch, self.accelerator))
+            buffer.put(step, batch, rollout_stats(batch, self.accelerator))  # one gather: lengths, token count
             self._scored = (rollouts, []) if self.callback_handler.wants_scored else None
         micro = buffer.micro_batches(step, len(raw))
         reused = float(buffer.age > 0) if self.args.num_iterations > 1 else None
