@@ -48,26 +48,29 @@ class DistillCallbackHandler(CallbackHandler):
     def call_event(self, event, args, state, control, **kwargs):
         return super().call_event(event, args, state, control, trainer=self.trainer, **kwargs)
 
+    def _methods(self, event: str) -> list:
+        """The callbacks' methods for a distillation event, in order (callbacks without it are skipped)."""
+        return [m for m in (getattr(callback, event, None) for callback in self.callbacks) if m is not None]
+
+    def _carried(self) -> dict:
+        """What every event's kwargs carry, distillation events too."""
+        return {"model": self.model, "processing_class": self.processing_class, "trainer": self.trainer}
+
     def dispatch(self, event: str, args, state, control, **kwargs) -> None:
         """Send a distillation event to the callbacks that define it, in order."""
-        for callback in self.callbacks:
-            method = getattr(callback, event, None)
-            if method is not None:
-                method(args, state, control, model=self.model, processing_class=self.processing_class,
-                       trainer=self.trainer, **kwargs)  # fmt: skip
+        for method in self._methods(event):
+            method(args, state, control, **self._carried(), **kwargs)
 
     def on_rollouts(self, args, state, control, rollouts):
         """`on_rollouts` along the callbacks in order: each sees the rollouts the previous one returned (None: keep)."""
-        for callback in self.callbacks:
-            method = getattr(callback, "on_rollouts", None)
-            if method is not None:
-                edited = method(args, state, control, rollouts=rollouts)
-                rollouts = edited if edited is not None else rollouts
+        for method in self._methods("on_rollouts"):
+            edited = method(args, state, control, rollouts=rollouts, **self._carried())
+            rollouts = edited if edited is not None else rollouts
         return rollouts
 
     @property
     def wants_scored(self) -> bool:
-        return any(hasattr(callback, "on_scored") for callback in self.callbacks)
+        return bool(self._methods("on_scored"))
 
     def on_scored(self, args, state, control, rollouts, student_logps, teacher_logps) -> None:
         """`on_scored` with one record per completion (see [`~trl_onpolicy.callbacks.completion_records`])."""
