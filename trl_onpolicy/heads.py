@@ -137,13 +137,9 @@ def linear_head(model, detach: bool = False, autocast: torch.dtype | None = None
     """
     head = model.get_output_embeddings()
     config = model.config.get_text_config()
-    if not is_fsdp_module_of(head, torch.nn.Linear) or hasattr(head, "_hf_hook"):
-        return None
-    if getattr(config, "final_logit_softcapping", None) is not None:
+    if not _whole_linear(head) or getattr(config, "final_logit_softcapping", None) is not None:
         return None
     weight, bias = head.weight, head.bias
-    if not _plain(weight):
-        return None
     if detach:
         weight, bias = weight.detach(), None if bias is None else bias.detach()
     return LinearHead(weight, bias, logit_multiplier(config), precision.matmul_dtype(weight.dtype, autocast))
@@ -169,15 +165,19 @@ def frozen_head(model) -> LinearHead:
                 "sharded teacher needs a plain linear head. Serve the teacher instead (`trl-onpolicy serve-teacher`)."
             )
         weight, bias = _gathered_copies(params)
-    elif is_fsdp_module_of(module, torch.nn.Linear) and not hasattr(module, "_hf_hook") and _plain(weight):
+    elif _whole_linear(module):
         weight, bias = weight.detach(), None if bias is None else bias.detach()
     else:
         weight, bias = dense_weights(module, config.hidden_size)
     return LinearHead(weight, bias, multiplier, precision.matmul_dtype(weight.dtype), cap)
 
 
-def _plain(weight) -> bool:
-    """A whole dense tensor here (not a quantised parameter, a ZeRO-3 partition or on the meta device)."""
+def _whole_linear(module) -> bool:
+    """A plain `nn.Linear` (FSDP2's wrapper of one counts) without accelerate hooks, whose weight is a whole dense
+    tensor here (not a quantised parameter, a ZeRO-3 partition or on the meta device)."""
+    if not is_fsdp_module_of(module, torch.nn.Linear) or hasattr(module, "_hf_hook"):
+        return False
+    weight = module.weight
     return type(weight.data) is torch.Tensor and weight.numel() > 0 and not weight.is_meta and not is_partitioned(weight)
 
 
