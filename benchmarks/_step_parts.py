@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import torch
-from vs_trl import BATCH, BETA, LR, common_args, llama, prompts
+from vs_trl import BATCH, BETA, LR, SEED, common_args, llama, prompts
 
 from trl_onpolicy import OnPolicyDistillConfig, rollouts
 from trl_onpolicy.prompts import tokenize_row
@@ -94,6 +94,7 @@ def setup(vocab: int, completion: int, shapes, steps: int):
     rows = [tokenize_row({"prompt": p}, tok)["prompt_ids"] for p in prompts(BATCH * steps)["prompt"]]
     batches = [rows[i : i + BATCH] for i in range(0, len(rows), BATCH)]
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
+    torch.manual_seed(SEED)  # the sampling's draws, as the trainers seed theirs
     return student, teacher, config, batches, optimizer
 
 
