@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_onpolicy.divergences import generalized_jsd
 from trl_onpolicy.rollouts import Rollouts, collate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,27 +85,19 @@ def test_ratios_are_of_the_medians(report):
     }
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.2])
-def test_plain_jsd_equals_the_packages_definition(parts, beta):
-    torch.manual_seed(0)
-    student, teacher = torch.randn(6, 50, dtype=torch.float64) * 3, torch.randn(6, 50, dtype=torch.float64) * 3
-    got = parts.plain_jsd(student.log_softmax(-1), teacher.log_softmax(-1), beta)  # (6,)
-    want = generalized_jsd(student.log_softmax(-1), teacher.log_softmax(-1), beta)  # (6,)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert (got > 0).all()
-
-
-def test_head_at_gives_the_logits_that_predict_each_completion_token(parts):
-    """Left-padded prompts and right-padded completions of different lengths: the `(N, V)` logits at the `predicting`
-    positions are the full model's logits one column before each completion token, in the tokens' order."""
+def test_hidden_at_gives_the_states_that_predict_each_completion_token(parts):
+    """Left-padded prompts and right-padded completions of different lengths: the head over the `(N, H)` states at the
+    `predicting` positions gives the full model's logits one column before each completion token, in the tokens'
+    order, and shifting `predicting` by one column picks those tokens (the update's targets)."""
     model = parts.llama(0, 2, 32, 64).eval()  # the benchmark's own Llama: 2 layers x 32, V = 64
     prompts, completions = [[5, 6, 7], [8, 9, 10, 11, 12]], [[13, 14], [15, 16, 17, 2]]
     batch = collate(Rollouts(prompts, completions, "student"), pad_id=0)
     where = parts.predicting(batch)  # (B, P + C)
     with torch.no_grad():
-        got = parts.head_at(model, batch, where)  # (N, V)
+        got = model.lm_head(parts.hidden_at(model, batch, where))  # (N, V)
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
     want = torch.cat([full[0, 4:6], full[1, 4:8]])  # P = 5: completions start at column 5, predicted from 4 on
     assert got.shape == (6, model.config.vocab_size)
     torch.testing.assert_close(got, want)
+    assert batch["input_ids"][:, 1:][where[:, :-1]].tolist() == [13, 14, 15, 16, 17, 2]
