@@ -15,9 +15,10 @@ each run `--warmup` 2 warm-up steps then `--timed` timed steps, in this process,
   runs in our loss: "update"), update = the rest;
 - (b) `parts`: each irreducible part alone on the same models, prompts and generation config (`_step_parts.py`):
   (b1) `trl_onpolicy.rollouts.sample`, our sampler; (b1') plain `model.generate` (the "before" sampler), alternating
-  with (b1) in the same steps; (b2) the teacher's no_grad prefill over the `(B, P + C)` batch, its head at the
-  completion positions only; (b3) the student's forward, head, full-logits generalized JSD against (b2)'s logits,
-  backward, clip and AdamW step. sum(b) = b1 + b2 + b3;
+  with (b1) in the same steps; (b2) the teacher's no_grad backbone prefill over the `(B, P + C)` batch, its final
+  hidden states kept at the completion positions; (b3) the student's backbone forward, the package's tiled
+  generalized JSD (`distillation_loss`, the teacher's head projected inside its tiles), backward, clip and AdamW
+  step. sum(b) = b1 + b2 + b3;
 - (c) `trl`: `trl.DistillationTrainer`'s whole step with the same settings (`vs_trl.run`).
 
 Reported per point, over all timed steps of all repeats pooled: each time's median, quartiles and min-max; the ratios
