@@ -48,7 +48,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -241,11 +240,8 @@ def setup(cli) -> dict:
 def main(argv=None):
     cli = parse_args(argv)
     out = Path(cli.out)
-    if cli.plot_only:
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    if vs_trl.redraw_or_prepare(out, cli.plot_only, plot):
         return
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
     t_start = time.perf_counter()
     result = {"setup": setup(cli), "environment": environment(), "points": []}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -399,6 +399,17 @@ def best(runs: list[dict]) -> dict:
     return top
 
 
+def redraw_or_prepare(out: Path, plot_only: bool, draw) -> bool:
+    """With `plot_only`, redraw `out`'s PNG from its JSON with `draw` and return True; else set up a timed run
+    (warnings off, one torch thread) and return False."""
+    if plot_only:
+        draw(json.loads(out.read_text()), out.with_suffix(".png"))
+        return True
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    return False
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="V=32000, C=64, 1 repeat, 2 timed steps")
@@ -425,11 +436,8 @@ def main():
     parser.add_argument("--out", default=str(RESULTS))
     cli = parser.parse_args()
     out = Path(cli.out)
-    if cli.plot_only:
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    if redraw_or_prepare(out, cli.plot_only, plot):
         return
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
     vocabs, completions = ((32_000,), (64,)) if cli.quick else (VOCABS, COMPLETIONS)
     repeats, timed = (1, 2) if cli.quick else (cli.repeats, cli.timed_steps)
     names = ("ours", "trl") if cli.no_gkd else TRAINERS
