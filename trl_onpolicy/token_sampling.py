@@ -52,7 +52,7 @@ def draw_tokens(scores: torch.Tensor, block: int = 1024) -> torch.Tensor:
         `torch.Tensor` `(B,)` of token ids.
 
     Raises:
-        `ValueError`: a row has no finite probability mass (NaN scores, or every token masked), where
+        `ValueError`: on CPU, a row has no finite probability mass (NaN scores, or every token masked), where
             `torch.multinomial` raises too.
     """
     vocab = scores.shape[-1]
@@ -75,13 +75,14 @@ def draw_tokens(scores: torch.Tensor, block: int = 1024) -> torch.Tensor:
     top = torch.nextafter(inner_cdf[:, -1:], torch.zeros_like(u))  # (B, 1)
     rest = torch.minimum(fraction * inner_cdf[:, -1:], top)  # (B, 1)
     j = torch.searchsorted(inner_cdf, rest, right=True)  # (B, 1): the first running sum > rest
-    return (b * block + j).squeeze(1)  # (B,)
+    return (b * block + j).squeeze(1).clamp_(max=vocab - 1)  # (B,); the clamp only matters for a NaN row
 
 
 def _uniform_below(total: torch.Tensor) -> torch.Tensor:
-    """u ~ U[0, total) per row of `total` `(B, 1)` (one draw from torch's default generator), after checking that
-    every row has finite, positive mass."""
-    if not bool((total > 0).all()):  # False for NaN too
+    """u ~ U[0, total) per row of `total` `(B, 1)` (one draw from torch's default generator). On CPU it first checks
+    that every row has finite, positive mass; on an accelerator that check would wait for the device at every token,
+    so a NaN row draws some valid id there and the step's non-finite loss is skipped (see `nonfinite.py`)."""
+    if total.device.type == "cpu" and not bool((total > 0).all()):  # False for NaN too
         raise ValueError("Cannot sample the next token: a row's scores are NaN or mask every token (-inf).")
     return torch.rand(total.shape, dtype=total.dtype, device=total.device) * total  # (B, 1)
 
