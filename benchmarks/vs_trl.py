@@ -29,7 +29,8 @@ What is measured:
   callbacks after one warm-up step (generation, teacher, student pass, loss, backward, AdamW all included). Each
   trainer runs `--repeats` times in alternation (ours, TRL, GKD, ours, TRL, GKD, ...); a trainer's figure is the best
   of its repeats' median steps, and the ratio ours / TRL is of those figures;
-- phases, the same instruments for all three: generation = the student's `generate` calls; teacher = the teacher
+- phases, the same instruments for all three: generation = the student's `generate` calls (ours: its student
+  sampler's calls, which need not go through `generate`, with their padding and EOS cutting); teacher = the teacher
   backbone's forward (a hook on its `LlamaModel`: TRL projects the teacher's hidden states inside its loss kernel and
   ours inside its loss chunks, so the teacher's head counts as "update" in both); update = step - generation - teacher;
 - peak memory: `LiveTensorBytes` (`_memory.py`) over one whole optimizer step after the timed ones, in the first
@@ -174,11 +175,11 @@ def build(name: str, vocab: int, completion: int, steps: int, out_dir: str, call
 # ------------------------------------------------------------------------------------------- instruments
 class Probe(TrainerCallback):
     """Step wall times and per-phase seconds (between `on_step_end`s); with `memory`, tensor memory over the steps
-    after the first (the timed ones)."""
+    after step `memory_after` (by default the first: the timed ones) to the last."""
 
-    def __init__(self, memory: bool = False):
+    def __init__(self, memory: bool = False, memory_after: int = 1):
         self.step_times, self.phases, self.tokens = [], [], []
-        self.memory = memory
+        self.memory, self.memory_after = memory, memory_after
         self.counter = LiveTensorBytes()
         self.resting = None
         self.modules = ()
@@ -197,7 +198,7 @@ class Probe(TrainerCallback):
         self.tokens.append(self._tokens)
         self._gen = self._teacher = 0.0
         self._tokens = 0
-        if self.memory and state.global_step == 1:
+        if self.memory and state.global_step == self.memory_after:
             self.resting = resting_bytes(self.modules, kwargs.get("optimizer"))
             self.counter.__enter__()
         elif self.memory and state.global_step == state.max_steps:
@@ -220,9 +221,26 @@ class Probe(TrainerCallback):
 
         return wrapper
 
+    def timed_sampler(self, sample):
+        """Our trainer's student sampler (`Sampler.sample`), however it samples: its completions are already cut
+        after the first EOS, so their lengths are the tokens trained on."""
+
+        @functools.wraps(sample)
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = sample(*args, **kwargs)
+            self._gen += time.perf_counter() - t0
+            self._tokens += sum(len(ids) for ids in out.completion_ids)
+            return out
+
+        return wrapper
+
     def attach(self, trainer, teacher_model):
         student = trainer.accelerator.unwrap_model(trainer.model)
-        student.generate = self.timed_generate(student.generate)
+        if hasattr(trainer, "student_sampler"):  # ours: its sampler need not call `generate`
+            trainer.student_sampler.sample = self.timed_sampler(trainer.student_sampler.sample)
+        else:
+            student.generate = self.timed_generate(student.generate)
         backbone = teacher_model.model  # the teacher's LlamaModel: every trainer runs it once per step
 
         def start(*_):
@@ -236,32 +254,43 @@ class Probe(TrainerCallback):
         self.modules = (student, teacher_model)
 
 
-def run(name: str, vocab: int, completion: int, timed: int, memory: bool, workdir: str) -> dict:
-    """One training run: 1 warm-up step, then `timed` timed steps (with `memory`, under the memory counter)."""
-    steps = 1 + timed
-    probe = Probe(memory)
-    trainer, teacher_model = build(name, vocab, completion, steps, f"{workdir}/{name}", [probe])
+def run(name: str, vocab: int, completion: int, timed: int, memory: bool, workdir: str, warmup: int = 1,
+        shapes: tuple[tuple[int, int], tuple[int, int]] = (STUDENT, TEACHER), memory_step: bool = False) -> dict:
+    """
+    One training run: `warmup` warm-up steps, then `timed` timed steps. With `memory`, tensor memory is counted over
+    the timed steps, or, with `memory_step`, over one more step after them (so that the counter slows no timed step).
+    `shapes`: the (layers, hidden) of the student and the teacher.
+    """
+    steps = warmup + timed + (memory and memory_step)
+    probe = Probe(memory, memory_after=warmup + timed if memory_step else warmup)
+    models = (llama(0, *shapes[0], vocab), llama(1, *shapes[1], vocab))
+    trainer, teacher_model = build(name, vocab, completion, steps, f"{workdir}/{name}", [probe], models=models)
     probe.attach(trainer, teacher_model)
     trainer.train()
-    step_s = probe.step_times[1:]  # the first step warms up
-    gen_s = [g for g, _ in probe.phases[1:]]
-    teacher_s = [t for _, t in probe.phases[1:]]
-    tokens = probe.tokens[1:]
+    timed_steps = slice(warmup, warmup + timed)  # the first `warmup` steps warm up
+    step_s, tokens = probe.step_times[timed_steps], probe.tokens[timed_steps]
+    gen_s = [g for g, _ in probe.phases[timed_steps]]
+    teacher_s = [t for _, t in probe.phases[timed_steps]]
+    update_s = [s - g - t for s, g, t in zip(step_s, gen_s, teacher_s)]
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     result = {
         "step_s": statistics.median(step_s),
         "generation_s": statistics.median(gen_s),
         "teacher_s": statistics.median(teacher_s),
-        "update_s": statistics.median(s - g - t for s, g, t in zip(step_s, gen_s, teacher_s)),
+        "update_s": statistics.median(update_s),
         "completion_tokens_per_step": statistics.mean(tokens),
         "mean_completion_length": statistics.mean(tokens) / BATCH,
         "tokens_per_second": statistics.mean(tokens) / statistics.median(step_s),
         "losses": [h["loss"] for h in logs],
         "all_step_s": step_s,
+        "all_generation_s": gen_s,
+        "all_teacher_s": teacher_s,
+        "all_update_s": update_s,
+        "all_tokens": tokens,
     }
     if name == "ours":  # the trainer's own clocks, as a cross-check of the hooks
         result["logged_time"] = {
-            k: statistics.median(h[f"time/{k}"] for h in logs[1 : 1 + timed]) for k in ("generation", "teacher")
+            k: statistics.median(h[f"time/{k}"] for h in logs[timed_steps]) for k in ("generation", "teacher")
         }
     if memory:
         result["resting_MiB"] = probe.resting / MiB
@@ -370,6 +399,17 @@ def best(runs: list[dict]) -> dict:
     return top
 
 
+def redraw_or_prepare(out: Path, plot_only: bool, draw) -> bool:
+    """With `plot_only`, redraw `out`'s PNG from its JSON with `draw` and return True; else set up a timed run
+    (warnings off, one torch thread) and return False."""
+    if plot_only:
+        draw(json.loads(out.read_text()), out.with_suffix(".png"))
+        return True
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    return False
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="V=32000, C=64, 1 repeat, 2 timed steps")
@@ -396,11 +436,8 @@ def main():
     parser.add_argument("--out", default=str(RESULTS))
     cli = parser.parse_args()
     out = Path(cli.out)
-    if cli.plot_only:
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    if redraw_or_prepare(out, cli.plot_only, plot):
         return
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
     vocabs, completions = ((32_000,), (64,)) if cli.quick else (VOCABS, COMPLETIONS)
     repeats, timed = (1, 2) if cli.quick else (cli.repeats, cli.timed_steps)
     names = ("ours", "trl") if cli.no_gkd else TRAINERS

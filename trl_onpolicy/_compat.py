@@ -125,3 +125,13 @@ def dequantize_4bit(weight: torch.Tensor, quant_entries: dict[str, torch.Tensor]
 
     state = QuantState.from_dict(dict(quant_entries), device=weight.device)  # from_dict pops entries: a copy
     return dequantize(weight, state)
+
+
+def effective_generation_config(model, config):
+    """`config` with the model's generation defaults (then transformers' global ones) filled in where it leaves a field
+    unset, as `generate` fills them (transformers 5.x `_prepare_generation_config`); `config` itself where the model
+    has no such method."""
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if prepare is None:  # pragma: no cover - other transformers versions
+        return config
+    return prepare(config)[0]  # it works on a copy

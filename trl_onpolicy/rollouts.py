@@ -15,6 +15,7 @@ import torch
 from transformers import GenerationConfig
 
 from .launchers import needs_synced_generation
+from .token_sampling import inverse_cdf_generation
 
 
 @dataclass
@@ -200,7 +201,8 @@ def sample(
     model, prompt_ids: list[list[int]], generation_config: GenerationConfig, tokenizer=None
 ) -> tuple[list[list[int]], list[bool]]:
     """
-    Sample one completion per prompt with `model.generate` (KV cache on, left padding).
+    Sample one completion per prompt with `model.generate` (KV cache on, left padding), drawing sampled tokens by
+    inverse-CDF sampling (see [`~trl_onpolicy.token_sampling`]; same distribution as `generate`'s own sampling).
 
     Returns:
         `(completion_ids, truncated)`: ids cut after the first EOS, and whether each one ran to `max_new_tokens`
@@ -215,8 +217,9 @@ def sample(
         kwargs = {"tokenizer": tokenizer} if generation_config.stop_strings else {}
         if needs_synced_generation(model):  # each step gathers sharded weights: no process may stop early
             kwargs["synced_gpus"] = True
+        config, draw_kwargs = inverse_cdf_generation(model, generation_config)
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs, **draw_kwargs
         )  # (B, P + C')
     finally:
         model.train(was_training)
