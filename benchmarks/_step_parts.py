@@ -46,31 +46,25 @@ def plain_generate(model, prompt_ids: list[list[int]], generation_config) -> tor
         model.train()
 
 
-def predicting(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`(B, P + C)` bool: the positions whose next token is a completion token (row-major order = the tokens')."""
-    width = batch["completion_mask"].shape[1]
-    mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # (B, P + C)
-    mask[:, -width - 1 : -1] = batch["completion_mask"].bool()
-    return mask
-
-
-def hidden_at(model, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
-    """The model's backbone over the batch, its final hidden states at `where` only: `(N, H)`."""
+def completion_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's backbone over the batch, its final hidden states at the positions that predict the completion
+    tokens, as our loss takes them: `(N, H)`, in the tokens' order."""
     ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, P + C)
     hidden = model.model(input_ids=ids, attention_mask=mask, **rollouts.position_kwargs(model, mask)).last_hidden_state
-    return hidden[where]  # (N, H)
+    width = batch["completion_ids"].shape[1]
+    return hidden[:, -width - 1 : -1][batch["completion_mask"].bool()]  # (B, C, H) -> (N, H)
 
 
 @torch.no_grad()
-def teacher_prefill(teacher, batch: dict[str, torch.Tensor], where: torch.Tensor) -> TeacherScores:
+def teacher_prefill(teacher, batch: dict[str, torch.Tensor]) -> TeacherScores:
     """The teacher's scores in full form, `(N, H_t)` hidden states and its head, as a local teacher gives them."""
-    return TeacherScores(temperature=1.0, hidden=hidden_at(teacher, batch, where), head=teacher.lm_head)
+    return TeacherScores(temperature=1.0, hidden=completion_hidden(teacher, batch), head=teacher.lm_head)
 
 
-def student_update(student, optimizer, batch, where: torch.Tensor, teacher: TeacherScores) -> float:
+def student_update(student, optimizer, batch, teacher: TeacherScores) -> float:
     """Forward, tiled JSD against the teacher on the N completion tokens (mean over tokens), backward, clip, AdamW."""
-    hidden = hidden_at(student, batch, where)  # (N, H)
-    targets = batch["input_ids"][:, 1:][where[:, :-1]]  # (N,): the token each position predicts, in order
+    hidden = completion_hidden(student, batch)  # (N, H)
+    targets = batch["completion_ids"][batch["completion_mask"].bool()]  # (N,)
     sums = distillation_loss(hidden, student.lm_head, teacher, targets, loss_type="jsd", beta=BETA,
                              vocab_size=student.config.vocab_size, num_items=float(hidden.shape[0]))  # fmt: skip
     sums.loss.backward()
@@ -110,11 +104,10 @@ def run_parts(vocab: int, completion: int, shapes, warmup: int, timed: int) -> d
                 completions, _ = rollouts.sample(student, prompt_ids, config)
             seconds[part] = time.perf_counter() - t0
         batch = rollouts.collate(rollouts.Rollouts(prompt_ids, completions, "student"), config.pad_token_id)
-        where = predicting(batch)  # (B, P + C)
         t0 = time.perf_counter()
-        teacher_scores = teacher_prefill(teacher, batch, where)  # (N, H_t) and the head
+        teacher_scores = teacher_prefill(teacher, batch)  # (N, H_t) and the head
         t1 = time.perf_counter()
-        loss = student_update(student, optimizer, batch, where, teacher_scores)
+        loss = student_update(student, optimizer, batch, teacher_scores)
         seconds["update"], seconds["teacher"] = time.perf_counter() - t1, t1 - t0
         if step >= warmup:
             for part in PARTS:

@@ -85,19 +85,18 @@ def test_ratios_are_of_the_medians(report):
     }
 
 
-def test_hidden_at_gives_the_states_that_predict_each_completion_token(parts):
-    """Left-padded prompts and right-padded completions of different lengths: the head over the `(N, H)` states at the
-    `predicting` positions gives the full model's logits one column before each completion token, in the tokens'
-    order, and shifting `predicting` by one column picks those tokens (the update's targets)."""
+def test_completion_hidden_gives_the_states_that_predict_each_completion_token(parts):
+    """Left-padded prompts and right-padded completions of different lengths: the head over the `(N, H)` states gives
+    the full model's logits one column before each completion token, in the tokens' order, the order in which the
+    update reads its targets."""
     model = parts.llama(0, 2, 32, 64).eval()  # the benchmark's own Llama: 2 layers x 32, V = 64
     prompts, completions = [[5, 6, 7], [8, 9, 10, 11, 12]], [[13, 14], [15, 16, 17, 2]]
     batch = collate(Rollouts(prompts, completions, "student"), pad_id=0)
-    where = parts.predicting(batch)  # (B, P + C)
     with torch.no_grad():
-        got = model.lm_head(parts.hidden_at(model, batch, where))  # (N, V)
+        got = model.lm_head(parts.completion_hidden(model, batch))  # (N, V)
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
     want = torch.cat([full[0, 4:6], full[1, 4:8]])  # P = 5: completions start at column 5, predicted from 4 on
     assert got.shape == (6, model.config.vocab_size)
     torch.testing.assert_close(got, want)
-    assert batch["input_ids"][:, 1:][where[:, :-1]].tolist() == [13, 14, 15, 16, 17, 2]
+    assert batch["completion_ids"][batch["completion_mask"].bool()].tolist() == [13, 14, 15, 16, 17, 2]
