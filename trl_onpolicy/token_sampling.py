@@ -71,7 +71,8 @@ def draw_tokens(scores: torch.Tensor, block: int = 1024) -> torch.Tensor:
     inner_cdf = inside.cumsum(dim=-1, dtype=wide)  # (B, block)
     # u's place in its block, as a fraction of the block's mass, read on the block's own running sum (whose total can
     # differ from the block's sum by a rounding); kept strictly below that total, so the token drawn has weight > 0
-    fraction = ((u - (block_cdf.gather(1, b) - block_mass.gather(1, b))) / block_mass.gather(1, b)).clamp_(0, 1)
+    mass = block_mass.gather(1, b)  # (B, 1)
+    fraction = ((u - (block_cdf.gather(1, b) - mass)) / mass).clamp_(0, 1)  # (B, 1)
     top = torch.nextafter(inner_cdf[:, -1:], torch.zeros_like(u))  # (B, 1)
     rest = torch.minimum(fraction * inner_cdf[:, -1:], top)  # (B, 1)
     j = torch.searchsorted(inner_cdf, rest, right=True)  # (B, 1): the first running sum > rest
