@@ -4,10 +4,10 @@
     OMP_NUM_THREADS=1 python benchmarks/pool_timing.py --steps 12 --repeats 2
 
 The standard toy task of `quality.py`: the built-in 3 x 128 teacher, the 2 x 128 student warm-started on the task,
-batch 32 prompts, on-policy JSD, AdamW. Settings: fresh rollouts every step (`1`); pools of 4 steps generated one step's
-rows per sampler call (`4`, the default `generation_batch_size`) and all 128 rows in one call (`4x128`); one pool per
-round (`round`, `num_rounds = steps / 8`: pools of 8 steps, 128 rows per call). The settings run in turn within each
-repeat. A step's wall time is from one `on_step_end` to the next (the first from `on_train_begin`); a pool's
+batch 32 prompts, on-policy JSD, AdamW. Settings: fresh rollouts every step (`1`); pools of 4 steps generated one
+step's rows per sampler call (`4`, the default `generation_batch_size`) and all 128 rows in one call (`4x128`); one
+pool per round (`round`, `num_rounds = steps / 8`: pools of 8 steps, 128 rows per call). The settings take turns in
+each repeat. A step's wall time is from one `on_step_end` to the next (the first from `on_train_begin`); a pool's
 generation falls on its first step, so the mean over whole pools is the cost per step at equal work, and the median
 step of a pooled run is one that generated nothing. Writes `results/pool_timing.json`.
 """
@@ -33,7 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-import quality  # noqa: E402  (the toy pair, prompts and the completion length of the quality benchmark)
+import quality  # the toy pair, prompts and the completion length of the quality benchmark)
 
 RESULTS = Path(__file__).parent / "results" / "pool_timing.json"
 SETTINGS = {  # name -> config overrides

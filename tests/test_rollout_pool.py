@@ -268,33 +268,41 @@ def _config(tmp_path, **values):
     return OnPolicyDistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **values)
 
 
+BAD_VALUE = (
+    "`steps_per_generation` must be an integer >= 1 (1 = fresh rollouts every optimizer step) or 'round' (one pool "
+    "per round of `num_rounds`), got {}."
+)
+BOTH_REUSES = (
+    "`steps_per_generation=2` and `num_iterations=2` both reuse rollouts across optimizer steps; choose one: "
+    "`steps_per_generation` trains each step on its own prompts from a pool generated ahead, `num_iterations` trains "
+    "several steps on one step's batch. Set the other to 1."
+)
+SAMPLED_REVERSE_KL = (
+    "`loss_type='sampled_reverse_kl'` cannot train on pooled rollouts (`steps_per_generation='round'`): its "
+    "importance weight needs the log-probs of the student that sampled the tokens, which `generate` does not return, "
+    "and a pooled step trains a student that has moved since. Use `num_iterations` instead (it keeps those log-probs "
+    "at a batch's first use) or a full-distribution loss (`jsd`, `forward_kl`, `reverse_kl`)."
+)
+ONE_ROUND = (
+    "`steps_per_generation='round'` with `num_rounds=1` would generate one pool for the whole run, trained on by a "
+    "student that never samples again. Set `num_rounds` to the number of pools (e.g. `num_rounds=4`), or give "
+    "`steps_per_generation` an integer."
+)
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"steps_per_generation": 2, "num_iterations": 2},
-         "`steps_per_generation=2` and `num_iterations=2` both reuse rollouts across optimizer steps; choose one: "
-         "`steps_per_generation` trains each step on its own prompts from a pool generated ahead, `num_iterations` "
-         "trains several steps on one step's batch. Set the other to 1."),
-        ({"steps_per_generation": "round", "num_rounds": 2, "loss_type": "sampled_reverse_kl"},
-         "`loss_type='sampled_reverse_kl'` cannot train on pooled rollouts (`steps_per_generation='round'`): its "
-         "importance weight needs the log-probs of the student that sampled the tokens, which `generate` does not "
-         "return, and a pooled step trains a student that has moved since. Use `num_iterations` instead (it keeps "
-         "those log-probs at a batch's first use) or a full-distribution loss (`jsd`, `forward_kl`, `reverse_kl`)."),
-        ({"steps_per_generation": "round"},
-         "`steps_per_generation='round'` with `num_rounds=1` would generate one pool for the whole run, trained on by "
-         "a student that never samples again. Set `num_rounds` to the number of pools (e.g. `num_rounds=4`), or give "
-         "`steps_per_generation` an integer."),
-        ({"steps_per_generation": "rounds"},
-         "`steps_per_generation` must be an integer >= 1 (1 = fresh rollouts every optimizer step) or 'round' (one "
-         "pool per round of `num_rounds`), got 'rounds'."),
-        ({"steps_per_generation": 0},
-         "`steps_per_generation` must be an integer >= 1 (1 = fresh rollouts every optimizer step) or 'round' (one "
-         "pool per round of `num_rounds`), got 0."),
-        ({"steps_per_generation": None},
-         "`steps_per_generation` must be an integer >= 1 (1 = fresh rollouts every optimizer step) or 'round' (one "
-         "pool per round of `num_rounds`), got None."),
-        ({"generation_batch_size": 0},
-         "`generation_batch_size` must be None (one sampler call per step's rows) or >= 1, got 0."),
+        ({"steps_per_generation": 2, "num_iterations": 2}, BOTH_REUSES),
+        ({"steps_per_generation": "round", "num_rounds": 2, "loss_type": "sampled_reverse_kl"}, SAMPLED_REVERSE_KL),
+        ({"steps_per_generation": "round"}, ONE_ROUND),
+        ({"steps_per_generation": "rounds"}, BAD_VALUE.format("'rounds'")),
+        ({"steps_per_generation": 0}, BAD_VALUE.format(0)),
+        ({"steps_per_generation": None}, BAD_VALUE.format(None)),
+        (
+            {"generation_batch_size": 0},
+            "`generation_batch_size` must be None (one sampler call per step's rows) or >= 1, got 0.",
+        ),
     ],
 )
 def test_bad_pool_settings_are_refused(tmp_path, values, message):

@@ -63,7 +63,7 @@ def split_evenly(items: list, parts: int) -> list[list]:
     """`items` cut into `parts` consecutive pieces whose sizes differ by at most one."""
     size, extra = divmod(len(items), parts)
     bounds = [0, *itertools.accumulate(size + (i < extra) for i in range(parts))]
-    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    return [items[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
 
 @dataclass
@@ -191,8 +191,9 @@ class RolloutPool:
             raise RuntimeError("A checkpoint was written between drawing a rollout pool and generating it.")
         state = {
             "made_at": self.made_at,
-            "steps": [{"step": s.step, "batches": len(s.batches), "rollouts": asdict(s.rollouts)}
-                      for s in self._steps],  # fmt: skip
+            "steps": [
+                {"step": s.step, "batches": len(s.batches), "rollouts": asdict(s.rollouts)} for s in self._steps
+            ],
         }
         os.makedirs(folder, exist_ok=True)
         path = pool_file(folder, process_index)
