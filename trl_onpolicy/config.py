@@ -104,15 +104,12 @@ class OnPolicyDistillConfig(SFTConfig):
             `q / q_old` (times the vLLM weight of `vllm_importance_sampling_correction`). The loss temperature is
             held while a batch is reused (its scores were computed at it).
         steps_per_generation (`int` or `str`, *optional*, defaults to `1`):
-            Optimizer steps whose rollouts are generated at once, as a pool (TRL GRPO's name): at a pool's first step
-            the prompts of its steps are drawn from the data loader together and completed in batched sampler calls;
-            each step then trains on its own slice, scored by the teacher at that step. `1`: fresh rollouts every step;
-            `"round"`: one pool per round (`num_rounds`), the seed's iterative distillation. Larger generation calls
-            and fewer of them, for rollouts up to `steps_per_generation - 1` updates old (see `rollout_pool.py`).
+            Optimizer steps whose rollouts are generated at once, as a pool (TRL GRPO's name): at its first step the
+            pool's prompts are drawn and completed in batched sampler calls; each step trains on its own slice, up to
+            `steps_per_generation - 1` updates old. `"round"`: one pool per round (`num_rounds`). See
+            `rollout_pool.py`.
         generation_batch_size (`int`, *optional*):
-            Dataset rows per sampler call, per process (each completed `num_generations` times): a pool of many steps
-            is generated in calls of this size. `None`: one call per step's rows (TRL's name; there it counts all
-            processes' completions).
+            Dataset rows per sampler call, per process, when a pool is generated; `None`: one call per step's rows.
         max_completion_length (`int`, *optional*, defaults to `256`):
             Maximum number of generated tokens. Prompts are cut from the left to `max_length - max_completion_length`.
         temperature (`float`, *optional*, defaults to `1.0`):
