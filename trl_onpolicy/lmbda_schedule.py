@@ -49,15 +49,18 @@ def lmbda_at(step: int, max_steps: int, schedule: str, start: float, end: float,
     """
     if schedule == "constant":
         return start
-    if schedule == "step":
-        r, rounds = round_of(step, max_steps, num_rounds)
-        return start + (end - start) * r / (rounds - 1) if rounds > 1 else start
     p = min(max(step / max(max_steps - 1, 1), 0.0), 1.0)
     if schedule == "linear":
-        return start + (end - start) * p
-    if schedule == "cosine":
-        return end + (start - end) * (1.0 + math.cos(math.pi * p)) / 2.0
-    raise ValueError(f"`lmbda_schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+        w = p
+    elif schedule == "cosine":
+        w = (1.0 - math.cos(math.pi * p)) / 2.0
+    elif schedule == "step":
+        r, rounds = round_of(step, max_steps, num_rounds)
+        w = r / (rounds - 1) if rounds > 1 else 0.0
+    else:
+        raise ValueError(f"`lmbda_schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+    value = start * (1.0 - w) + end * w  # the weight w of `end`: 0 gives `start` and 1 gives `end` exactly
+    return min(max(value, min(start, end)), max(start, end))  # never past an endpoint by a rounding error
 
 
 def lmbda_endpoints(config) -> tuple[float, float]:
