@@ -89,7 +89,7 @@ class OnPolicyDistillConfig(SFTConfig):
         lmbda (`float`, *optional*, defaults to `1.0`):
             Probability, drawn per generation batch, that the student samples the completions (on-policy). Otherwise
             the teacher samples them (`seq_kd=True`) or the dataset's completions are used (supervised KD). GKD's
-            name; its default there is 0.5, ours is fully on-policy.
+            name; its default there is 0.5, ours is fully on-policy. It may follow a schedule (`lmbda_schedule`).
         seq_kd (`bool`, *optional*, defaults to `False`):
             When the batch is not on-policy, let the teacher write the completions (sequence-level KD).
         num_generations (`int`, *optional*, defaults to `1`):
