@@ -1,8 +1,8 @@
 """The checks `OnPolicyDistillConfig.__post_init__` runs: one function per concern, each error naming the bad value.
 
-`check_config` runs them in order (loss, rollouts, the `lmbda` curriculum, vLLM, teachers, loss temperature, rounds, inherited SFT settings);
-the first failed check raises a `ValueError`. The allowed values of the string fields live here too (`LOSS_TYPES`,
-`MIXTURES`); the loss temperature's schedules are `temperature.SCHEDULES`.
+`check_config` runs them in order (loss, rollouts, the `lmbda` curriculum, vLLM, teachers, loss temperature, rounds,
+inherited SFT settings); the first failed check raises a `ValueError`. The allowed values of the string fields live
+here too (`LOSS_TYPES`, `MIXTURES`); the schedules are `temperature.SCHEDULES` and `lmbda_schedule.SCHEDULES`.
 """
 
 from __future__ import annotations
@@ -101,9 +101,10 @@ def check_curriculum(config) -> None:
     schedule = config.lmbda_schedule
     check(schedule in LMBDA_SCHEDULES, f"`lmbda_schedule` must be one of {LMBDA_SCHEDULES}, got {schedule!r}.")
     given = [name for name in ("lmbda_start", "lmbda_end") if getattr(config, name) is not None]
+    names = " and ".join(f"`{name}`" for name in given)
     check(
         schedule != "constant" or not given,
-        f"{' and '.join(f'`{name}`' for name in given)} {'is' if len(given) == 1 else 'are'} set, but `lmbda_schedule='constant'` uses `lmbda` "
+        f"{names} {'is' if len(given) == 1 else 'are'} set, but `lmbda_schedule='constant'` uses `lmbda` "
         f"({config.lmbda}) at every step. Set `lmbda_schedule` to 'linear', 'cosine' or 'step' to move from "
         "`lmbda_start` to `lmbda_end`, or set only `lmbda`.",
     )
