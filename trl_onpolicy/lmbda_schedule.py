@@ -15,6 +15,10 @@ the first step has `start` and the last one `end`):
   `start + (end - start) * r / (R - 1)` at each of its steps. `R = num_rounds` (fewer when `num_rounds > N`,
   since rounds are never empty).
 
+Each is computed as `start * (1 - w) + end * w` with `w` the weight of `end` (`p`, `(1 - cos(pi * p)) / 2`,
+`r / (R - 1)`), so the endpoints come out exactly (`lmbda=1.0` draws the student every time) and no rounding error
+steps outside `[start, end]`.
+
 Every value is a pure function of `(s, N)` and the config, so a resumed run draws exactly what an uninterrupted one
 draws, and a step's value can be computed for any step, ahead of time too.
 """
