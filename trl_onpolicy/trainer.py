@@ -36,6 +36,7 @@ from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generat
 from .callback_handler import DistillCallbackHandler, round_ends
 from .config import OnPolicyDistillConfig
 from .importance_sampling import ImportanceSamplingStats
+from .lmbda_schedule import lmbda_of
 from .nonfinite import NonfiniteGuard, deepspeed_skipped
 from .prompts import check_columns
 from .rollout_buffer import RolloutBuffer, rollout_stats
@@ -205,8 +206,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
             self._scored = (rollouts, []) if self.callback_handler.wants_scored else None
         micro = buffer.micro_batches(step, len(raw))
         reused = float(buffer.age > 0) if self.args.num_iterations > 1 else None
+        lmbda = lmbda_of(self.args, step, self.state.max_steps) if self.args.lmbda_schedule != "constant" else None
         age = pool.age if self.args.steps_per_generation != 1 else None
-        log_rollouts(self._metrics["train"], buffer.stats, seconds, self.loss_temperature.value, reused, age)
+        log_rollouts(self._metrics["train"], buffer.stats, seconds, self.loss_temperature.value, reused, lmbda, age)
         self.step_stats.start(tokens=buffer.stats["tokens"])
         self._micro_step, self._window = 0, len(micro)
         return micro, buffer.num_items
@@ -230,9 +232,10 @@ class OnPolicyDistillTrainer(SFTTrainer):
         return batch, rollouts, (t1 - t0, time.perf_counter() - t1)
 
     def _completion_source(self, step: int) -> str:
-        """Step `step`'s source: student with probability `lmbda` (the same draw on every process), else teacher
-        (`seq_kd`) or dataset."""
-        if random.Random(f"{self.args.seed}-{step}").random() < self.args.lmbda:
+        """Student with probability `lmbda` at `step` (its schedule's value; the same draw on every process and
+        whenever it is asked), else teacher (`seq_kd`) or dataset."""
+        draw = random.Random(f"{self.args.seed}-{step}").random()
+        if draw < lmbda_of(self.args, step, self.state.max_steps):
             return "student"
         return "teacher" if self.args.seq_kd else "dataset"
 
@@ -247,7 +250,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             completions = [list(row["completion_ids"]) for row in rows]
             if any(len(c) == 0 for c in completions):  # an iterable dataset is only seen here
                 empty = [i for i, c in enumerate(completions) if not c]
-                raise trainer_setup.no_completion_error(self.args.lmbda, empty, len(rows))
+                raise trainer_setup.no_completion_error(self.args, empty, len(rows))
             return Rollouts(prompt_ids, completions, source, rows=extra)
         sampler = self.student_sampler if source == "student" else self.teacher_sampler
         samples = sampler.sample(prompt_ids, self.generation_config, self._tokenizer)
