@@ -129,11 +129,13 @@ def run(argv: list[str] | None = None, prog: str = "trl-onpolicy compare") -> in
     from . import pilots
     from .distill import check_arguments, load_datasets, make_parser as make_recipe_parser
 
-    recipe = make_recipe_parser(prog=prog)
+    recipe = make_recipe_parser(prog="trl-onpolicy distill")  # the fields are distill's: its --help-all lists them
     base = recipe_argv(args, rest)
     script_args, training_args, model_args = recipe.parse_args_and_config(args=base)
     if not script_args.eval_tasks:
         raise ValueError(NO_EVAL_TASKS.format(recipe=args.config or "the recipe"))
+    for _, flags in args.methods:  # a misspelt override fails now, before any model loads
+        recipe.parse_args_and_config(args=base + flags)
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     check_arguments(model_args, training_args)
@@ -146,7 +148,6 @@ def run(argv: list[str] | None = None, prog: str = "trl-onpolicy compare") -> in
         for seed in seeds:
             out = os.path.join(args.output_dir, "pilots", f"{label.replace(':', '_').replace(',', '_')}-seed{seed}")
             argv_one = pilot_argv(base, flags, METHODS[label.partition(":")[0]], seq_kd, seed, out)
-            recipe.parse_args_and_config(args=argv_one)  # a bad override fails now, before any pilot runs
             plan.append((label, seed, argv_one))
     result = pilots.run_pilots(plan, recipe, script_args, dataset, args)
     result["setup"].update(recipe=base, seq_kd_for_offline=seq_kd)
