@@ -64,7 +64,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch
 
 # One meter for this benchmark and `trl-onpolicy compare` (`Meter`, `watch`, `reach` stay importable from here).
-from trl_onpolicy.compute_meter import BudgetCallback, Meter, reach, watch  # noqa: F401
+from trl_onpolicy.compute_meter import BudgetCallback, Meter, reach, watch
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 TASKS = {  # difficulty, teacher recipe overrides, warm-start SFT steps of the student

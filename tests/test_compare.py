@@ -110,8 +110,8 @@ def _cli(args, cwd):
         (["--budget", "0"], "trl-onpolicy compare: error: argument --budget: must be > 0.0, got 0"),
         (["--budget", "-5"], "trl-onpolicy compare: error: argument --budget: must be > 0.0, got -5"),
         (["--budget", "5", "--methods", "offline,sft"],
-         "trl-onpolicy compare: error: argument --methods: unknown method 'sft': use offline, onpolicy, mixed, "
-         "optionally with recipe fields, e.g. onpolicy:loss_type=reverse_kl,beta=1.0"),
+         ("trl-onpolicy compare: error: argument --methods: unknown method 'sft': use offline, onpolicy, mixed, "
+          "optionally with recipe fields, e.g. onpolicy:loss_type=reverse_kl,beta=1.0")),
         (["--budget", "5", "--methods", "onpolicy:beta"],
          "trl-onpolicy compare: error: argument --methods: 'onpolicy:beta': write overrides as key=value, got 'beta'"),
     ],
@@ -129,7 +129,9 @@ def test_a_recipe_without_eval_tasks_is_refused_with_the_fix(tmp_path, capsys):
                                       "dataset_name": "toy"}))  # fmt: skip
     assert cli.main(["compare", "--config", str(recipe), "--budget", "5", "--output_dir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert err == f"trl-onpolicy compare: error: {NO_EVAL_TASKS.format(recipe=recipe)}\n(add --debug for the traceback)\n"
+    assert (
+        err == f"trl-onpolicy compare: error: {NO_EVAL_TASKS.format(recipe=recipe)}\n(add --debug for the traceback)\n"
+    )
     assert "add `eval_tasks: toy_gsm8k`" in err and not (tmp_path / "o").exists()
 
 
@@ -177,14 +179,18 @@ def test_compare_runs_every_pilot_from_the_same_student_within_its_budget(toy_re
     assert set(result) == {"setup", "pilots", "summary", "recommendation", "environment"}
     setup = result["setup"]
     assert (setup["methods"], setup["checkpoints"], setup["unit"], setup["eval_examples"]) == (
-        ["offline", "onpolicy"], [1.0, 2.0], "cpu_s", 4)
+        ["offline", "onpolicy"],
+        [1.0, 2.0],
+        "cpu_s",
+        4,
+    )
     assert setup["seq_kd_for_offline"] is False  # the toy dataset has completions: offline uses them
     offline, onpolicy = result["pilots"]
     assert offline["initial_param_checksum"] == onpolicy["initial_param_checksum"]
     assert offline["points"][0]["scores"] == onpolicy["points"][0]["scores"]  # the same start, scored the same
     for pilot in result["pilots"]:
         points = pilot["points"]
-        assert [p["step"] for p in points][0] == 0 and len(points) == 3
+        assert points[0]["step"] == 0 and points[0]["cpu_s"] == 0.0 and len(points) == 3
         assert all(p["cpu_s"] >= c for p, c in zip(points[1:], setup["checkpoints"]))
         assert points[-1]["cpu_s"] <= 2.0 + pilot["last_step_s"] + 0.01  # stopped within one step of the budget
         assert set(points[-1]["scores"]) == {"toy_gsm8k", "toy_mmlu"}

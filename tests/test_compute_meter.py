@@ -46,9 +46,8 @@ def test_nested_phases_count_for_the_outermost_and_the_rest_is_update():
 def test_excluded_time_is_not_charged_and_counts_for_no_phase():
     meter, clock = _meter()
     clock.now = 2.0
-    with meter.excluded():
-        with meter.phase("generation"):  # evaluation generates: not charged as generation
-            clock.now = 9.0
+    with meter.excluded(), meter.phase("generation"):  # evaluation generates: not charged as generation
+        clock.now = 9.0
     with meter.phase("generation"):
         clock.now = 10.0
     assert meter.charged() == 3.0
@@ -98,7 +97,9 @@ def test_close_removes_every_hook_and_the_generate_wrapper():
     with torch.no_grad():
         student(input_ids=ids)
     assert (dict(meter.tokens), dict(meter.phases)) == before
-    assert "generate" not in vars(student) and not student.model._forward_pre_hooks and not student.model._forward_hooks
+    assert (
+        "generate" not in vars(student) and not student.model._forward_pre_hooks and not student.model._forward_hooks
+    )
 
 
 def test_the_cuda_clock_synchronizes_at_every_phase_edge(monkeypatch):

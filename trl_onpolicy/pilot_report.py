@@ -40,9 +40,11 @@ def summarise(pilots: list[dict], task: str, unit: str, target: float) -> dict:
         last = [r["points"][n_points - 1] for r in runs]
         out[method] = {
             "seeds": [r["seed"] for r in runs],
-            "points": [{unit: statistics.mean(r["points"][i][unit] for r in runs),
-                        "score": statistics.mean(score_of(r["points"][i], task) for r in runs)}
-                       for i in range(n_points)],  # fmt: skip
+            "points": [
+                {unit: statistics.mean(r["points"][i][unit] for r in runs),
+                 "score": statistics.mean(score_of(r["points"][i], task) for r in runs)}
+                for i in range(n_points)
+            ],
             "final": statistics.mean(finals),
             "final_std": statistics.stdev(finals) if len(finals) > 1 else None,
             "steps": statistics.mean(p["step"] for p in last),

@@ -116,7 +116,7 @@ def _run(command: str, function, debug: bool) -> int:
     except KeyboardInterrupt:
         print(f"trl-onpolicy {command}: interrupted.", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - sorted into user errors (a message) and bugs (re-raised)
+    except Exception as error:
         if debug or not is_user_error(error):
             raise
         message = str(error).strip() or type(error).__name__

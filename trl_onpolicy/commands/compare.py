@@ -27,7 +27,6 @@ its evidence (see [`~trl_onpolicy.pilot_report`]).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -127,7 +126,8 @@ def run(argv: list[str] | None = None, prog: str = "trl-onpolicy compare") -> in
     import torch
 
     from . import pilots
-    from .distill import check_arguments, load_datasets, make_parser as make_recipe_parser
+    from .distill import check_arguments, load_datasets
+    from .distill import make_parser as make_recipe_parser
 
     recipe = make_recipe_parser(prog="trl-onpolicy distill")  # the fields are distill's: its --help-all lists them
     base = recipe_argv(args, rest)
