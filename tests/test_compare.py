@@ -112,6 +112,9 @@ def _cli(args, cwd):
         (["--budget", "5", "--methods", "offline,sft"],
          ("trl-onpolicy compare: error: argument --methods: unknown method 'sft': use offline, onpolicy, mixed, "
           "optionally with recipe fields, e.g. onpolicy:loss_type=reverse_kl,beta=1.0")),
+        (["--budget", "5", "--methods", "onpolicy,mixed,onpolicy"],
+         ("trl-onpolicy compare: error: argument --methods: method(s) onpolicy given twice (--seeds runs a method "
+          "again)")),
         (["--budget", "5", "--methods", "onpolicy:beta"],
          "trl-onpolicy compare: error: argument --methods: 'onpolicy:beta': write overrides as key=value, got 'beta'"),
     ],

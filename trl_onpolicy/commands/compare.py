@@ -73,7 +73,11 @@ def _methods(text: str) -> list[tuple[str, list[str]]]:
             specs[-1] += "," + head
         else:
             specs.append(head)
-    return [method_spec(s) for s in specs if s.strip()]
+    methods = [method_spec(s) for s in specs if s.strip()]
+    twice = sorted({label for label, _ in methods if [m for m, _ in methods].count(label) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"method(s) {', '.join(twice)} given twice (--seeds runs a method again)")
+    return methods
 
 
 def _seeds(text: str) -> list[int]:
@@ -95,14 +99,16 @@ def make_parser(prog: str = "trl-onpolicy compare") -> argparse.ArgumentParser:
         help="Comma-separated methods: offline, onpolicy, mixed, each optionally name:key=value,... (default: all).")
     add("--budget", type=_number(float, 0.0, low_open=True), required=True, metavar="SECONDS",
         help="Charged seconds per pilot (CPU-seconds on a CPU, GPU-seconds on an accelerator).")
-    add("--evals", type=_number(int, 1), default=3, metavar="N", help="Evaluations per pilot, evenly spaced over the budget.")
+    add("--evals", type=_number(int, 1), default=3, metavar="N",
+        help="Evaluations per pilot, evenly spaced over the budget.")
     add("--seeds", type=_seeds, default=None, metavar="LIST", help="Comma-separated seeds, one pilot per method and seed "
         "(default: the recipe's seed).")  # fmt: skip
     add("--target", type=_number(float, 0.0, 1.0, low_open=True), default=0.9, metavar="FRACTION",
         help="The table's compute column: seconds to this fraction of the best final score.")
     add("--clock", choices=["auto", "process", "cuda"], default="auto",
         help="process: CPU-seconds; cuda: synchronized wall time (GPU-seconds); auto: cuda when available.")
-    add("--output_dir", default="compare-out", metavar="DIR", help="Where compare.json, compare.md, compare.png and the pilots go.")
+    add("--output_dir", default="compare-out", metavar="DIR",
+        help="Where compare.json, compare.md, compare.png and the pilots go.")
     return parser
 
 
@@ -147,7 +153,8 @@ def run(argv: list[str] | None = None, prog: str = "trl-onpolicy compare") -> in
     for label, flags in args.methods:
         for seed in seeds:
             out = os.path.join(args.output_dir, "pilots", f"{label.replace(':', '_').replace(',', '_')}-seed{seed}")
-            argv_one = pilot_argv(base, flags, METHODS[label.partition(":")[0]], seq_kd, seed, out)
+            lmbda = METHODS[label.partition(":")[0]]
+            argv_one = pilot_argv(base, flags, lmbda, seq_kd and lmbda < 1.0, seed, out)
             plan.append((label, seed, argv_one))
     result = pilots.run_pilots(plan, recipe, script_args, dataset, args)
     result["setup"].update(recipe=base, seq_kd_for_offline=seq_kd)
