@@ -172,8 +172,8 @@ def toy_recipe(tmp_path_factory):
     return path
 
 
-@pytest.mark.slow  # ~60 s on 2 busy cores (4 CPU-s of training, 6 evaluations, 2 model loads)
 def test_compare_runs_every_pilot_from_the_same_student_within_its_budget(toy_recipe, tmp_path, capsys):
+    """30 s here (60 s on 2 busy cores): 4 CPU-s of training, 6 evaluations of 4 + 4 examples, 2 model loads."""
     out = tmp_path / "out"
     code = cli.main(["compare", "--config", str(toy_recipe), "--methods", "offline,onpolicy", "--budget", "2",
                      "--evals", "2", "--output_dir", str(out)])  # fmt: skip
