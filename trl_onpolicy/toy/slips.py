@@ -6,7 +6,9 @@ it is **wrong** when `c != a op b`, or when `a` is not the value the chain carri
 the previous line that has an equation (the chain's own previous value, right or wrong), or, for the first
 equation, the first integer of the question (every problem's first equation starts from it: "Mia has 7 pens" ->
 `7 ...`, "4 bags with 3 ..." -> `4 x 3`, "8 small and 7 big" -> `8 + 7`). The right operand `b` is not judged
-(a misread `b` gives a consistent chain that answers another question); nor is the `####` line.
+(a misread `b` gives a consistent chain that answers another question); nor is the `####` line. A correction line
+(below) is judged against the value carried into the line it corrects. `first_departure` is a stricter judge: the
+first equation that is not the reference chain's.
 
 A training chain with a slip (`slip_row`) has one equation line rewritten with a plausible wrong value, then a
 correction line in one fixed format, then the rest of the original chain, which goes on from the right value:
@@ -32,7 +34,8 @@ from .task import _EQUATION, to_prompt_completion
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
 SLIP_KINDS = ("result", "operation", "operand")
 MAX_SLIP_VALUE = 99  # every number below 100 is one token of the toy tokenizer
-CORRECTION = "Wait, {a} {op} {b} = {c}."
+CORRECTION_PREFIX = "Wait, "
+CORRECTION = CORRECTION_PREFIX + "{a} {op} {b} = {c}."
 
 
 # ----------------------------------------------------------------------------- judging
@@ -45,16 +48,20 @@ def first_number(question: str) -> int | None:
 
 
 def wrong_lines(question: str, completion: str) -> list[int]:
-    """Indices (into `completion.split("\\n")`) of the lines judged wrong, as the module docstring defines."""
-    carried, wrong = first_number(question), []
+    """Indices (into `completion.split("\\n")`) of the lines judged wrong, as the module docstring defines. A
+    correction line ("Wait, ...") restates the line before it, so its left operand is judged against the value
+    carried into that line; the chain then carries the correction's result."""
+    carried = into_previous = first_number(question)
+    wrong = []
     for i, line in enumerate(completion.split("\n")):
         match = _EQUATION.search(line)
         if match is None:
             continue
         a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
-        if APPLY[op](a, b) != c or a != carried:
+        expected = into_previous if line.startswith(CORRECTION_PREFIX) else carried
+        if APPLY[op](a, b) != c or a != expected:
             wrong.append(i)
-        carried = c
+        into_previous, carried = expected, c
     return wrong
 
 
@@ -62,6 +69,22 @@ def first_wrong_line(question: str, completion: str) -> int | None:
     """The index of the first wrong line of `completion` (see `wrong_lines`), or None when no line is wrong."""
     wrong = wrong_lines(question, completion)
     return wrong[0] if wrong else None
+
+
+def first_departure(answer: str, completion: str) -> int | None:
+    """The index (into `completion.split("\\n")`) of the first line whose equation is not the reference chain's
+    equation of the same rank in `answer` (a stricter judge than `first_wrong_line`: a misread `b` or another
+    operation also counts), or None when every equation of the completion is the reference's."""
+    reference = [m.groups() for m in _EQUATION.finditer(answer)]
+    rank = 0
+    for i, line in enumerate(completion.split("\n")):
+        match = _EQUATION.search(line)
+        if match is None:
+            continue
+        if rank >= len(reference) or match.groups() != reference[rank]:
+            return i
+        rank += 1
+    return None
 
 
 # ----------------------------------------------------------------------------- training chains
