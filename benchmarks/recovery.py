@@ -31,7 +31,11 @@ what the teacher does after the student's first wrong line. Settings, fixed befo
   tokens of the first wrong lines (the tokens cut (a) adds to cut (b), the student's newline included), pooled
   over completions, against the mean over all the completion tokens before them (cut (b)), pooled likewise;
 - for the recovering teacher's format: the share of continuations (a) that start with "Wait," (a correction), and
-  the share of bare-prompt completions (all 200) that contain "Wait," (a correction where there was no slip).
+  the share of bare-prompt completions (all 200) that contain "Wait," (a correction where there was no slip);
+- added after the first look (the 3 x 128 recovering teacher did not correct): the same problems with a slip of
+  the training kind (`synthetic_slips`), to tell "cannot detect slips at all" from "cannot detect the student's";
+  and a second judge, "reference" (the first equation that is not the reference chain's, `toy.slips.first_departure`),
+  which is the one that reproduces the issue's numbers (see benchmarks/README.md).
 
 Writes `results/recovery.json` (one entry per teacher; a run updates only the teachers it measured) and prints a
 table. Both teachers are loaded from the cache (trained there on the first call: ~4-9 min each on one thread).
@@ -234,6 +238,41 @@ def measure(teacher, tokenizer, problems: list[dict], prompts: list[list[int]], 
     }
 
 
+@torch.no_grad()
+def synthetic_slips(teacher, tokenizer, problems: list[dict]) -> dict:
+    """The teacher on slips of its own training kind (`toy.slip_row`, rng seed 1) in the same problems, cut after the
+    slip's newline: p("W", the first token of "Wait,") there vs after every line of the clean reference chains, and
+    the share of greedy continuations that start with "Wait," and end right, per slip kind."""
+    import random
+
+    from trl_onpolicy import toy
+
+    wait = tokenizer("Wait", add_special_tokens=False)["input_ids"][0]
+    newline = tokenizer.convert_tokens_to_ids("Ċ")
+    rng = random.Random(1)
+    rows = [toy.slip_row(p, rng) for p in problems]
+    cut = [r["prompt"] + r["completion"][: r["masked_span"][1]] for r in rows]
+    after_slip, after_clean = [], []
+    for row, text, problem in zip(rows, cut, problems):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        after_slip.append(torch.softmax(teacher(input_ids=torch.tensor([ids])).logits[0, -1], -1)[wait].item())
+        ids = tokenizer(toy.prompt_text(problem["question"]) + " " + problem["answer"],
+                        add_special_tokens=False)["input_ids"]  # fmt: skip
+        probs = torch.softmax(teacher(input_ids=torch.tensor([ids])).logits[0], -1)[:, wait]  # (T,)
+        after_clean += [probs[k].item() for k, t in enumerate(ids) if t == newline][1:]  # after each answer line
+    outs = toy.generate_completions(teacher, tokenizer, cut, max_new_tokens=quality.completion_length(tokenizer, TASK))
+    by_kind = {}
+    for row, out, problem in zip(rows, outs, problems):
+        kind = by_kind.setdefault(row["slip"]["kind"], {"n": 0, "corrected": 0, "correct": 0})
+        kind["n"] += 1
+        kind["corrected"] += out.startswith("Wait,")
+        kind["correct"] += toy.is_correct(row["completion"][: row["masked_span"][1]] + out, problem)
+    return {"p_wait_after_slip": sum(after_slip) / len(after_slip),
+            "p_wait_after_clean_line": sum(after_clean) / len(after_clean),
+            "corrected": sum(k["corrected"] for k in by_kind.values()) / len(rows),
+            "correct": sum(k["correct"] for k in by_kind.values()) / len(rows), "by_kind": by_kind}  # fmt: skip
+
+
 ROWS = [  # (label, key, format)
     ("student completions with an error (of 200)", "completions_with_error", "{}"),
     ("  of which the first line is the wrong one", "first_wrong_line_is_first_line", "{}"),
@@ -250,6 +289,14 @@ ROWS = [  # (label, key, format)
 ]
 
 
+SYNTHETIC_ROWS = [
+    ("training-kind slips: p('Wait') after the slip", "p_wait_after_slip", "{:.3f}"),
+    ("  p('Wait') after a clean line", "p_wait_after_clean_line", "{:.3f}"),
+    ("  continuation starts 'Wait,'", "corrected", "{:.1%}"),
+    ("  teacher correct after the slip", "correct", "{:.1%}"),
+]
+
+
 def table(results: dict) -> str:
     """One column per (teacher, judge); the teacher's exact match on 500 problems in the header."""
     cols = [(t, j) for t in TEACHERS if t in results for j in JUDGES]
@@ -259,6 +306,9 @@ def table(results: dict) -> str:
              f"{'judge of the first wrong line':50s}" + "".join(f"{j:>13s}" for _, j in cols)]  # fmt: skip
     for label, key, fmt in ROWS:
         lines.append(f"{label:50s}" + "".join(f"{fmt.format(results[t][j][key]):>13s}" for t, j in cols))
+    for label, key, fmt in SYNTHETIC_ROWS:
+        lines.append(f"{label:50s}" + "".join(f"{fmt.format(results[t]['synthetic_slips'][key]):>13s}"
+                                              for t, _ in cols))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -278,6 +328,7 @@ def main():
         for judge in JUDGES:
             results[name][judge] = measure(teacher, tokenizer, problems, prompts, sampled, judge)
             assert math.isfinite(results[name][judge]["copy_probability"])
+        results[name]["synthetic_slips"] = synthetic_slips(teacher, tokenizer, problems)
     RESULTS.parent.mkdir(exist_ok=True)
     settings = {"task": TASK, "problems": N_PROBLEMS, "seed": SEED, "student": "2x128 sft_steps=300",
                 "torch": torch.__version__}  # fmt: skip
