@@ -15,13 +15,9 @@ import logging
 from transformers.trainer_callback import CallbackHandler
 
 from .callbacks import completion_records
+from .rounds import round_ends
 
 logger = logging.getLogger(__name__)
-
-
-def round_ends(max_steps: int, num_rounds: int) -> list[int]:
-    """Global steps at which rounds end: `num_rounds` equal shares of `max_steps`."""
-    return sorted({max(1, round(max_steps * (r + 1) / num_rounds)) for r in range(num_rounds)})
 
 
 def round_ending_at(step: int, max_steps: int, num_rounds: int) -> int | None:

@@ -12,6 +12,7 @@ from trl import SFTConfig
 
 from . import config_sft
 from .config_checks import LOSS_TYPES, check_config, parse_text_values
+from .lmbda_schedule import SCHEDULES as LMBDA_SCHEDULES
 from .temperature import SCHEDULES
 
 
@@ -88,7 +89,7 @@ class OnPolicyDistillConfig(SFTConfig):
         lmbda (`float`, *optional*, defaults to `1.0`):
             Probability, drawn per generation batch, that the student samples the completions (on-policy). Otherwise
             the teacher samples them (`seq_kd=True`) or the dataset's completions are used (supervised KD). GKD's
-            name; its default there is 0.5, ours is fully on-policy.
+            name; its default there is 0.5, ours is fully on-policy. It may follow a schedule (`lmbda_schedule`).
         seq_kd (`bool`, *optional*, defaults to `False`):
             When the batch is not on-policy, let the teacher write the completions (sequence-level KD).
         num_generations (`int`, *optional*, defaults to `1`):
@@ -145,6 +146,18 @@ class OnPolicyDistillConfig(SFTConfig):
             distribution: a server must run with `--logprobs-mode processed_logprobs` (`trl vllm-serve`'s default).
         vllm_importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
             The cap C of that weight (TRL's name and default); `None` leaves the ratio uncapped.
+
+        > Parameters that control the curriculum
+
+        lmbda_schedule (`str`, *optional*, defaults to `"constant"`):
+            How `lmbda` moves over training: `"constant"` (`lmbda` at every step), `"linear"` or `"cosine"` (from
+            `lmbda_start` at the first step to `lmbda_end` at the last), or `"step"` (one value per round, from
+            `lmbda_start` in the first to `lmbda_end` in the last; needs `num_rounds >= 2`). E.g. `0.0` to `1.0`
+            starts on the teacher's or the dataset's text while the student is weak and ends on its own samples.
+        lmbda_start (`float`, *optional*):
+            `lmbda` at the first step of a schedule; defaults to `lmbda`.
+        lmbda_end (`float`, *optional*):
+            `lmbda` at the last step of a schedule; defaults to `lmbda_start`.
 
         > Parameters that control the loss
 
@@ -321,6 +334,13 @@ class OnPolicyDistillConfig(SFTConfig):
     vllm_importance_sampling_clip_max: float | None = field(
         default=3.0, metadata={"help": "Cap of the truncated importance-sampling weight; None: no cap."}
     )
+
+    # Curriculum
+    lmbda_schedule: str = field(
+        default="constant", metadata={"help": f"How `lmbda` moves over training, one of {', '.join(LMBDA_SCHEDULES)}."}
+    )
+    lmbda_start: float | None = field(default=None, metadata={"help": "`lmbda` at the first step; None: `lmbda`."})
+    lmbda_end: float | None = field(default=None, metadata={"help": "`lmbda` at the last step; None: `lmbda_start`."})
 
     # Loss
     loss_type: str = field(

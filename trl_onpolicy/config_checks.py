@@ -1,8 +1,8 @@
 """The checks `OnPolicyDistillConfig.__post_init__` runs: one function per concern, each error naming the bad value.
 
-`check_config` runs them in order (loss, rollouts, vLLM, teachers, loss temperature, rounds, inherited SFT settings);
-the first failed check raises a `ValueError`. The allowed values of the string fields live here too (`LOSS_TYPES`,
-`MIXTURES`); the loss temperature's schedules are `temperature.SCHEDULES`.
+`check_config` runs them in order (loss, rollouts, the `lmbda` curriculum, vLLM, teachers, loss temperature, rounds,
+inherited SFT settings); the first failed check raises a `ValueError`. The allowed values of the string fields live
+here too (`LOSS_TYPES`, `MIXTURES`); the schedules are `temperature.SCHEDULES` and `lmbda_schedule.SCHEDULES`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import logging
 import math
 
+from .lmbda_schedule import SCHEDULES as LMBDA_SCHEDULES
 from .temperature import SCHEDULES
 from .vllm_rollouts import check_sampling_kwargs
 
@@ -41,6 +42,7 @@ def check_config(config) -> None:
     """Every check of an `OnPolicyDistillConfig`, after `SFTConfig.__post_init__` has run."""
     check_loss(config)
     check_rollouts(config)
+    check_curriculum(config)
     check_vllm(config)
     check_teachers(config)
     check_loss_temperature(config)
@@ -91,6 +93,28 @@ def check_rollouts(config) -> None:
         config.max_length is None or config.max_length > config.max_completion_length,
         f"`max_length` ({config.max_length}) must exceed `max_completion_length` ({config.max_completion_length}): "
         "the prompt gets `max_length - max_completion_length` tokens.",
+    )
+
+
+def check_curriculum(config) -> None:
+    """The schedule of `lmbda`: a known one, its endpoints only where it moves, probabilities, rounds for `"step"`."""
+    schedule = config.lmbda_schedule
+    check(schedule in LMBDA_SCHEDULES, f"`lmbda_schedule` must be one of {LMBDA_SCHEDULES}, got {schedule!r}.")
+    given = [name for name in ("lmbda_start", "lmbda_end") if getattr(config, name) is not None]
+    names = " and ".join(f"`{name}`" for name in given)
+    check(
+        schedule != "constant" or not given,
+        f"{names} {'is' if len(given) == 1 else 'are'} set, but `lmbda_schedule='constant'` uses `lmbda` "
+        f"({config.lmbda}) at every step. Set `lmbda_schedule` to 'linear', 'cosine' or 'step' to move from "
+        "`lmbda_start` to `lmbda_end`, or set only `lmbda`.",
+    )
+    for name in given:
+        value = getattr(config, name)
+        check(0.0 <= value <= 1.0, f"`{name}` must be a probability in [0.0, 1.0], got {value}.")
+    check(
+        schedule != "step" or config.num_rounds >= 2,
+        f"`lmbda_schedule='step'` holds one `lmbda` per round, but `num_rounds` is {config.num_rounds}. Set "
+        "`num_rounds` >= 2 (one stair per round), or use `lmbda_schedule='linear'`.",
     )
 
 

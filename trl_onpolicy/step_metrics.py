@@ -80,8 +80,9 @@ def log_update(metrics: dict[str, list[float]], total: dict[str, float], extra: 
 
 
 def log_rollouts(metrics: dict[str, list[float]], stats: dict[str, float], seconds: tuple[float, float],
-                 temperature: float, reused: float | None) -> None:  # fmt: skip
-    """The step's rollout metrics: a reused batch's lengths again (`reused` 1.0), and no generation or teacher time."""
+                 temperature: float, reused: float | None, lmbda: float | None = None) -> None:  # fmt: skip
+    """The step's rollout metrics: a reused batch's lengths again (`reused` 1.0), and no generation or teacher time;
+    `lmbda`, the schedule's value at the step (logged when `lmbda` is scheduled, on reused steps too)."""
     metrics["completion_length"].append(stats["completion_length"])
     metrics["truncated_fraction"].append(stats["truncated_fraction"])
     metrics["loss_temperature"].append(temperature)
@@ -89,3 +90,5 @@ def log_rollouts(metrics: dict[str, list[float]], stats: dict[str, float], secon
     metrics["time/teacher"].append(seconds[1])
     if reused is not None:
         metrics["rollouts/reused"].append(reused)
+    if lmbda is not None:
+        metrics["lmbda"].append(lmbda)

@@ -37,6 +37,7 @@ from ._compat import ForwardRedirection, is_peft_model, unwrap_model_for_generat
 from .callback_handler import DistillCallbackHandler, round_ends
 from .config import OnPolicyDistillConfig
 from .importance_sampling import ImportanceSamplingStats
+from .lmbda_schedule import lmbda_of
 from .nonfinite import NonfiniteGuard, deepspeed_skipped
 from .prompts import check_columns
 from .rollout_buffer import RolloutBuffer, rollout_stats
@@ -202,7 +203,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             self._scored = (rollouts, []) if self.callback_handler.wants_scored else None
         micro = buffer.micro_batches(step, len(raw))
         reused = float(buffer.age > 0) if self.args.num_iterations > 1 else None
-        log_rollouts(self._metrics["train"], buffer.stats, seconds, self.loss_temperature.value, reused)
+        lmbda = lmbda_of(self.args, step, self.state.max_steps) if self.args.lmbda_schedule != "constant" else None
+        log_rollouts(self._metrics["train"], buffer.stats, seconds, self.loss_temperature.value, reused, lmbda)
         self.step_stats.start(tokens=buffer.stats["tokens"])
         self._micro_step, self._window = 0, len(micro)
         return micro, buffer.num_items
@@ -213,7 +215,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.loss_temperature.total_steps = max(int(self.state.max_steps), 1)  # known once training has started
         self.loss_temperature.step(self.state.global_step, self._last_teacher_entropy)
         t0 = time.perf_counter()
-        rollouts = self.make_rollouts(rows, self._completion_source())
+        rollouts = self.make_rollouts(rows, self._completion_source(self.state.global_step))
         rollouts = self.callback_handler.on_rollouts(self.args, self.state, self.control, rollouts)
         if len(rollouts) == 0:
             raise ValueError(
@@ -224,10 +226,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         batch = self.score(rollouts)
         return batch, rollouts, (t1 - t0, time.perf_counter() - t1)
 
-    def _completion_source(self) -> str:
-        """Student with probability `lmbda` (the same draw on every process), else teacher (`seq_kd`) or dataset."""
-        draw = random.Random(f"{self.args.seed}-{self.state.global_step}").random()
-        if draw < self.args.lmbda:
+    def _completion_source(self, step: int) -> str:
+        """Student with probability `lmbda` at `step` (its schedule's value; the same draw on every process and
+        whenever it is asked), else teacher (`seq_kd`) or dataset."""
+        draw = random.Random(f"{self.args.seed}-{step}").random()
+        if draw < lmbda_of(self.args, step, self.state.max_steps):
             return "student"
         return "teacher" if self.args.seq_kd else "dataset"
 
@@ -242,7 +245,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             completions = [list(row["completion_ids"]) for row in rows]
             if any(len(c) == 0 for c in completions):  # an iterable dataset is only seen here
                 empty = [i for i, c in enumerate(completions) if not c]
-                raise trainer_setup.no_completion_error(self.args.lmbda, empty, len(rows))
+                raise trainer_setup.no_completion_error(self.args, empty, len(rows))
             return Rollouts(prompt_ids, completions, source, rows=extra)
         sampler = self.student_sampler if source == "student" else self.teacher_sampler
         samples = sampler.sample(prompt_ids, self.generation_config, self._tokenizer)

@@ -9,6 +9,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from . import precision
+from .lmbda_schedule import describe, lmbda_range
 from .prompts import prepare_dataset
 from .teachers import LocalTeacher, load_teacher_model, local_models, micro_batch_rows
 
@@ -42,26 +43,26 @@ def prepare(dataset, processing_class, args, formatting_func, dataset_name):
 
 
 def check_completion_sources(args, dataset, prepared) -> None:
-    """Off-policy batches need completions: from the teacher (`seq_kd`) or from the dataset (`dataset` as given,
-    `prepared` tokenized)."""
-    if args.lmbda >= 1.0 or args.seq_kd:
+    """Off-policy batches (some step's `lmbda` below 1 over the schedule) need completions: from the teacher
+    (`seq_kd`) or from the dataset (`dataset` as given, `prepared` tokenized)."""
+    if lmbda_range(args)[0] >= 1.0 or args.seq_kd:
         return
     columns = dataset.column_names or list(next(iter(dataset)).keys())
     if "completion" not in columns and "messages" not in columns:
         raise ValueError(
-            f"`lmbda={args.lmbda}` makes some batches off-policy, which need completions, but the dataset "
+            f"{describe(args)} makes some batches off-policy, which need completions, but the dataset "
             f"has none (columns: {columns}). Set `seq_kd=True` to let the teacher write them, set `lmbda=1.0`, "
             "or add a `completion` column."
         )
     if isinstance(prepared, Dataset):
         empty = [i for i, ids in enumerate(prepared["completion_ids"]) if len(ids) == 0]
         if empty:
-            raise no_completion_error(args.lmbda, empty, len(prepared))
+            raise no_completion_error(args, empty, len(prepared))
 
 
-def no_completion_error(lmbda: float, empty: list[int], total: int) -> ValueError:
+def no_completion_error(args, empty: list[int], total: int) -> ValueError:
     return ValueError(
-        f"`lmbda={lmbda}` makes some batches off-policy, which use the dataset's completions, but "
+        f"{describe(args)} makes some batches off-policy, which use the dataset's completions, but "
         f"{len(empty)} of {total} rows have no completion (rows {empty[:5]}: a `messages` row that does not end with "
         "an assistant turn, or a None `completion`). Set `seq_kd=True` to let the teacher write them, set "
         "`lmbda=1.0`, or filter these rows out."

@@ -9,7 +9,8 @@ the memory-mapped shards, so training runs without the teacher in memory ("offli
 How it departs from a live teacher: only the top-k form exists (the tail mass `1 - sum(top-k)` is implied and
 [`~trl_onpolicy.divergences.append_tail`] recovers it), so the loss temperature is fixed at build time (top-k
 log-probs cannot be re-tempered exactly), and only the completions that were scored can be looked up: on-policy
-rollouts (`lmbda > 0`) and `seq_kd` need a live teacher. Every refusal names what differs and how to fix it.
+rollouts (`lmbda > 0` at any step of its schedule) and `seq_kd` need a live teacher. Every refusal names what
+differs and how to fix it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from .._compat import is_peft_model
+from ..lmbda_schedule import describe, lmbda_range
 from .base import Teacher, TeacherScores
 from .cache_format import (
     FORMAT,
@@ -320,9 +322,9 @@ class TeacherCache(Teacher):
         temperature other than the cache's, more top-k than it holds, hidden-state matching, or a
         `teacher_model_name_or_path` that names another teacher than the one the cache was made with.
         """
-        if args.lmbda > 0 or args.seq_kd:
+        if lmbda_range(args)[1] > 0 or args.seq_kd:
             raise CacheError(
-                f"A teacher cache scores only the dataset's own completions, but `lmbda={args.lmbda}` asks for "
+                f"A teacher cache scores only the dataset's own completions, but {describe(args)} asks for "
                 f"student rollouts{' and `seq_kd=True` for teacher-written ones' if args.seq_kd else ''}. Set "
                 "`lmbda=0.0` and `seq_kd=False` to train from the cache, or use a live teacher."
             )
