@@ -63,12 +63,14 @@ from trl_onpolicy.toy import RECOVERING_CORRECTION_FRACTION
 
 RESULTS = Path(__file__).parent / "results" / "recovery.json"
 TASK, N_PROBLEMS, SEED, BATCH = "standard", 200, 0, 64
-# name -> `toy.load_or_train_teacher` overrides. "recovering_6x128" is a follow-up chosen after the first look (the
-# 3 x 128 recovering teacher did not learn to detect slips): the same data, twice the depth.
+# name -> `toy.load_or_train_teacher` overrides. Two follow-ups chosen after the first look (the 3 x 128 recovering
+# teacher did not learn to detect slips): the same data with twice the depth ("recovering_6x128"), and the same
+# model with 3 of 4 chains slipped ("recovering_075": 3x the detection examples).
 TEACHERS = {
     "standard": {},
     "recovering": {"correction_fraction": RECOVERING_CORRECTION_FRACTION},
     "recovering_6x128": {"correction_fraction": RECOVERING_CORRECTION_FRACTION, "num_layers": 6},
+    "recovering_075": {"correction_fraction": 0.75},
 }
 DEFAULT_TEACHERS = ["standard", "recovering"]
 JUDGES = ("arithmetic", "reference")

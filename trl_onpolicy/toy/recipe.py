@@ -92,7 +92,9 @@ TEACHER_RECIPE = Recipe(num_layers=3, hidden_size=128, steps=700)
 # `load_or_train_teacher(correction_fraction=RECOVERING_CORRECTION_FRACTION)`. 0.25 was chosen before training,
 # not tuned: 3 of 4 chains stay clean so the clean chains' loss keeps most of the batch (the exact match on clean
 # prompts should stay near the standard teacher's), and 8 corrections per step x 700 steps (5,600 in all, ~1,900 of
-# each slip kind) seemed enough for a model that learns the whole task in ~300 steps.
+# each slip kind) seemed enough for a model that learns the whole task in ~300 steps. Measured (683 s on a busy
+# thread): 99.2% exact match on 500 eval problems, but it does not learn to detect a slip: p("Wait") is 0.099 after
+# a slip and 0.089 after a clean line, so it recovers no more than the standard teacher (benchmarks/README.md).
 RECOVERING_CORRECTION_FRACTION = 0.25
 # A weak student to start distillation from: 2 x 64 (0.17 M parameters), 500 steps of SFT on the ground truth
 # (47 s, idle machine): 25.8% exact match (with mc_fraction=0.25: 21.0% and 24.2% toy MMLU). The
