@@ -45,7 +45,6 @@ interpolation between evaluation points, as a ratio to onpolicy_jsd; "not reache
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -54,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,6 +62,9 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch
+
+# One meter for this benchmark and `trl-onpolicy compare` (`Meter`, `watch`, `reach` stay importable from here).
+from trl_onpolicy.compute_meter import BudgetCallback, Meter, reach, watch
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 TASKS = {  # difficulty, teacher recipe overrides, warm-start SFT steps of the student
@@ -78,98 +79,6 @@ METHODS = [
 HARD_METHODS = ["sft_ground_truth", "offline_sft", "onpolicy_jsd"]
 REFERENCE = "onpolicy_jsd"
 THRESHOLDS = (0.9, 0.6, 0.4)  # fractions of the teacher's score; 90% is the headline
-
-
-# ------------------------------------------------------------------------------------------ compute accounting
-class Meter:
-    """Charged CPU-seconds (process time) split into phases, and FLOPs estimated from tokens through backbones.
-    Nested phases count for the outermost; `excluded()` blocks (evaluation, data preparation) are not charged."""
-
-    def __init__(self):
-        self.t0 = time.process_time()
-        self.excluded_s = 0.0
-        self.phases = defaultdict(float)
-        self.flops = defaultdict(float)
-        self.tokens = defaultdict(int)
-        self._stack: list[tuple[str, float]] = []
-        self.paused = False
-
-    def charged(self) -> float:
-        return time.process_time() - self.t0 - self.excluded_s
-
-    def begin(self, name: str):
-        self._stack.append((name, time.process_time()))
-
-    def end(self):
-        name, t = self._stack.pop()
-        if not self._stack and not self.paused:
-            self.phases[name] += time.process_time() - t
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        self.begin(name)
-        try:
-            yield
-        finally:
-            self.end()
-
-    @contextlib.contextmanager
-    def excluded(self):
-        t, self.paused = time.process_time(), True
-        try:
-            yield
-        finally:
-            self.paused = False
-            self.excluded_s += time.process_time() - t
-
-    def snapshot(self) -> dict:
-        charged = self.charged()
-        phases = {k: round(v, 2) for k, v in self.phases.items()}
-        phases["update"] = round(charged - sum(self.phases.values()), 2)
-        return {"cpu_s": round(charged, 2), "phases": phases, "flops": dict(self.flops), "tokens": dict(self.tokens)}
-
-    def watch_backbone(self, backbone, role: str, head_params: int = 0, phase: str | None = None):
-        """Count tokens and FLOPs through `backbone` (2 N per token, 6 N under autograd); with `phase`, time it."""
-        n_params = sum(p.numel() for p in backbone.parameters())
-
-        def pre(module, args, kwargs):
-            if phase:
-                self.begin(phase)
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None:
-                ids = kwargs["inputs_embeds"][..., 0]
-            if not self.paused:
-                tokens = ids.numel()
-                mult = 6 if torch.is_grad_enabled() else 2
-                key = f"{role}_{'train' if mult == 6 else 'forward'}"
-                self.tokens[key] += tokens
-                self.flops[key] += mult * (n_params + head_params) * tokens
-
-        def post(module, args, kwargs, output):
-            if phase:
-                self.end()
-
-        backbone.register_forward_pre_hook(pre, with_kwargs=True)
-        backbone.register_forward_hook(post, with_kwargs=True)
-
-    def watch_generate(self, model):
-        generate = model.generate
-
-        def timed(*args, **kwargs):
-            with self.phase("generation"):
-                return generate(*args, **kwargs)
-
-        model.generate = timed
-
-
-def watch(meter: Meter, student, teacher):
-    def head(model):  # an untied head is not in the backbone; a tied one is its embedding matrix, counted once
-        return 0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()
-
-    meter.watch_backbone(student.model, "student", head_params=head(student))
-    meter.watch_generate(student)
-    if teacher is not None:
-        meter.watch_backbone(teacher.model, "teacher", head_params=head(teacher), phase="teacher")
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -312,24 +221,13 @@ def prompts(task: str, seed: int, n: int = 16_384):
 
 
 def budget_callback(meter: Meter, checkpoints: list[float], evaluate, points: list):
-    from transformers import TrainerCallback
+    """At the first step end past each checkpoint of charged compute: score the student (not charged); past the last
+    one: stop (see `trl_onpolicy.compute_meter.BudgetCallback`)."""
 
-    class Budget(TrainerCallback):
-        """At the first step end past each checkpoint of charged compute: score the student (not charged);
-        past the last one: stop."""
+    def describe(p: dict) -> str:
+        return f"  step {p['step']:5d}  {p['cpu_s']:7.1f} CPU-s  exact match {p['accuracy']:.3f}  {p['phases']}"
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            while len(points) < len(checkpoints) and meter.charged() >= checkpoints[len(points)]:
-                snap = meter.snapshot()
-                with meter.excluded():
-                    accuracy = evaluate(model)
-                points.append({**snap, "step": state.global_step, "accuracy": accuracy})
-                print(f"  step {state.global_step:5d}  {snap['cpu_s']:7.1f} CPU-s  exact match {accuracy:.3f}  "
-                      f"{snap['phases']}", flush=True)  # fmt: skip
-            if len(points) == len(checkpoints):
-                control.should_training_stop = True
-
-    return Budget()
+    return BudgetCallback(meter, checkpoints, evaluate, points, describe)
 
 
 def rounds_check(task: str, seed: int, args) -> dict:
@@ -357,7 +255,7 @@ def run_one(method: str, task: str, seed: int, args) -> dict:
     problems = eval_problems(task, args.eval_problems)
     length = completion_length(tokenizer, task)
     torch.manual_seed(seed)
-    meter = Meter()
+    meter = Meter(clock="process")  # CPU-seconds, on a GPU machine too
     watch(meter, student, teacher)
 
     def evaluate(model):
@@ -383,20 +281,6 @@ def run_one(method: str, task: str, seed: int, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
-def reach(points: list[dict], target: float) -> float | None:
-    """CPU-seconds at which the accuracy first reaches `target`, linearly interpolated between evaluations (the start
-    point is 0 CPU-s at the student's starting accuracy); None when no evaluation reaches it."""
-    previous = None
-    for p in points:
-        if p["accuracy"] >= target:
-            if previous is None or previous["accuracy"] >= target:
-                return p["cpu_s"]
-            frac = (target - previous["accuracy"]) / (p["accuracy"] - previous["accuracy"])
-            return previous["cpu_s"] + frac * (p["cpu_s"] - previous["cpu_s"])
-        previous = p
-    return None
-
-
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}  # fmt: skip

@@ -21,7 +21,7 @@ from trl_onpolicy.commands.distill import DistillScriptArguments, load_datasets
 from trl_onpolicy.toy.models import build_model
 from trl_onpolicy.toy.tokenizer import build_tokenizer
 
-COMMANDS = ["quickstart", "distill", "eval", "serve-teacher", "cache-teacher"]
+COMMANDS = ["quickstart", "distill", "compare", "eval", "serve-teacher", "cache-teacher"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,8 @@ def test_every_subcommand_has_its_own_help(command, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["quickstart", "--help"], ["eval", "--help"],
-                                  ["serve-teacher", "--help"], ["cache-teacher", "--help"]])  # fmt: skip
+                                  ["serve-teacher", "--help"], ["cache-teacher", "--help"],
+                                  ["compare", "--help"]])  # fmt: skip
 def test_help_and_version_load_no_heavy_library(argv):
     """Start-up: `--help` and `--version` (of every command but `distill`, whose flags are TRL's dataclasses) import
     neither torch nor transformers, TRL, PEFT or lm-eval (they took 6-13 s to load before anything was printed)."""

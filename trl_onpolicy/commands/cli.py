@@ -2,6 +2,7 @@
 
     trl-onpolicy quickstart [--rounds 3 --steps-per-round 100 ...]   the built-in demo, offline, on a CPU
     trl-onpolicy distill --config recipe.yaml [--field value ...]   train: the example script's flags or a YAML recipe
+    trl-onpolicy compare --config recipe.yaml --budget 120          which method for this task: pilots at equal compute
     trl-onpolicy eval MODEL --tasks gsm8k,mmlu [--limit 200]        score a saved student, write a report
     trl-onpolicy serve-teacher MODEL --port 8000 [...]              a teacher server (vLLM's scoring API)
     trl-onpolicy cache-teacher MODEL DATASET OUTPUT [...]           the teacher's top-k log-probs, once, on disk
@@ -29,6 +30,7 @@ examples:
   trl-onpolicy distill --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
       --teacher_model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --dataset_name openai/gsm8k --dataset_config main \\
       --output_dir qwen-distilled
+  trl-onpolicy compare --config examples/recipes/toy-cpu.yaml --methods offline,onpolicy,mixed --budget 60
   trl-onpolicy eval qwen-distilled --tasks gsm8k --limit 200 --output-dir qwen-distilled/eval
   trl-onpolicy serve-teacher Qwen/Qwen2.5-1.5B-Instruct --port 8000
 
@@ -39,11 +41,13 @@ Several GPUs: accelerate launch [--config_file examples/accelerate_configs/zero3
 DISTILL_HELP = "Distill a teacher into a student from flags or a YAML recipe (--config); every config field is a flag."
 
 
-# name, module (None: `distill`, which parses its own flags with `trl.TrlParser`), one-line help
+COMPARE_HELP = "Which method for your task: short pilots of offline, on-policy and mixed distillation at equal compute."
+# name, module (None: a command that parses its own flags and a recipe with `trl.TrlParser`), one-line help
 SUBCOMMANDS = (
     ("quickstart", "quickstart",
      "Distill the built-in tiny teacher into a student on a GSM8K-format task, scored after every round."),
     ("distill", None, DISTILL_HELP),
+    ("compare", None, COMPARE_HELP),
     ("eval", "eval",
      "Score a saved student with lm-eval tasks (toy_gsm8k, gsm8k, mmlu, ...) and write a report."),
     ("serve-teacher", "serve_teacher",
@@ -78,6 +82,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+RECIPE_COMMANDS = tuple(name for name, module_name, _ in SUBCOMMANDS if module_name is None)  # distill, compare
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # trl_onpolicy/, not commands/
 USER_ERROR_TYPES = (ImportError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
 
@@ -111,7 +116,7 @@ def _run(command: str, function, debug: bool) -> int:
     except KeyboardInterrupt:
         print(f"trl-onpolicy {command}: interrupted.", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - sorted into user errors (a message) and bugs (re-raised)
+    except Exception as error:
         if debug or not is_user_error(error):
             raise
         message = str(error).strip() or type(error).__name__
@@ -124,10 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TRL_ONPOLICY_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    if argv and argv[0] == "distill":  # TrlParser: `--config` plus flag overrides, and its own `--help`
-        from . import distill
-
-        return _run("distill", lambda: distill.run(argv[1:]), debug)
+    if argv and argv[0] in RECIPE_COMMANDS:  # TrlParser: `--config` plus flag overrides, and their own `--help`
+        module = importlib.import_module(f".{argv[0]}", __package__)
+        return _run(argv[0], lambda: module.run(argv[1:]), debug)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is None or not hasattr(args, "func"):

@@ -154,7 +154,7 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
 # ----------------------------------------------------------------------------------------------------------- run
 
 
-def _check_arguments(model_args: ModelConfig, training_args: OnPolicyDistillConfig) -> None:
+def check_arguments(model_args: ModelConfig, training_args: OnPolicyDistillConfig) -> None:
     """Fail on a missing student or teacher name, or a model or checkpoint that does not exist, before loading."""
     if model_args.model_name_or_path is None:
         raise ValueError("Set `--model_name_or_path` (the student: a Hub id, a local path, or 'toy').")
@@ -172,7 +172,7 @@ def _check_arguments(model_args: ModelConfig, training_args: OnPolicyDistillConf
     )
 
 
-def _resolve_models(model_args: ModelConfig, training_args: OnPolicyDistillConfig):
+def resolve_models(model_args: ModelConfig, training_args: OnPolicyDistillConfig):
     """The student, teacher and tokenizer for the trainer: toy models loaded, other names kept with init kwargs set."""
     student, teacher, tokenizer = model_args.model_name_or_path, None, None
     if student == TOY:
@@ -199,7 +199,7 @@ def _resolve_models(model_args: ModelConfig, training_args: OnPolicyDistillConfi
     return student, teacher, tokenizer
 
 
-def _eval_callbacks(script_args: DistillScriptArguments) -> list:
+def eval_callbacks(script_args: DistillScriptArguments) -> list:
     """An `LmEvalCallback` for `--eval_tasks`, or none."""
     if not script_args.eval_tasks:
         return []
@@ -231,6 +231,31 @@ def _finish(trainer, script_args, training_args, callbacks: list, command: list[
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
 
+def build_trainer(script_args, training_args, model_args, callbacks: list, train_dataset=None):
+    """The `OnPolicyDistillTrainer` of a run: the student and teacher that the arguments name (toy models loaded, other
+    names loaded by the trainer, as in TRL's SFT script), and the data of `--dataset_name` unless `train_dataset` is
+    given (then no eval split). `trl-onpolicy compare` builds each of its pilots with it."""
+    from trl import get_peft_config, get_quantization_config
+
+    from ..trainer import OnPolicyDistillTrainer
+
+    student, teacher, tokenizer = resolve_models(model_args, training_args)
+    eval_dataset = None
+    if train_dataset is None:
+        train_dataset, eval_dataset = load_datasets(script_args, need_eval=training_args.eval_strategy != "no")
+    return OnPolicyDistillTrainer(
+        model=student,
+        teacher_model=teacher,  # None: `training_args.teacher_model_name_or_path` picks the backend
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        quantization_config=get_quantization_config(model_args) if isinstance(student, str) else None,
+        peft_config=get_peft_config(model_args),
+    )
+
+
 def main(
     script_args: DistillScriptArguments,
     training_args: OnPolicyDistillConfig,
@@ -243,29 +268,15 @@ def main(
     stop tells the user to run again, with `--resume_from_checkpoint`.
     """
     import torch
-    from trl import get_peft_config, get_quantization_config
 
     from ..step_log import use_step_lines
-    from ..trainer import OnPolicyDistillTrainer
 
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
-    _check_arguments(model_args, training_args)
+    check_arguments(model_args, training_args)
     resume = checkpoints.resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    student, teacher, tokenizer = _resolve_models(model_args, training_args)
-    train_dataset, eval_dataset = load_datasets(script_args, need_eval=training_args.eval_strategy != "no")
-    callbacks = _eval_callbacks(script_args)
-    trainer = OnPolicyDistillTrainer(
-        model=student,
-        teacher_model=teacher,  # None: `training_args.teacher_model_name_or_path` picks the backend
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        quantization_config=get_quantization_config(model_args) if isinstance(student, str) else None,
-        peft_config=get_peft_config(model_args),
-    )
+    callbacks = eval_callbacks(script_args)
+    trainer = build_trainer(script_args, training_args, model_args, callbacks)
     use_step_lines(trainer)  # one readable line per logging step instead of the Trainer's dicts
     trainer.train(resume_from_checkpoint=resume)
     _finish(trainer, script_args, training_args, callbacks, command)

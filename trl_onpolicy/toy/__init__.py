@@ -14,6 +14,7 @@ from .models import (
 )
 from .recipe import (
     RECIPE_VERSION,
+    RECOVERING_CORRECTION_FRACTION,
     STUDENT_HIDDEN,
     STUDENT_LAYERS,
     STUDENT_SFT_STEPS,
@@ -24,6 +25,7 @@ from .recipe import (
     load_or_train_teacher,
     train_on_task,
 )
+from .slips import first_wrong_line, slip_row, wrong_lines
 from .task import (
     equations,
     final_answer,
@@ -40,6 +42,7 @@ from .tokenizer import build_tokenizer, char_tokenizer
 
 __all__ = [
     "RECIPE_VERSION",
+    "RECOVERING_CORRECTION_FRACTION",
     "STUDENT_HIDDEN",
     "STUDENT_LAYERS",
     "STUDENT_SFT_STEPS",
@@ -51,6 +54,7 @@ __all__ = [
     "cache_dir",
     "completion_nll",
     "equations",
+    "first_wrong_line",
     "evaluate_exact_match",
     "evaluate_multiple_choice",
     "final_answer",
@@ -63,8 +67,10 @@ __all__ = [
     "mc_prompt_text",
     "num_parameters",
     "prompt_text",
+    "slip_row",
     "to_mc_prompt_completion",
     "to_multiple_choice",
     "to_prompt_completion",
     "train_on_task",
+    "wrong_lines",
 ]

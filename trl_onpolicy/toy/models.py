@@ -53,16 +53,34 @@ def encode_batch(tokenizer, problems: list[dict]) -> dict[str, torch.Tensor]:
     return encode_rows(tokenizer, [to_prompt_completion(p) for p in problems])
 
 
+def _completion_ids(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """The completion's token ids and labels; with `masked_span` (`[start, end)` characters of the completion,
+    e.g. a slip in `slips.slip_row`), the three pieces are tokenized separately and the middle one gets -100."""
+    span = row.get("masked_span")
+    if span is None:
+        ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        return ids, list(ids)
+    start, end = span
+    text = row["completion"]
+    ids, labels = [], []
+    for piece, target in ((text[:start], True), (text[start:end], False), (text[end:], True)):
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        ids += piece_ids
+        labels += piece_ids if target else [-100] * len(piece_ids)
+    return ids, labels
+
+
 def encode_rows(tokenizer, rows: list[dict], add_eos: bool = True) -> dict[str, torch.Tensor]:
     """Prompt-completion rows (`{"prompt", "completion"}`, any format) as prompt + completion (+ EOS), right-padded;
-    prompt and completion are tokenized separately; labels are -100 outside the completion (completion-only NLL)."""
+    prompt and completion are tokenized separately; labels are -100 outside the completion (completion-only NLL)
+    and on a row's optional `masked_span` of the completion (context that is not a target)."""
     ids, labels = [], []
+    eos = [tokenizer.eos_token_id] if add_eos else []
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        completion = completion + ([tokenizer.eos_token_id] if add_eos else [])
-        ids.append(prompt + completion)
-        labels.append([-100] * len(prompt) + completion)
+        completion, completion_labels = _completion_ids(tokenizer, row)
+        ids.append(prompt + completion + eos)
+        labels.append([-100] * len(prompt) + completion_labels + eos)
     width = max(len(r) for r in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in ids])  # (B, T)

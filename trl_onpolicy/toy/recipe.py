@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import random
 import shutil
 import tempfile
 import time
@@ -39,6 +40,7 @@ from .models import (
     evaluate_multiple_choice,
     num_parameters,
 )
+from .slips import slip_row
 from .task import generate_problems, to_mc_prompt_completion, to_prompt_completion
 from .tokenizer import build_tokenizer
 
@@ -63,12 +65,19 @@ class Recipe:
     max_steps: int = 4
     mc_fraction: float = 0.0  # of each batch in MMLU's format (round(batch_size * mc_fraction) problems)
     seed: int = 0
+    # of each batch written with a slip and its correction (`slips.slip_row`; the slip is masked out of the loss)
+    correction_fraction: float = 0.0
 
     def __post_init__(self):
         if (self.steps is None) == (self.seconds is None):
             raise ValueError(f"give exactly one budget: steps={self.steps}, seconds={self.seconds}")
         if not 0.0 <= self.mc_fraction <= 1.0:
             raise ValueError(f"mc_fraction must be in [0, 1], got {self.mc_fraction}")
+        if not 0.0 <= self.correction_fraction <= 1.0 - self.mc_fraction:
+            raise ValueError(
+                f"correction_fraction must be in [0, 1 - mc_fraction] = [0, {1.0 - self.mc_fraction:g}], got "
+                f"{self.correction_fraction}"
+            )
 
 
 # 3 layers x 128 (0.87 M parameters), 700 steps of 32 problems: 98.0% exact match on 500 eval problems, 216 s on
@@ -78,6 +87,15 @@ class Recipe:
 # arithmetic inside one forward pass: 700 steps on MC rows only give 30.4% (letter NLL ~ln 4: the letters are
 # learnt, not which one), an MC-balanced loss (MC rows weighted 25%) 28.0% and only 67% exact match.
 TEACHER_RECIPE = Recipe(num_layers=3, hidden_size=128, steps=700)
+# A teacher that can recover from a student's slip (issue 17, benchmarks/recovery.py): the same recipe with 8 of the
+# 32 chains of every batch written with a slip and its correction (`slips.slip_row`), loaded by
+# `load_or_train_teacher(correction_fraction=RECOVERING_CORRECTION_FRACTION)`. 0.25 was chosen before training,
+# not tuned: 3 of 4 chains stay clean so the clean chains' loss keeps most of the batch (the exact match on clean
+# prompts should stay near the standard teacher's), and 8 corrections per step x 700 steps (5,600 in all, ~1,900 of
+# each slip kind) seemed enough for a model that learns the whole task in ~300 steps. Measured (683 s on a busy
+# thread): 99.2% exact match on 500 eval problems, but it does not learn to detect a slip: p("Wait") is 0.099 after
+# a slip and 0.089 after a clean line, so it recovers no more than the standard teacher (benchmarks/README.md).
+RECOVERING_CORRECTION_FRACTION = 0.25
 # A weak student to start distillation from: 2 x 64 (0.17 M parameters), 500 steps of SFT on the ground truth
 # (47 s, idle machine): 25.8% exact match (with mc_fraction=0.25: 21.0% and 24.2% toy MMLU). The
 # same model reaches 93.6% after 1,575 steps, so the gap is training, not capacity.
@@ -107,6 +125,30 @@ def _lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) 
     return warm * cosine
 
 
+def batch_rows(problems: list[dict], recipe: Recipe, step: int) -> list[dict]:
+    """One step's rows: the first `round(B * mc_fraction)` problems in MMLU's format, the next
+    `round(B * correction_fraction)` with a slip and its correction (drawn from the recipe seed and the step), the
+    rest as they are."""
+    n_mc = round(recipe.batch_size * recipe.mc_fraction)
+    n_slip = round(recipe.batch_size * recipe.correction_fraction)
+    rows = [to_mc_prompt_completion(p, seed=recipe.seed * 1_000_000 + step) for p in problems[:n_mc]]
+    if n_slip:  # no draw at all otherwise: the default recipe's batches are as before the option existed
+        rng = random.Random(recipe.seed * 1_000_000 + step + 500_009)
+        rows += [slip_row(p, rng) for p in problems[n_mc : n_mc + n_slip]]
+    return rows + [to_prompt_completion(p) for p in problems[n_mc + n_slip :]]
+
+
+def supervised_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean NLL over the labelled tokens of the whole batch (sum over tokens whose label is not -100 / their
+    count): the completion minus any masked span. An MC row adds two tokens (letter, EOS), a GSM8K row ~40, so the
+    MC rows weigh ~2% of the loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+    )
+
+
 def train_on_task(model, tokenizer, recipe: Recipe, progress: bool = True) -> dict:
     """Supervised training of `model` on fresh train problems; returns {"steps", "seconds", "final_loss"}."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -130,17 +172,8 @@ def train_on_task(model, tokenizer, recipe: Recipe, progress: bool = True) -> di
         # A fresh batch each step: a different seed per (recipe seed, step), never the eval split.
         problems = generate_problems(recipe.batch_size, "train", seed=recipe.seed * 1_000_000 + step,
                                      min_steps=recipe.min_steps, max_steps=recipe.max_steps)
-        n_mc = round(recipe.batch_size * recipe.mc_fraction)  # the first n_mc problems in MMLU's format
-        rows = [to_mc_prompt_completion(p, seed=recipe.seed * 1_000_000 + step) for p in problems[:n_mc]]
-        rows += [to_prompt_completion(p) for p in problems[n_mc:]]
-        batch = encode_rows(tokenizer, rows)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        targets = batch["labels"][:, 1:]  # (B, T-1)
-        # Mean NLL over the completion tokens of the whole batch (sum over valid tokens / their count); an MC row
-        # adds two tokens (letter, EOS), a GSM8K row ~40, so the MC rows weigh ~2% of the loss.
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-        )
+        batch = encode_rows(tokenizer, batch_rows(problems, recipe, step))
+        loss = supervised_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -218,8 +251,14 @@ def load_or_train(name: str, recipe: Recipe, progress: bool = True, force: bool 
     return model, tokenizer, info
 
 
+# Fields added after RECIPE_VERSION "2", with the value that leaves a recipe as it was: left out of the key at that
+# value, so that every recipe cached before they existed keeps its name.
+_LATER_FIELDS = {"correction_fraction": 0.0}
+
+
 def _key(recipe: Recipe) -> str:
-    return hashlib.blake2b(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode(), digest_size=4).hexdigest()
+    fields = {k: v for k, v in dataclasses.asdict(recipe).items() if _LATER_FIELDS.get(k, object()) != v}
+    return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=4).hexdigest()
 
 
 def load_or_train_teacher(seconds: float | None = None, progress: bool = True, force: bool = False,
