@@ -198,8 +198,10 @@ def main():
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
     parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden"])
+    parser.add_argument("--steps-per-generation", default="1", help="An integer or 'round' (rollout pools).")
     cli = parser.parse_args()
-    run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers)
+    run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers,
+        steps_per_generation=cli.steps_per_generation)  # fmt: skip
     finish()
 
 

@@ -5,7 +5,8 @@ history). On top of that, `distill_state.json` holds the distillation state: the
 non-finite-step counters, and the state of every callback that has `state_dict()` / `load_state_dict()` (the eval
 hook's per-round history, so the report continues instead of starting over). A checkpoint written while a batch of
 rollouts is being reused (`num_iterations > 1`) also holds that batch, `rollout_buffer_<process>.pt` (see
-[`~trl_onpolicy.rollout_buffer`]).
+[`~trl_onpolicy.rollout_buffer`]); one written inside a rollout pool (`steps_per_generation > 1`) holds the pool's
+remaining steps, `rollout_pool_<process>.pt` (see [`~trl_onpolicy.rollout_pool`]).
 
 A checkpoint folder is *whole* when its `distill_state.json` (written first, to a temporary name and renamed) and its
 `trainer_state.json` (written last by the Trainer) both parse and its weights are there. A process killed while
@@ -100,7 +101,8 @@ def restore_distill_state(trainer, state: dict) -> None:
 
 def prepare_resume(trainer, resume_from_checkpoint):
     """Before `Trainer.train`: the checkpoint to resume from ([`resolve_resume_from_checkpoint`]), with the
-    distillation state and this process's rollout buffer restored from it; returns it as the Trainer takes it."""
+    distillation state and this process's rollout buffer and rollout pool restored from it; returns it as the Trainer
+    takes it."""
     resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
     folder = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
     trainer._rng_checkpoint = folder  # restored once, before the first resumed step samples (see the trainer)
@@ -108,6 +110,7 @@ def prepare_resume(trainer, resume_from_checkpoint):
     if state is not None:
         restore_distill_state(trainer, state)
     trainer.rollout_buffer.restore(folder, trainer.accelerator, trainer.teacher.output_heads)
+    trainer.rollout_pool.restore(folder, trainer.accelerator, skip_data=not trainer.args.ignore_data_skip)
     return resume_from_checkpoint
 
 

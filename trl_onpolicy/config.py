@@ -104,6 +104,13 @@ class OnPolicyDistillConfig(SFTConfig):
             reached slightly earlier); `"sampled_reverse_kl"` weights each token by the importance ratio
             `q / q_old` (times the vLLM weight of `vllm_importance_sampling_correction`). The loss temperature is
             held while a batch is reused (its scores were computed at it).
+        steps_per_generation (`int` or `str`, *optional*, defaults to `1`):
+            Optimizer steps whose rollouts are generated at once, as a pool (TRL GRPO's name): at its first step the
+            pool's prompts are drawn and completed in batched sampler calls; each step trains on its own slice, up to
+            `steps_per_generation - 1` updates old. `"round"`: one pool per round (`num_rounds`). See
+            `rollout_pool.py`.
+        generation_batch_size (`int`, *optional*):
+            Dataset rows per sampler call, per process, when a pool is generated; `None`: one call per step's rows.
         max_completion_length (`int`, *optional*, defaults to `256`):
             Maximum number of generated tokens. Prompts are cut from the left to `max_length - max_completion_length`.
         temperature (`float`, *optional*, defaults to `1.0`):
@@ -294,6 +301,12 @@ class OnPolicyDistillConfig(SFTConfig):
     num_generations: int = field(default=1, metadata={"help": "Completions sampled per prompt."})
     num_iterations: int = field(
         default=1, metadata={"help": "Optimizer steps each batch of rollouts and teacher scores trains (GRPO's mu)."}
+    )
+    steps_per_generation: int | str | None = field(  # `| None`: HfArgumentParser then parses the flag as text
+        default=1, metadata={"help": "Optimizer steps whose rollouts are generated at once (a pool), or 'round'."}
+    )
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Dataset rows per sampler call, per process; None: one step's rows."}
     )
     max_completion_length: int = field(default=256, metadata={"help": "Maximum number of generated tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})

@@ -1,8 +1,9 @@
 """The checks `OnPolicyDistillConfig.__post_init__` runs: one function per concern, each error naming the bad value.
 
-`check_config` runs them in order (loss, rollouts, the `lmbda` curriculum, vLLM, teachers, loss temperature, rounds,
-inherited SFT settings); the first failed check raises a `ValueError`. The allowed values of the string fields live
-here too (`LOSS_TYPES`, `MIXTURES`); the schedules are `temperature.SCHEDULES` and `lmbda_schedule.SCHEDULES`.
+`check_config` runs them in order (loss, rollouts, rollout pools, the `lmbda` curriculum, vLLM, teachers, loss
+temperature, rounds, inherited SFT settings); the first failed check raises a `ValueError`. The allowed values of the
+string fields live here too (`LOSS_TYPES`, `MIXTURES`); the schedules are `temperature.SCHEDULES` and
+`lmbda_schedule.SCHEDULES`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def check(ok: bool, message: str) -> None:
 
 def parse_text_values(config) -> None:
     """Values that arrive as text from the command line, made what the fields hold: one stop string -> a list, a JSON
-    object -> a dict (`teacher_model_name_or_path`, `teacher_weights`, `generation_kwargs`, `vllm_generation_kwargs`)."""
+    object -> a dict (`teacher_model_name_or_path`, `teacher_weights`, `generation_kwargs`,
+    `vllm_generation_kwargs`), digits -> an int (`steps_per_generation`)."""
     if isinstance(config.stop_strings, str):
         config.stop_strings = [config.stop_strings]
+    if isinstance(config.steps_per_generation, str) and config.steps_per_generation.strip().isdigit():
+        config.steps_per_generation = int(config.steps_per_generation)
     for name in ("teacher_model_name_or_path", "teacher_weights", "generation_kwargs", "vllm_generation_kwargs"):
         value = getattr(config, name)
         if isinstance(value, str) and value.lstrip().startswith("{"):
@@ -42,6 +46,7 @@ def check_config(config) -> None:
     """Every check of an `OnPolicyDistillConfig`, after `SFTConfig.__post_init__` has run."""
     check_loss(config)
     check_rollouts(config)
+    check_pools(config)
     check_curriculum(config)
     check_vllm(config)
     check_teachers(config)
@@ -93,6 +98,42 @@ def check_rollouts(config) -> None:
         config.max_length is None or config.max_length > config.max_completion_length,
         f"`max_length` ({config.max_length}) must exceed `max_completion_length` ({config.max_completion_length}): "
         "the prompt gets `max_length - max_completion_length` tokens.",
+    )
+
+
+def check_pools(config) -> None:
+    """Rollout pools (`steps_per_generation`, `generation_batch_size`) and what they cannot be combined with."""
+    value = config.steps_per_generation
+    check(
+        value == "round" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+        f"`steps_per_generation` must be an integer >= 1 (1 = fresh rollouts every optimizer step) or 'round' (one "
+        f"pool per round of `num_rounds`), got {value!r}.",
+    )
+    check(
+        config.generation_batch_size is None or config.generation_batch_size >= 1,
+        f"`generation_batch_size` must be None (one sampler call per step's rows) or >= 1, got "
+        f"{config.generation_batch_size}.",
+    )
+    if value == 1:
+        return
+    check(
+        config.num_iterations == 1,
+        f"`steps_per_generation={value!r}` and `num_iterations={config.num_iterations}` both reuse rollouts across "
+        "optimizer steps; choose one: `steps_per_generation` trains each step on its own prompts from a pool "
+        "generated ahead, `num_iterations` trains several steps on one step's batch. Set the other to 1.",
+    )
+    check(
+        config.loss_type != "sampled_reverse_kl",
+        f"`loss_type='sampled_reverse_kl'` cannot train on pooled rollouts (`steps_per_generation={value!r}`): its "
+        "importance weight needs the log-probs of the student that sampled the tokens, which `generate` does not "
+        "return, and a pooled step trains a student that has moved since. Use `num_iterations` instead (it keeps "
+        "those log-probs at a batch's first use) or a full-distribution loss (`jsd`, `forward_kl`, `reverse_kl`).",
+    )
+    check(
+        value != "round" or config.num_rounds > 1,
+        "`steps_per_generation='round'` with `num_rounds=1` would generate one pool for the whole run, trained on "
+        "by a student that never samples again. Set `num_rounds` to the number of pools (e.g. `num_rounds=4`), or "
+        "give `steps_per_generation` an integer.",
     )
 
 

@@ -80,9 +80,12 @@ def log_update(metrics: dict[str, list[float]], total: dict[str, float], extra: 
 
 
 def log_rollouts(metrics: dict[str, list[float]], stats: dict[str, float], seconds: tuple[float, float],
-                 temperature: float, reused: float | None, lmbda: float | None = None) -> None:  # fmt: skip
+                 temperature: float, reused: float | None, lmbda: float | None = None,
+                 pool_age: int | None = None) -> None:  # fmt: skip
     """The step's rollout metrics: a reused batch's lengths again (`reused` 1.0), and no generation or teacher time;
-    `lmbda`, the schedule's value at the step (logged when `lmbda` is scheduled, on reused steps too)."""
+    `lmbda`, the schedule's value at the step (logged when `lmbda` is scheduled, on reused steps too); with rollout
+    pools, whether the step's rollouts were generated at an earlier step (`rollouts/pooled` 1.0) and how many steps
+    earlier (`rollouts/age`)."""
     metrics["completion_length"].append(stats["completion_length"])
     metrics["truncated_fraction"].append(stats["truncated_fraction"])
     metrics["loss_temperature"].append(temperature)
@@ -92,3 +95,6 @@ def log_rollouts(metrics: dict[str, list[float]], stats: dict[str, float], secon
         metrics["rollouts/reused"].append(reused)
     if lmbda is not None:
         metrics["lmbda"].append(lmbda)
+    if pool_age is not None:
+        metrics["rollouts/pooled"].append(float(pool_age > 0))
+        metrics["rollouts/age"].append(float(pool_age))

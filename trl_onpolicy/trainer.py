@@ -22,7 +22,6 @@ data loader is left as SFT's and the whole step's rollouts are made at once, so 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import random
@@ -41,6 +40,7 @@ from .lmbda_schedule import lmbda_of
 from .nonfinite import NonfiniteGuard, deepspeed_skipped
 from .prompts import check_columns
 from .rollout_buffer import RolloutBuffer, rollout_stats
+from .rollout_pool import RolloutPool
 from .rollouts import Rollouts, build_generation_config
 from .samplers import GenerateSampler, TeacherSampler
 from .step_batch import StepBatch
@@ -163,6 +163,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.teacher_sampler = TeacherSampler(self.teacher)
         self.loss_temperature = LossTemperature.from_config(args)
         self.rollout_buffer = RolloutBuffer(args.num_iterations, keep_logps=args.loss_type == "sampled_reverse_kl")
+        self.rollout_pool = RolloutPool(args.steps_per_generation, args.generation_batch_size,
+                                        args.per_device_train_batch_size)  # fmt: skip
         weighted = self.vllm is not None and applies_correction(args)  # the loss weighs vLLM's tokens
         self._importance = ImportanceSamplingStats(args.vllm_importance_sampling_clip_max) if weighted else None
         self.student_loss = StudentLoss(args, self.accelerator, self.vocab_size, self._tokenizer.pad_token_id,
@@ -189,14 +191,15 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's hook for a step's batches: the prompts of the whole step -> its [`StepBatch`]
         ([`make_step_batch`]), cut into its micro-batches. A step within a batch's `num_iterations` trains on the
-        buffered batch instead, and its own prompts go unused."""
-        raw = list(itertools.islice(epoch_iterator, num_batches))
+        buffered batch instead, and its own prompts go unused. The rollout pool draws the batches (those of
+        `steps_per_generation` steps at a pool's first step, see [`~trl_onpolicy.rollout_pool.RolloutPool`])."""
+        step, buffer, pool = self.state.global_step, self.rollout_buffer, self.rollout_pool
+        raw = pool.draw(epoch_iterator, num_batches, step, pool.size(step, self.state.max_steps, self.round_ends()))
         if not raw:
             return [], None
         if self._rng_checkpoint is not None:  # resuming mid-epoch: the RNG must be the checkpoint's before sampling
             self._load_rng_state(self._rng_checkpoint)
         self._step_start, self._scored, seconds = time.perf_counter(), None, (0.0, 0.0)
-        step, buffer = self.state.global_step, self.rollout_buffer
         if not buffer.holds(step):
             batch, rollouts, seconds = self.make_step_batch([row for rows in raw for row in rows])
             buffer.put(step, batch, rollout_stats(batch, self.accelerator))  # one gather: lengths, token count
@@ -204,7 +207,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         micro = buffer.micro_batches(step, len(raw))
         reused = float(buffer.age > 0) if self.args.num_iterations > 1 else None
         lmbda = lmbda_of(self.args, step, self.state.max_steps) if self.args.lmbda_schedule != "constant" else None
-        log_rollouts(self._metrics["train"], buffer.stats, seconds, self.loss_temperature.value, reused, lmbda)
+        age = pool.age if self.args.steps_per_generation != 1 else None
+        log_rollouts(self._metrics["train"], buffer.stats, seconds, self.loss_temperature.value, reused, lmbda, age)
         self.step_stats.start(tokens=buffer.stats["tokens"])
         self._micro_step, self._window = 0, len(micro)
         return micro, buffer.num_items
@@ -215,7 +219,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.loss_temperature.total_steps = max(int(self.state.max_steps), 1)  # known once training has started
         self.loss_temperature.step(self.state.global_step, self._last_teacher_entropy)
         t0 = time.perf_counter()
-        rollouts = self.make_rollouts(rows, self._completion_source(self.state.global_step))
+        step = self.state.global_step
+        rollouts = self.rollout_pool.rollouts(step, rows, self.make_rollouts, self._completion_source)
         rollouts = self.callback_handler.on_rollouts(self.args, self.state, self.control, rollouts)
         if len(rollouts) == 0:
             raise ValueError(
@@ -383,6 +388,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         if self.args.should_save:
             checkpoints.write_state(folder, checkpoints.distill_state(self))
         self.rollout_buffer.save(folder, self.accelerator.process_index, self.state.global_step)
+        self.rollout_pool.save(folder, self.accelerator.process_index)
         super()._save_checkpoint(model, trial)
 
     def _load_rng_state(self, checkpoint):
