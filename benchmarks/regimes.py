@@ -1,6 +1,7 @@
 """Where on-policy distillation wins: the regimes of issue 17, each designed (below) before its first run.
 
     OMP_NUM_THREADS=1 python benchmarks/regimes.py plateau            # regime (i): plateau, then 4 methods x 3 seeds
+    OMP_NUM_THREADS=1 python benchmarks/regimes.py big_teacher        # regime (ii); `long` is regime (iv)
     OMP_NUM_THREADS=1 python benchmarks/regimes.py plateau --collect  # summarise what is in --workdir
     python benchmarks/regimes.py plateau --plot-only                  # redraw results/regime_plateau.png
 
@@ -18,7 +19,9 @@ Regime (i), after an offline plateau. Settings fixed on 2026-12-03 before the fi
   SFT on them) from the warm start for 960 CPU-s, scored on 500 eval problems at 120, 240, 480 and 960 CPU-s; the
   student's weights are saved at each point. The plateau is the first of 120, 240, 480 CPU-s where twice the
   compute adds under one point of exact match (the issue's definition); when none qualifies, 960 CPU-s is used and
-  the table says the plateau was not shown. The plateau phase is not charged to the comparison.
+  the table says the plateau was not shown. The plateau phase is not charged to the comparison. (Changed after
+  the first run started, without changing what is chosen: the phase stops once the rule has decided, since later
+  points cannot change the choice; the first run was stopped by hand at that point, 480 CPU-s.)
 - comparison: from that checkpoint, 240 CPU-s per run, scored on the same 500 problems at 60, 120, 180, 240 CPU-s,
   seeds 100, 101, 102 (training seed and fresh-pool seed; 100+ so no fresh pool equals the plateau's pool):
     offline_same_pool   SFT continued on the plateau's own pool (already paid for: not charged again)
@@ -50,6 +53,7 @@ from pathlib import Path
 
 import quality  # benchmarks/quality.py: the meter, the pair, the trainers
 import torch
+from transformers import TrainerCallback
 
 RESULTS = Path(__file__).parent / "results"
 TASK = "standard"
@@ -86,6 +90,22 @@ def train_to_points(trainer, meter, checkpoints: list[float], evaluate) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ regime (i)
+def plateau_index(accuracy: list[float]) -> int | None:
+    """The first scoring point where the next one (twice the compute) adds under one point, else None."""
+    return next((i for i in range(len(accuracy) - 1) if accuracy[i + 1] - accuracy[i] < 0.01), None)
+
+
+class StopAtPlateau(TrainerCallback):
+    """Stops the plateau phase once `plateau_index` has an answer: later points cannot change it."""
+
+    def __init__(self, points: list[dict]):
+        self.points = points
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if plateau_index([p["accuracy"] for p in self.points]) is not None:
+            control.should_training_stop = True
+
+
 def plateau_phase(workdir: Path) -> dict:
     """offline_sft from the warm start to 960 CPU-s; the student's weights saved at each scoring point."""
     from trl_onpolicy import toy
@@ -105,9 +125,11 @@ def plateau_phase(workdir: Path) -> dict:
     saved: list[bool] = []
     trainer, pool_correct = quality.build_trainer("offline_sft", meter, teacher, student, tokenizer, TASK,
                                                   PLATEAU_POOL_SEED, length, args)  # fmt: skip
-    points = train_to_points(trainer, meter, list(PLATEAU_BUDGETS), evaluate)
-    accuracy = [p["accuracy"] for p in points]
-    chosen = next((i for i in range(len(accuracy) - 1) if accuracy[i + 1] - accuracy[i] < 0.01), None)
+    points: list[dict] = []
+    trainer.add_callback(quality.budget_callback(meter, list(PLATEAU_BUDGETS), evaluate, points))
+    trainer.add_callback(StopAtPlateau(points))
+    trainer.train()
+    chosen = plateau_index([p["accuracy"] for p in points])
     return {"start_accuracy": start, "points": points, "pool_exact_match": pool_correct,
             "plateau_index": len(points) - 1 if chosen is None else chosen, "plateau_shown": chosen is not None,
             "teacher_exact_match": toy.evaluate_exact_match(teacher, tokenizer, problems, max_new_tokens=length)}
@@ -145,6 +167,64 @@ def from_plateau(method: str, seed: int, workdir: Path) -> dict:
     points = train_to_points(trainer, meter, [BUDGET * (i + 1) / EVALS for i in range(EVALS)], evaluate)
     return {"method": method, "seed": seed, "points": points, "pool_exact_match": pool_correct,
             "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ regimes (ii)-(iv)
+# The student starts from the warm start as in quality.py; only the teacher, the budget or the methods change.
+WARM_REGIMES = {
+    "big_teacher": {"teacher": {"num_layers": 4, "hidden_size": 256}, "budget": 240.0, "evals": 4,
+                    "methods": ["offline_sft", "onpolicy_jsd", "mixed_lmbda"]},
+    "long": {"teacher": {}, "budget": 1800.0, "evals": 6, "methods": ["offline_sft", "onpolicy_jsd", "mixed_lmbda"]},
+}  # fmt: skip
+WARM_SEEDS, WARM_EVAL_PROBLEMS = (0, 1, 2), 200
+
+
+def from_warm_start(regime: str, method: str, seed: int, workdir: Path) -> dict:
+    """One method of a warm-start regime: quality.py's run with the regime's teacher and budget."""
+    from trl_onpolicy import toy
+
+    spec = WARM_REGIMES[regime]
+    torch.set_num_threads(1)
+    teacher, tokenizer, _ = toy.load_or_train_teacher(progress=False, **spec["teacher"])
+    student, _, _ = toy.load_or_train_student(*quality.STUDENT, sft_steps=quality.TASKS[TASK]["student_sft_steps"],
+                                              progress=False)  # fmt: skip
+    length = quality.completion_length(tokenizer, TASK)
+    problems = quality.eval_problems(TASK, WARM_EVAL_PROBLEMS)
+    args = settings(str(workdir))
+    torch.manual_seed(seed)
+    meter = quality.Meter()
+    quality.watch(meter, student, teacher)
+    trainer, pool_correct = quality.build_trainer(method, meter, teacher, student, tokenizer, TASK, seed, length, args)
+
+    def evaluate(model):
+        return toy.evaluate_exact_match(model, tokenizer, problems, max_new_tokens=length)
+
+    started = time.perf_counter()
+    checkpoints = [spec["budget"] * (i + 1) / spec["evals"] for i in range(spec["evals"])]
+    points = train_to_points(trainer, meter, checkpoints, evaluate)
+    return {"regime": regime, "method": method, "seed": seed, "points": points, "pool_exact_match": pool_correct,
+            "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def warm_prep(regime: str, workdir: Path) -> dict:
+    """The regime's teacher and the warm start scored once on the eval problems (what quality.summarise reads)."""
+    from trl_onpolicy import toy
+
+    path = workdir / f"prep-{regime}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    torch.set_num_threads(1)
+    teacher, tokenizer, info = toy.load_or_train_teacher(progress=False, **WARM_REGIMES[regime]["teacher"])
+    student, _, student_info = toy.load_or_train_student(*quality.STUDENT, progress=False,
+                                                         sft_steps=quality.TASKS[TASK]["student_sft_steps"])
+    length = quality.completion_length(tokenizer, TASK)
+    problems = quality.eval_problems(TASK, WARM_EVAL_PROBLEMS)
+    prep = {"teacher_exact_match": toy.evaluate_exact_match(teacher, tokenizer, problems, max_new_tokens=length),
+            "student_exact_match": toy.evaluate_exact_match(student, tokenizer, problems, max_new_tokens=length),
+            "teacher": {k: info[k] for k in ("name", "num_parameters", "recipe")},
+            "student": {k: student_info[k] for k in ("name", "num_parameters", "recipe")}}  # fmt: skip
+    path.write_text(json.dumps(prep, indent=1))
+    return prep
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -237,7 +317,7 @@ def plot_plateau(result: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def run_jobs(jobs: list[tuple[str, int]], workdir: Path, workers: int) -> None:
+def run_jobs(regime: str, jobs: list[tuple[str, int]], workdir: Path, workers: int) -> None:
     """Each (method, seed) in its own process, `workers` at a time; finished runs are kept in the workdir."""
     pending = [j for j in jobs if not (workdir / f"run-{j[0]}-{j[1]}.json").exists()]
     running: list[tuple[subprocess.Popen, tuple]] = []
@@ -245,7 +325,7 @@ def run_jobs(jobs: list[tuple[str, int]], workdir: Path, workers: int) -> None:
         while pending and len(running) < workers:
             method, seed = pending.pop(0)
             log = open(workdir / f"run-{method}-{seed}.log", "w")  # noqa: SIM115
-            cmd = [sys.executable, __file__, "plateau", "--one", method, str(seed), "--workdir", str(workdir)]
+            cmd = [sys.executable, __file__, regime, "--one", method, str(seed), "--workdir", str(workdir)]
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), (method, seed)))
             print(f"started {method} seed {seed}", flush=True)
         time.sleep(2)
@@ -255,29 +335,12 @@ def run_jobs(jobs: list[tuple[str, int]], workdir: Path, workers: int) -> None:
                 print(f"{'done' if proc.returncode == 0 else 'FAILED'} {job}", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("regime", choices=["plateau"])
-    parser.add_argument("--workdir", default="/tmp/trl_onpolicy_regimes")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--collect", action="store_true")
-    parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def plateau_main(args, workdir: Path) -> None:
     output = RESULTS / "regime_plateau.json"
-    if args.plot_only:
-        result = json.loads(output.read_text())
-        print_plateau(result)
-        return plot_plateau(result, output.with_suffix(".png"))
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if args.one:
-        record = from_plateau(args.one[0], int(args.one[1]), workdir)
-        return (workdir / f"run-{args.one[0]}-{args.one[1]}.json").write_text(json.dumps(record, indent=1))
     if not (workdir / "plateau.json").exists():
         (workdir / "plateau.json").write_text(json.dumps(plateau_phase(workdir), indent=1))
     if not args.collect:
-        run_jobs([(m, s) for s in SEEDS for m in PLATEAU_METHODS], workdir, args.workers)
+        run_jobs("plateau", [(m, s) for s in SEEDS for m in PLATEAU_METHODS], workdir, args.workers)
     runs = [json.loads(p.read_text()) for p in sorted(workdir.glob("run-*.json"))]
     plateau = json.loads((workdir / "plateau.json").read_text())
     result = {"setup": {"budget": BUDGET, "evals": EVALS, "eval_problems": EVAL_PROBLEMS, "seeds": SEEDS,
@@ -286,6 +349,55 @@ def main():
     output.write_text(json.dumps(result, indent=1))
     print_plateau(result)
     plot_plateau(result, output.with_suffix(".png"))
+
+
+def warm_main(args, workdir: Path) -> None:
+    """Regimes (ii)-(iv): quality.py's summary, table and plot, plus the ratio to the best offline method."""
+    regime, spec = args.regime, WARM_REGIMES[args.regime]
+    output = RESULTS / f"regime_{regime}.json"
+    prep = warm_prep(regime, workdir)
+    if not args.collect:
+        run_jobs(regime, [(m, s) for s in WARM_SEEDS for m in spec["methods"]], workdir, args.workers)
+    runs = [json.loads(p.read_text()) for p in sorted(workdir.glob("run-*.json"))]
+    methods = quality.summarise(TASK, prep, runs)
+    for frac in quality.THRESHOLDS:
+        key = f"cpu_s_to_{round(frac * 100)}pct"
+        offline = [s[key]["mean"] for m, s in methods.items() if m.startswith("offline") and s[key]["mean"]]
+        for s in methods.values():
+            s[key]["ratio_to_best_offline"] = s[key]["mean"] / min(offline) if s[key]["mean"] and offline else None
+    result = {"setup": {"regime": regime, **spec, "seeds": WARM_SEEDS, "eval_problems": WARM_EVAL_PROBLEMS},
+              "environment": quality.environment(),
+              "tasks": {regime: {"prep": prep, "methods": methods, "runs": runs}}}  # fmt: skip
+    output.write_text(json.dumps(result, indent=1))
+    quality.print_table(result)
+    quality.plot(result, output.with_suffix(".png"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("regime", choices=["plateau", *WARM_REGIMES])
+    parser.add_argument("--workdir", default="/tmp/trl_onpolicy_regimes", help="a folder per regime goes under it")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--collect", action="store_true", help="summarise the finished runs only")
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plot_only and args.regime == "plateau":
+        result = json.loads((RESULTS / "regime_plateau.json").read_text())
+        print_plateau(result)
+        return plot_plateau(result, RESULTS / "regime_plateau.png")
+    if args.plot_only:
+        result = json.loads((RESULTS / f"regime_{args.regime}.json").read_text())
+        quality.print_table(result)
+        return quality.plot(result, RESULTS / f"regime_{args.regime}.png")
+    workdir = Path(args.workdir) / args.regime if not args.one else Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        method, seed = args.one[0], int(args.one[1])
+        record = (from_plateau(method, seed, workdir) if args.regime == "plateau"
+                  else from_warm_start(args.regime, method, seed, workdir))  # fmt: skip
+        return (workdir / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))
+    (plateau_main if args.regime == "plateau" else warm_main)(args, workdir)
 
 
 if __name__ == "__main__":
