@@ -20,9 +20,14 @@ Two rules follow, and the package keeps them:
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from ._compat import DTensor, FSDPModule
+
+logger = logging.getLogger(__name__)
 
 SINGLE, DDP, FSDP1, FSDP2, ZERO, ZERO3 = "single", "ddp", "fsdp1", "fsdp2", "zero", "zero3"
 SHARDED = (FSDP2, ZERO3)  # the launchers whose forward passes are collectives
@@ -115,6 +120,19 @@ def processes_with(accelerator, flag: bool) -> int:
         return int(bool(flag))
     value = torch.tensor([float(bool(flag))], device=accelerator.device)
     return int(accelerator.reduce(value, reduction="sum").item())
+
+
+def on_every_process(accelerator, path: str, what: str, otherwise: str) -> bool:
+    """Whether every process has its own file `path` (a collective). A process resuming alone from its file would
+    leave the others out of collectives, so the files are used only when all are there; when only some are, a
+    warning says `folder` holds `what` of some processes only and that `otherwise` happens instead."""
+    found = processes_with(accelerator, os.path.isfile(path))
+    if 0 < found < accelerator.num_processes:
+        logger.warning(
+            "%s holds the %s of %d of %d processes (written with another number of processes?): they are ignored, "
+            "and %s.", os.path.dirname(path), what, found, accelerator.num_processes, otherwise,
+        )  # fmt: skip
+    return found == accelerator.num_processes
 
 
 def any_process(accelerator, flag: bool) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import torch
 
-from .launchers import processes_with
+from .launchers import on_every_process
 from .step_batch import StepBatch
 
 logger = logging.getLogger(__name__)
@@ -138,14 +138,7 @@ class RolloutBuffer:
         path = buffer_file(folder, accelerator.process_index)
         # every process or none: a process reusing alone (or gathering a sharded head alone, a collective) would
         # leave the others in collectives it never joins
-        found = processes_with(accelerator, os.path.isfile(path))
-        if found < accelerator.num_processes:
-            if found > 0:
-                logger.warning(
-                    "%s holds the rollout buffers of %d of %d processes (written with another number of processes?): "
-                    "they are ignored, and the resumed run samples fresh rollouts.", folder, found,
-                    accelerator.num_processes,
-                )  # fmt: skip
+        if not on_every_process(accelerator, path, "rollout buffers", "the resumed run samples fresh rollouts"):
             return
         state = _to(torch.load(path, map_location="cpu", weights_only=True), accelerator.device)  # "cpu:0" won't map
         self.batch = StepBatch.from_state_dict(state["batch"], heads())

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .launchers import processes_with
+from .launchers import on_every_process
 from .rollouts import Rollouts
 
 logger = logging.getLogger(__name__)
@@ -208,14 +208,8 @@ class RolloutPool:
         if not folder:
             return
         path = pool_file(folder, accelerator.process_index)
-        found = processes_with(accelerator, os.path.isfile(path))  # every process or none: the draws must agree
-        if found < accelerator.num_processes:
-            if found > 0:
-                logger.warning(
-                    "%s holds the rollout pools of %d of %d processes (written with another number of processes?): "
-                    "they are ignored, and the resumed run generates its rollouts afresh.", folder, found,
-                    accelerator.num_processes,
-                )  # fmt: skip
+        # every process or none: the draws must agree
+        if not on_every_process(accelerator, path, "rollout pools", "the resumed run generates its rollouts afresh"):
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         for saved in state["steps"]:
