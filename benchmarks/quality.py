@@ -32,6 +32,8 @@ Methods (the names in the JSON and the plot):
   mixed_lmbda        (c) ours, `lmbda=0.5`: half the batches the student's rollouts, half the teacher's pool (charged)
   onpolicy_jsd_reuse4 (c) ours, `lmbda=1`, JSD, each batch of rollouts and teacher scores used for 4 optimizer
                          steps (`num_iterations=4`)
+  onpolicy_jsd_pool4  (c) ours, `lmbda=1`, JSD, rollout pools: `steps_per_generation=4`, `generation_batch_size=128`
+                         (one generate call writes the rollouts of 4 steps); not in the default list
   rounds             (d) onpolicy_jsd for a fixed number of steps as 4 rounds and as 1 round: in this trainer a round
                          end is an evaluation and checkpoint boundary, so the check is that the parameters come out
                          identical and what the round ends cost (their checkpoints; the evaluations are not charged)
@@ -201,6 +203,8 @@ def build_trainer(method: str, meter: Meter, teacher, student, tokenizer, task: 
             kw["loss_type"] = "sampled_reverse_kl"
         elif method == "mixed_lmbda":
             data, kw["lmbda"] = pool, 0.5
+        elif method == "onpolicy_jsd_pool4":
+            kw.update(steps_per_generation=4, generation_batch_size=128)
         elif method == "onpolicy_jsd_reuse4":
             kw["num_iterations"] = 4
         elif method == "rounds":  # (d): a fixed number of steps, split into `args.rounds` rounds
