@@ -84,12 +84,14 @@ THRESHOLDS = (0.9, 0.6, 0.4)  # fractions of the teacher's score; 90% is the hea
 
 
 # ------------------------------------------------------------------------------------------------ the runs
-def load_pair(task: str):
+def load_pair(task: str, teacher: dict | None = None):
+    """The task's teacher (its recipe with `teacher`'s fields overridden, e.g. a larger one) and warm-started student."""
     from trl_onpolicy import toy
 
     spec = TASKS[task]
     difficulty = {"min_steps": spec["min_steps"], "max_steps": spec["max_steps"]}
     teacher_overrides = {**spec["teacher"], **difficulty} if task != "standard" else {}
+    teacher_overrides.update(teacher or {})
     teacher, tokenizer, teacher_info = toy.load_or_train_teacher(progress=False, **teacher_overrides)
     student, _, student_info = toy.load_or_train_student(
         *STUDENT, sft_steps=spec["student_sft_steps"], progress=False, **difficulty
@@ -255,7 +257,7 @@ def run_one(method: str, task: str, seed: int, args) -> dict:
 
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
-    teacher, student, tokenizer, _, _ = load_pair(task)
+    teacher, student, tokenizer, _, _ = load_pair(task, getattr(args, "teacher", None))
     problems = eval_problems(task, args.eval_problems)
     length = completion_length(tokenizer, task)
     torch.manual_seed(seed)
@@ -415,7 +417,7 @@ def prepare(task: str, args) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     torch.set_num_threads(1)
-    teacher, student, tokenizer, teacher_info, student_info = load_pair(task)
+    teacher, student, tokenizer, teacher_info, student_info = load_pair(task, getattr(args, "teacher", None))
     problems = eval_problems(task, args.eval_problems)
     length = completion_length(tokenizer, task)
     prep = {

@@ -114,7 +114,7 @@ def plateau_phase(workdir: Path) -> dict:
     args = settings(str(workdir))
     start = toy.evaluate_exact_match(student, tokenizer, problems, max_new_tokens=length)
     torch.manual_seed(PLATEAU_POOL_SEED)
-    meter = quality.Meter()
+    meter = quality.Meter(clock="process")  # CPU-seconds, as quality.py charges, on a GPU machine too
     quality.watch(meter, student, teacher)
 
     def evaluate(model):
@@ -144,7 +144,7 @@ def from_plateau(method: str, seed: int, workdir: Path) -> dict:
     student.load_state_dict(torch.load(workdir / f"plateau-{plateau['plateau_index']}.pt"))
     args = settings(str(workdir))
     torch.manual_seed(seed)
-    meter = quality.Meter()
+    meter = quality.Meter(clock="process")  # CPU-seconds, as quality.py charges, on a GPU machine too
     quality.watch(meter, student, teacher)
     if method == "offline_same_pool":  # the plateau's pool, paid for by the plateau phase: rebuilt uncharged
         import trl
@@ -179,52 +179,23 @@ WARM_REGIMES = {
 WARM_SEEDS, WARM_EVAL_PROBLEMS = (0, 1, 2), 200
 
 
+def warm_settings(regime: str, workdir: Path) -> argparse.Namespace:
+    """quality.py's settings at the regime's teacher, budget and evaluations (`run_one` and `prepare` read them)."""
+    spec = WARM_REGIMES[regime]
+    args = settings(str(workdir))
+    args.teacher, args.budget, args.evals, args.eval_problems = spec["teacher"], spec["budget"], spec["evals"], \
+        WARM_EVAL_PROBLEMS
+    return args
+
+
 def from_warm_start(regime: str, method: str, seed: int, workdir: Path) -> dict:
     """One method of a warm-start regime: quality.py's run with the regime's teacher and budget."""
-    from trl_onpolicy import toy
-
-    spec = WARM_REGIMES[regime]
-    torch.set_num_threads(1)
-    teacher, tokenizer, _ = toy.load_or_train_teacher(progress=False, **spec["teacher"])
-    student, _, _ = toy.load_or_train_student(*quality.STUDENT, sft_steps=quality.TASKS[TASK]["student_sft_steps"],
-                                              progress=False)  # fmt: skip
-    length = quality.completion_length(tokenizer, TASK)
-    problems = quality.eval_problems(TASK, WARM_EVAL_PROBLEMS)
-    args = settings(str(workdir))
-    torch.manual_seed(seed)
-    meter = quality.Meter()
-    quality.watch(meter, student, teacher)
-    trainer, pool_correct = quality.build_trainer(method, meter, teacher, student, tokenizer, TASK, seed, length, args)
-
-    def evaluate(model):
-        return toy.evaluate_exact_match(model, tokenizer, problems, max_new_tokens=length)
-
-    started = time.perf_counter()
-    checkpoints = [spec["budget"] * (i + 1) / spec["evals"] for i in range(spec["evals"])]
-    points = train_to_points(trainer, meter, checkpoints, evaluate)
-    return {"regime": regime, "method": method, "seed": seed, "points": points, "pool_exact_match": pool_correct,
-            "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+    return {"regime": regime, **quality.run_one(method, TASK, seed, warm_settings(regime, workdir))}
 
 
 def warm_prep(regime: str, workdir: Path) -> dict:
-    """The regime's teacher and the warm start scored once on the eval problems (what quality.summarise reads)."""
-    from trl_onpolicy import toy
-
-    path = workdir / f"prep-{regime}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    torch.set_num_threads(1)
-    teacher, tokenizer, info = toy.load_or_train_teacher(progress=False, **WARM_REGIMES[regime]["teacher"])
-    student, _, student_info = toy.load_or_train_student(*quality.STUDENT, progress=False,
-                                                         sft_steps=quality.TASKS[TASK]["student_sft_steps"])
-    length = quality.completion_length(tokenizer, TASK)
-    problems = quality.eval_problems(TASK, WARM_EVAL_PROBLEMS)
-    prep = {"teacher_exact_match": toy.evaluate_exact_match(teacher, tokenizer, problems, max_new_tokens=length),
-            "student_exact_match": toy.evaluate_exact_match(student, tokenizer, problems, max_new_tokens=length),
-            "teacher": {k: info[k] for k in ("name", "num_parameters", "recipe")},
-            "student": {k: student_info[k] for k in ("name", "num_parameters", "recipe")}}  # fmt: skip
-    path.write_text(json.dumps(prep, indent=1))
-    return prep
+    """The regime's teacher and the warm start scored once on the eval problems (quality.py's `prepare`)."""
+    return quality.prepare(TASK, warm_settings(regime, workdir))
 
 
 # ------------------------------------------------------------------------------------------------ summary
