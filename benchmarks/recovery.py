@@ -65,12 +65,18 @@ RESULTS = Path(__file__).parent / "results" / "recovery.json"
 TASK, N_PROBLEMS, SEED, BATCH = "standard", 200, 0, 64
 # name -> `toy.load_or_train_teacher` overrides. Two follow-ups chosen after the first look (the 3 x 128 recovering
 # teacher did not learn to detect slips): the same data with twice the depth ("recovering_6x128"), and the same
-# model with 3 of 4 chains slipped ("recovering_075": 3x the detection examples).
+# model with 3 of 4 chains slipped ("recovering_075": 3x the detection examples). A third, chosen after all three
+# failed to detect slips, asks for no detection at all: "recovering_silent" is the first recovering recipe with the
+# correction line left out (`recovery_style="silent"`), so every chain that slipped goes straight on from the right
+# value. Fixed before training it (2026-12-03): the same 3 x 128, 700 steps, 8 of 32 chains slipped; it counts as
+# a teacher that recovers when its recovery rate after the student's first wrong line (arithmetic judge) is at
+# least 3x the standard teacher's (>= 24%) with bare-prompt exact match >= 95%.
 TEACHERS = {
     "standard": {},
     "recovering": {"correction_fraction": RECOVERING_CORRECTION_FRACTION},
     "recovering_6x128": {"correction_fraction": RECOVERING_CORRECTION_FRACTION, "num_layers": 6},
     "recovering_075": {"correction_fraction": 0.75},
+    "recovering_silent": {"correction_fraction": RECOVERING_CORRECTION_FRACTION, "recovery_style": "silent"},
 }
 DEFAULT_TEACHERS = ["standard", "recovering"]
 JUDGES = ("arithmetic", "reference")

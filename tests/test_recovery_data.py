@@ -86,6 +86,29 @@ def test_slip_rows_hold_one_wrong_line_then_its_correction(slipped):
     assert kinds == set(SLIP_KINDS)
 
 
+def test_silent_slips_go_straight_on_from_the_right_value():
+    problems = generate_problems(300, "train", seed=5, min_steps=1, max_steps=6)
+    rng_a, rng_b = random.Random(0), random.Random(0)
+    for problem in problems:
+        corrected, silent = slip_row(problem, rng_a), slip_row(problem, rng_b, style="silent")
+        assert silent["slip"] == corrected["slip"]  # the same draws: only the correction line differs
+        lines, i = corrected["completion"].split("\n"), corrected["slip"]["line"]
+        assert silent["completion"] == "\n".join(lines[: i + 1] + lines[i + 2 :])
+        assert silent["masked_span"] == corrected["masked_span"]
+        assert silent["completion"][slice(*silent["masked_span"])] == lines[i] + "\n"
+        original = to_prompt_completion(problem)["completion"].split("\n")
+        assert silent["completion"].split("\n")[i + 1 :] == original[i + 1 :]  # carries the right value on
+        assert is_correct(silent["completion"], problem)
+
+
+def test_unknown_recovery_style_is_refused():
+    problem = generate_problems(1, "train", seed=5)[0]
+    with pytest.raises(ValueError, match=re.escape("style must be one of ('correction', 'silent'), got 'quiet'")):
+        slip_row(problem, random.Random(0), style="quiet")
+    with pytest.raises(ValueError, match=re.escape("recovery_style must be one of ('correction', 'silent'), got 'x'")):
+        Recipe(num_layers=1, hidden_size=32, steps=1, recovery_style="x")
+
+
 def test_masked_span_is_exactly_the_wrong_line_and_its_newline(slipped):
     for _, row in slipped:
         start, end = row["masked_span"]
@@ -104,6 +127,9 @@ def test_batch_rows_put_the_slips_after_the_mc_rows():
     assert rows == batch_rows(problems, recipe, step=3) and rows != batch_rows(problems, recipe, step=4)
     plain = batch_rows(problems, dataclasses.replace(recipe, mc_fraction=0.0, correction_fraction=0.0), step=3)
     assert plain == [to_prompt_completion(p) for p in problems]  # the default recipe's batches as before
+    silent = batch_rows(problems, dataclasses.replace(recipe, recovery_style="silent"), step=3)
+    assert sum("Wait," in r["completion"] for r in rows) == 8 and not any("Wait," in r["completion"] for r in silent)
+    assert [r.get("slip") for r in silent] == [r.get("slip") for r in rows]
 
 
 # ----------------------------------------------------------------------------- masking in the loss
@@ -175,6 +201,8 @@ def test_cache_names_of_recipes_before_the_option_are_unchanged(monkeypatch):
     assert names[0] == (f"teacher-{recipe_module.RECIPE_VERSION}", TEACHER_RECIPE)
     assert names[1][0] == f"teacher-{recipe_module.RECIPE_VERSION}-a0ee5dc1"
     assert names[1][1].correction_fraction == 0.25
+    silent = dataclasses.replace(TEACHER_RECIPE, correction_fraction=0.25, recovery_style="silent")
+    assert _key(silent) not in ("a0ee5dc1", _key(TEACHER_RECIPE))  # its own cache name; the others keep theirs
 
 
 @pytest.mark.parametrize(

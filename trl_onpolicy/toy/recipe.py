@@ -40,7 +40,7 @@ from .models import (
     evaluate_multiple_choice,
     num_parameters,
 )
-from .slips import slip_row
+from .slips import RECOVERY_STYLES, slip_row
 from .task import generate_problems, to_mc_prompt_completion, to_prompt_completion
 from .tokenizer import build_tokenizer
 
@@ -67,6 +67,7 @@ class Recipe:
     seed: int = 0
     # of each batch written with a slip and its correction (`slips.slip_row`; the slip is masked out of the loss)
     correction_fraction: float = 0.0
+    recovery_style: str = "correction"  # how a slipped chain goes on: `slips.RECOVERY_STYLES`
 
     def __post_init__(self):
         if (self.steps is None) == (self.seconds is None):
@@ -78,6 +79,8 @@ class Recipe:
                 f"correction_fraction must be in [0, 1 - mc_fraction] = [0, {1.0 - self.mc_fraction:g}], got "
                 f"{self.correction_fraction}"
             )
+        if self.recovery_style not in RECOVERY_STYLES:
+            raise ValueError(f"recovery_style must be one of {RECOVERY_STYLES}, got {self.recovery_style!r}")
 
 
 # 3 layers x 128 (0.87 M parameters), 700 steps of 32 problems: 98.0% exact match on 500 eval problems, 216 s on
@@ -134,7 +137,7 @@ def batch_rows(problems: list[dict], recipe: Recipe, step: int) -> list[dict]:
     rows = [to_mc_prompt_completion(p, seed=recipe.seed * 1_000_000 + step) for p in problems[:n_mc]]
     if n_slip:  # no draw at all otherwise: the default recipe's batches are as before the option existed
         rng = random.Random(recipe.seed * 1_000_000 + step + 500_009)
-        rows += [slip_row(p, rng) for p in problems[n_mc : n_mc + n_slip]]
+        rows += [slip_row(p, rng, recipe.recovery_style) for p in problems[n_mc : n_mc + n_slip]]
     return rows + [to_prompt_completion(p) for p in problems[n_mc + n_slip :]]
 
 
@@ -253,7 +256,7 @@ def load_or_train(name: str, recipe: Recipe, progress: bool = True, force: bool 
 
 # Fields added after RECIPE_VERSION "2", with the value that leaves a recipe as it was: left out of the key at that
 # value, so that every recipe cached before they existed keeps its name.
-_LATER_FIELDS = {"correction_fraction": 0.0}
+_LATER_FIELDS = {"correction_fraction": 0.0, "recovery_style": "correction"}
 
 
 def _key(recipe: Recipe) -> str:

@@ -18,6 +18,14 @@ correction line in one fixed format, then the rest of the original chain, which 
     Mia gives away 3: 12 - 3 = 9.
     #### 9
 
+That is the `"correction"` style. In the `"silent"` style the correction line is left out: the chain goes straight
+on from the right value, as a writer does who misstated a line and kept the right value in mind (the slip is still
+masked out of the loss, so the model learns only to carry the right value past a wrong line, never to write one):
+
+    Mia buys 5 more: 7 + 5 = 13.        <- the slip: context, masked out of the loss
+    Mia gives away 3: 12 - 3 = 9.       <- a target: carries 12, not the 13 written above
+    #### 9
+
 The slip is one of three kinds, drawn with equal odds: the result off by 1-3 (`result`), the result of another
 operation on the same operands (`operation`), or a left operand off by 1-3 carried consistently into the result
 (`operand`). Every value stays in [0, 99] (one token each) and differs from the right one; when a kind has no such
@@ -36,6 +44,7 @@ SLIP_KINDS = ("result", "operation", "operand")
 MAX_SLIP_VALUE = 99  # every number below 100 is one token of the toy tokenizer
 CORRECTION_PREFIX = "Wait, "
 CORRECTION = CORRECTION_PREFIX + "{a} {op} {b} = {c}."
+RECOVERY_STYLES = ("correction", "silent")
 
 
 # ----------------------------------------------------------------------------- judging
@@ -102,10 +111,13 @@ def _slipped(rng: random.Random, kind: str, a: int, op: str, b: int, c: int) -> 
     return rng.choice(options) if options else None
 
 
-def slip_row(problem: dict, rng: random.Random) -> dict:
-    """`to_prompt_completion(problem)` with one equation line (drawn from `rng`) replaced by a slip and its
-    correction (see the module docstring), plus `masked_span`: the `[start, end)` characters of the completion that
-    hold the wrong line and its newline (context, not a target), and `slip`: `{"line", "kind", "wrong", "right"}`."""
+def slip_row(problem: dict, rng: random.Random, style: str = "correction") -> dict:
+    """`to_prompt_completion(problem)` with one equation line (drawn from `rng`) replaced by a slip, followed by its
+    correction (`style="correction"`) or by the rest of the chain straight away (`"silent"`; see the module
+    docstring), plus `masked_span`: the `[start, end)` characters of the completion that hold the wrong line and its
+    newline (context, not a target), and `slip`: `{"line", "kind", "wrong", "right"}`."""
+    if style not in RECOVERY_STYLES:
+        raise ValueError(f"style must be one of {RECOVERY_STYLES}, got {style!r}")
     row = to_prompt_completion(problem)
     lines = row["completion"].split("\n")  # lines[0] keeps the completion's leading space
     steps = [i for i, line in enumerate(lines) if _EQUATION.search(line)]
@@ -123,7 +135,8 @@ def slip_row(problem: dict, rng: random.Random) -> dict:
     else:  # every kind fails only for degenerate operands; the generator never makes them
         raise ValueError(f"no valid slip for {lines[i]!r}")
     wrong = lines[i][: match.start()] + f"{slip[0]} {op} {b} = {slip[1]}" + lines[i][match.end() :]
-    new_lines = lines[:i] + [wrong, CORRECTION.format(a=a, op=op, b=b, c=c)] + lines[i + 1 :]
+    correction = [CORRECTION.format(a=a, op=op, b=b, c=c)] if style == "correction" else []
+    new_lines = lines[:i] + [wrong, *correction] + lines[i + 1 :]
     start = sum(len(line) + 1 for line in lines[:i])
     return {
         **row,
