@@ -38,7 +38,10 @@ Designed, not yet run (their settings are fixed here so that a later run cannot 
   standard teacher and with the recovering one, 480 CPU-s, 200 eval problems, seeds 0-2; with (ii) when a 4 x 256
   recovering teacher exists.
 - (iv) long budgets: offline_sft, onpolicy_jsd and mixed_lmbda from the warm start, 1,800 CPU-s, 6 evaluations,
-  200 eval problems, seeds 0-2.
+  200 eval problems, seeds 0-2. (Cut on 2026-12-03, before any run of (iv), to what one session's two cores can
+  run: 1,200 CPU-s, offline_sft and onpolicy_jsd only, the two lines whose crossing is the question; mixed_lmbda
+  was flat from the plateau in (i). 5 evaluations, every 240 CPU-s, so that the 480 CPU-s point is (iii)'s
+  standard-teacher arm; seeds 0-2. The first start, at 6 evaluations, was stopped within its first minutes.)
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ def from_plateau(method: str, seed: int, workdir: Path) -> dict:
 WARM_REGIMES = {
     "big_teacher": {"teacher": {"num_layers": 4, "hidden_size": 256}, "budget": 240.0, "evals": 4,
                     "methods": ["offline_sft", "onpolicy_jsd", "mixed_lmbda"]},
-    "long": {"teacher": {}, "budget": 1800.0, "evals": 6, "methods": ["offline_sft", "onpolicy_jsd", "mixed_lmbda"]},
+    "long": {"teacher": {}, "budget": 1200.0, "evals": 5, "methods": ["offline_sft", "onpolicy_jsd"]},
 }  # fmt: skip
 WARM_SEEDS, WARM_EVAL_PROBLEMS = (0, 1, 2), 200
 
