@@ -1,7 +1,7 @@
 """Where on-policy distillation wins: the regimes of issue 17, each designed (below) before its first run.
 
     OMP_NUM_THREADS=1 python benchmarks/regimes.py plateau            # regime (i): plateau, then 4 methods x 3 seeds
-    OMP_NUM_THREADS=1 python benchmarks/regimes.py big_teacher        # regime (ii); `long` is regime (iv)
+    OMP_NUM_THREADS=1 python benchmarks/regimes.py big_teacher        # regime (ii); `recovering` is (iii), `long` (iv)
     OMP_NUM_THREADS=1 python benchmarks/regimes.py plateau --collect  # summarise what is in --workdir
     python benchmarks/regimes.py plateau --plot-only                  # redraw results/regime_plateau.png
 
@@ -37,6 +37,12 @@ Designed, not yet run (their settings are fixed here so that a later run cannot 
 - (iii) a teacher that recovers (`benchmarks/recovery.py` measures recovery): offline_sft and onpolicy_jsd with the
   standard teacher and with the recovering one, 480 CPU-s, 200 eval problems, seeds 0-2; with (ii) when a 4 x 256
   recovering teacher exists.
+- (iii), as run (fixed on 2026-12-03 after `recovery.py` measured the fourth recovering teacher, before any
+  (iii) run): no teacher met the recovery bar. The closest, "recovering_silent" (`recovery_style="silent"`:
+  19.5% recovery after the student's first wrong line against the standard teacher's 8.1%; it copies the wrong
+  value with p 0.53 against 0.99), is the teacher of regime `recovering`: offline_sft and onpolicy_jsd, 480 CPU-s,
+  evaluations at 240 and 480 CPU-s, 200 eval problems, seeds 0-2. The standard-teacher arm is regime `long`'s
+  runs at the same points (same seeds, student and settings), not run twice.
 - (iv) long budgets: offline_sft, onpolicy_jsd and mixed_lmbda from the warm start, 1,800 CPU-s, 6 evaluations,
   200 eval problems, seeds 0-2. (Cut on 2026-12-03, before any run of (iv), to what one session's two cores can
   run: 1,200 CPU-s, offline_sft and onpolicy_jsd only, the two lines whose crossing is the question; mixed_lmbda
@@ -178,6 +184,8 @@ WARM_REGIMES = {
     "big_teacher": {"teacher": {"num_layers": 4, "hidden_size": 256}, "budget": 240.0, "evals": 4,
                     "methods": ["offline_sft", "onpolicy_jsd", "mixed_lmbda"]},
     "long": {"teacher": {}, "budget": 1200.0, "evals": 5, "methods": ["offline_sft", "onpolicy_jsd"]},
+    "recovering": {"teacher": {"correction_fraction": 0.25, "recovery_style": "silent"}, "budget": 480.0, "evals": 2,
+                   "methods": ["offline_sft", "onpolicy_jsd"]},
 }  # fmt: skip
 WARM_SEEDS, WARM_EVAL_PROBLEMS = (0, 1, 2), 200
 
