@@ -42,6 +42,10 @@ class OnPolicyDistillConfig(SFTConfig):
         teacher_top_k (`int`, *optional*):
             Keep only the teacher's top-k log-probs per position plus one tail bucket holding the rest of the mass, the
             form a remote or cached teacher returns. `None` uses the full vocabulary (a server then sends its top 20).
+        teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`):
+            How a row's `privileged_context` column joins its prompt into the teacher's prompt (the student never sees
+            it); a `teacher_prompt` column gives the teacher's whole prompt instead. See
+            [`~trl_onpolicy.teacher_prompts`].
 
         > Parameters that control a teacher server
 
@@ -267,6 +271,10 @@ class OnPolicyDistillConfig(SFTConfig):
     )
     teacher_top_k: int | None = field(
         default=None, metadata={"help": "Keep the teacher's top-k log-probs plus a tail bucket; None = full vocab."}
+    )
+    teacher_prompt_template: str = field(
+        default="{prompt}\n\n{privileged_context}",
+        metadata={"help": "Joins a row's `privileged_context` to its prompt into the teacher's prompt."},
     )
 
     # Teacher server

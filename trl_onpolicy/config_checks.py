@@ -13,6 +13,7 @@ import logging
 import math
 
 from .lmbda_schedule import SCHEDULES as LMBDA_SCHEDULES
+from .teacher_prompts import check_template
 from .temperature import SCHEDULES
 from .vllm_rollouts import check_sampling_kwargs
 
@@ -183,7 +184,9 @@ def check_vllm(config) -> None:
 
 
 def check_teachers(config) -> None:
-    """The teacher's top-k, the teacher server's client settings, and the mixture of several teachers."""
+    """The teacher's top-k and prompt template, the teacher server's client settings, and the mixture of several
+    teachers."""
+    check_template(config.teacher_prompt_template)
     check(
         config.teacher_top_k is None or config.teacher_top_k >= 1,
         f"`teacher_top_k` must be None (full vocabulary) or >= 1, got {config.teacher_top_k}.",

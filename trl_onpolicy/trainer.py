@@ -41,7 +41,7 @@ from .nonfinite import NonfiniteGuard, deepspeed_skipped
 from .prompts import check_columns
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollout_pool import RolloutPool
-from .rollouts import Rollouts, build_generation_config
+from .rollouts import Rollouts, build_generation_config, teacher_inputs, teacher_prompts_of
 from .samplers import GenerateSampler, TeacherSampler
 from .step_batch import StepBatch
 from .step_metrics import StepStatistics, log_rollouts, log_update
@@ -253,7 +253,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
                 raise trainer_setup.no_completion_error(self.args, empty, len(rows))
             return Rollouts(prompt_ids, completions, source, rows=extra)
         sampler = self.student_sampler if source == "student" else self.teacher_sampler
-        samples = sampler.sample(prompt_ids, self.generation_config, self._tokenizer)
+        asked = prompt_ids if source == "student" else teacher_prompts_of(prompt_ids, extra)  # privileged context
+        samples = sampler.sample(asked, self.generation_config, self._tokenizer)
         return Rollouts(prompt_ids, samples.completion_ids, source, samples.truncated, extra, samples.logps)
 
     def score(self, rollouts: Rollouts) -> StepBatch:
@@ -262,8 +263,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         temperature, inputs = self.loss_temperature.value, batch.model_inputs()
         need = "token" if self.args.loss_type == "sampled_reverse_kl" else "full"
         layers = {"hidden_layers": [j for _, j in self.hidden_pairs]} if self.hidden_pairs else {}
-        batch.teacher = self.teacher.score(inputs, temperature=temperature, top_k=self.args.teacher_top_k, need=need,
-                                           **layers)  # fmt: skip
+        teacher_in = teacher_inputs(rollouts, inputs, self._tokenizer.pad_token_id, self.accelerator.device)
+        batch.teacher = self.teacher.score(teacher_in, temperature=temperature, top_k=self.args.teacher_top_k,
+                                           need=need, **layers)  # fmt: skip
         if self.reference is not None:
             batch.reference_logps = self.reference.score(inputs, temperature=temperature, need="token").token_logps
         return batch

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from . import precision
 from .lmbda_schedule import describe, lmbda_range
 from .prompts import prepare_dataset
+from .teacher_prompts import add_teacher_prompt_ids
 from .teachers import LocalTeacher, load_teacher_model, local_models, micro_batch_rows
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ def prepare(dataset, processing_class, args, formatting_func, dataset_name):
             "completion. Map your dataset to `prompt`/`completion` (or `messages`) columns instead."
         )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    return prepare_dataset(
+    dataset = prepare_dataset(
         dataset, tokenizer, args.max_prompt_length, args.max_completion_length, dataset_name, args.dataset_num_proc
     )
+    return add_teacher_prompt_ids(dataset, tokenizer, args.teacher_prompt_template, args.max_prompt_length,
+                                  dataset_name, args.dataset_num_proc)  # fmt: skip
 
 
 def check_completion_sources(args, dataset, prepared) -> None:
