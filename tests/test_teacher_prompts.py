@@ -23,7 +23,7 @@ from trl_onpolicy.teacher_prompts import (
     teacher_prompt,
     teacher_prompt_ids,
 )
-from trl_onpolicy.teachers import LocalTeacher
+from trl_onpolicy.teachers import EnsembleTeacher, LocalTeacher
 from trl_onpolicy.teachers.cache_build import SAME_ROW_ERROR, build_teacher_cache
 
 TEMPLATE = "{prompt}\n\n{privileged_context}"
@@ -152,6 +152,20 @@ def test_local_teacher_scores_each_completion_after_its_own_teacher_prompt():
             torch.testing.assert_close(scores.token_logps[i, : len(completion)], reference, rtol=0, atol=1e-5)
     own = LocalTeacher(model).score(student_in, need="token").token_logps
     assert not torch.allclose(own[0, :2], scores.token_logps[0, :2])  # the context changes what the teacher says
+
+
+def test_routed_teachers_each_score_after_the_teacher_prompt():
+    tok = tm.tokenizer()
+    models = {"a": tm.model(tok, seed=1), "b": tm.model(tok, layers=2, seed=2)}
+    rollouts, expected_prompts = rollouts_with_teacher_prompts(tok)
+    for i, row in enumerate(rollouts.rows):
+        row["teacher"] = "ab"[i % 2]
+    inputs = teacher_inputs(rollouts, {**collate(rollouts, tok.pad_token_id), "rows": rollouts.rows}, tok.pad_token_id)
+    teachers = {name: LocalTeacher(model) for name, model in models.items()}
+    scores = EnsembleTeacher(teachers).score(inputs, top_k=5)
+    for i, (prompt, completion) in enumerate(zip(expected_prompts, rollouts.completion_ids)):
+        reference = naive_token_logps(models["ab"[i % 2]], prompt, completion)
+        torch.testing.assert_close(scores.token_logps[i, : len(completion)], reference, rtol=0, atol=1e-5)
 
 
 def test_without_teacher_prompts_the_student_inputs_are_used_as_they_are():
