@@ -46,7 +46,7 @@ from .samplers import GenerateSampler, TeacherSampler
 from .step_batch import StepBatch
 from .step_metrics import StepStatistics, log_rollouts, log_update
 from .student_loss import StudentLoss
-from .teachers import EnsembleTeacher, build_teacher, check_cached_rows
+from .teachers import EnsembleTeacher, SelfTeacher, SelfTeacherUpdate, build_teacher, check_cached_rows
 from .temperature import LossTemperature
 from .vllm_rollouts import VLLMSampler, applies_correction
 
@@ -147,6 +147,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
         check_cached_rows(self.teacher, self.train_dataset, args)
         self.teacher.prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
+        if isinstance(self.teacher, SelfTeacher):  # the student as its own teacher: an EMA moves after each step
+            self.add_callback(SelfTeacherUpdate(self.teacher))
+            trainer_setup.check_self_teacher(args, train_dataset, student)
         if isinstance(self.teacher, EnsembleTeacher):
             self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
@@ -391,6 +394,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             checkpoints.write_state(folder, checkpoints.distill_state(self))
         self.rollout_buffer.save(folder, self.accelerator.process_index, self.state.global_step)
         self.rollout_pool.save(folder, self.accelerator.process_index)
+        self.teacher.save_state(folder, self.accelerator.process_index)
         super()._save_checkpoint(model, trial)
 
     def _load_rng_state(self, checkpoint):
