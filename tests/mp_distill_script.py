@@ -107,7 +107,8 @@ def run(
     Train `max_steps` steps; the main process writes (and every process returns) the summary described above.
     `teachers="mixture"`: two teachers (one wider than the student) mixed per token with weights 0.25 / 0.75;
     `teachers="hidden"`: a wider teacher with hidden-state matching (a learned projection, trained and synchronised like
-    the student's weights); `teachers="self"`: a LoRA student (random adapters) distilled from its own base network. `launcher`: `"ddp"`, `"fsdp2"` or `"zero3"` (see `cpu_launchers.py`); `teacher_source`:
+    the student's weights); `teachers="self"`: a LoRA student (random adapters) distilled from its own base network; `teachers="ema"`: the
+    student's EMA (rate 0.5) as its teacher, with a privileged context. `launcher`: `"ddp"`, `"fsdp2"` or `"zero3"` (see `cpu_launchers.py`); `teacher_source`:
     see [`placed_teacher`]; `wrap_teacher`: a function of the teacher model giving the teacher backend; `config`:
     more `OnPolicyDistillConfig` fields; `resume`: a checkpoint to resume from.
     """
@@ -122,6 +123,9 @@ def run(
         extra = {"teacher_mixture": "weighted", "teacher_weights": {"a": 0.25, "b": 0.75}}
     elif teachers == "hidden":
         teacher_hidden, teacher_seed, extra = 48, 2, {"hidden_state_weight": 0.5}
+    elif teachers == "ema":  # the student's EMA as its teacher, which sees a privileged context the student does not
+        extra = {"teacher_model_kind": "ema", "teacher_update_rate": 0.5}
+        columns["privileged_context"] = [f"hint: {c}" for c in COMPLETIONS]
     peft = None
     if teachers == "self":  # a LoRA student whose base network is its teacher; random adapters, so the loss is not 0
         from peft import LoraConfig
@@ -149,7 +153,7 @@ def run(
     teacher = wrap_teacher(teacher) if wrap_teacher is not None else teacher
     if teachers == "mixture":
         teacher = {"a": teacher, "b": tiny_model(tok, arch, seed=2, hidden=48)}
-    teacher = None if teachers == "self" else teacher
+    teacher = None if teachers in ("self", "ema") else teacher
     recorder = RecordPrompts(tok)
     trainer = OnPolicyDistillTrainer(
         model=student,
@@ -197,7 +201,7 @@ def main():
     parser.add_argument("--lmbda", type=float, default=0.0, help="0: dataset completions (deterministic).")
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
-    parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden"])
+    parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden", "ema"])
     parser.add_argument("--steps-per-generation", default="1", help="An integer or 'round' (rollout pools).")
     cli = parser.parse_args()
     run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers,

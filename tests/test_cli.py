@@ -153,6 +153,17 @@ def test_distill_without_a_teacher_says_how_to_set_one(assets, tmp_path, capsys)
         cli.main(["distill", *flags[:i], *flags[i + 2 :], "--debug"])
 
 
+def test_distill_with_a_self_teacher_needs_no_teacher_name(assets, tmp_path, capsys):
+    """`--teacher_model_kind ema` instead of a teacher: the student's own EMA; the dataset here has no privileged
+    context, so the trainer's refusal comes back as one message."""
+    flags = train_flags(assets, tmp_path)
+    i = flags.index("--teacher_model_name_or_path")
+    assert cli.main(["distill", *flags[:i], *flags[i + 2 :], "--teacher_model_kind", "ema"]) == 1
+    err = capsys.readouterr().err
+    assert "trl-onpolicy distill: error: `teacher_model_kind='ema'` makes the student its own teacher" in err
+    assert "Traceback" not in err and err.count("error:") == 1
+
+
 # --------------------------------------------------------------------------------------------------- eval
 
 

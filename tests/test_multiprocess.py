@@ -71,11 +71,11 @@ def launch_two_processes(tmp_path: Path, *script_args: str, script: Path = SCRIP
     return result
 
 
-@pytest.mark.parametrize("teachers", ["one", "mixture", "hidden"])
+@pytest.mark.parametrize("teachers", ["one", "mixture", "hidden", "ema"])
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, teachers):
     """lmbda=0 (dataset completions): loss, grad norm and weights of 2 x batch 2 equal those of 1 x batch 4 (with one
-    teacher; two teachers mixed per token; and hidden-state matching with a learned projection, whose weights must
-    agree too)."""
+    teacher; two teachers mixed per token; hidden-state matching with a learned projection, whose weights must agree
+    too; and the student's own EMA as its teacher, moved after each step on every process alike)."""
     two = launch_two_processes(tmp_path, "--per-device-batch-size", "2", "--lmbda", "0", "--teachers", teachers)
     one = script.run(
         str(tmp_path / "one.json"), per_device_batch_size=4, lmbda=0.0, output_dir=str(tmp_path / "one"),
@@ -91,7 +91,8 @@ def assert_same_training(one: dict, two: dict, teachers: str = "one") -> None:
     `mp_distill_script.run`)."""
     assert one["prompts"] == two["prompts"], "the two runs did not see the same rows at each step"
     assert len(one["logs"]) == len(two["logs"]) == 2
-    keys = {"one": [], "mixture": ["teacher/a/divergence", "teacher/b/tokens"], "hidden": ["hidden_state_distance"]}
+    keys = {"one": [], "ema": [], "mixture": ["teacher/a/divergence", "teacher/b/tokens"],
+            "hidden": ["hidden_state_distance"]}  # fmt: skip
     for a, b in zip(one["logs"], two["logs"]):
         for key in ("loss", "grad_norm", "divergence", *keys[teachers]):
             assert math.isclose(a[key], b[key], rel_tol=1e-5), (a["step"], key, a[key], b[key])

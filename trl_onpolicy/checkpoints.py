@@ -111,6 +111,7 @@ def prepare_resume(trainer, resume_from_checkpoint):
         restore_distill_state(trainer, state)
     trainer.rollout_buffer.restore(folder, trainer.accelerator, trainer.teacher.output_heads)
     trainer.rollout_pool.restore(folder, trainer.accelerator, skip_data=not trainer.args.ignore_data_skip)
+    trainer.teacher.restore_state(folder, trainer.accelerator.process_index)
     return resume_from_checkpoint
 
 

@@ -42,6 +42,19 @@ class OnPolicyDistillConfig(SFTConfig):
         teacher_top_k (`int`, *optional*):
             Keep only the teacher's top-k log-probs per position plus one tail bucket holding the rest of the mass, the
             form a remote or cached teacher returns. `None` uses the full vocabulary (a server then sends its top 20).
+        teacher_model_kind (`str`, *optional*, defaults to `"separate"`):
+            Which network teaches: `"separate"` (`teacher_model`, or a LoRA student's base network when none is
+            given), or the student itself: `"base"` (its weights when training started), `"live"` (its current
+            weights; needs privileged context) or `"ema"` (a moving average of its weights). See
+            [`~trl_onpolicy.teachers.SelfTeacher`].
+        teacher_update_rate (`float`, *optional*, defaults to `0.05`):
+            With `teacher_model_kind="ema"`: `ema <- ema + rate * (student - ema)`; `1.0` copies the student.
+        teacher_sync_steps (`int`, *optional*, defaults to `1`):
+            With `teacher_model_kind="ema"`: optimizer steps between two updates of the EMA.
+        teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`):
+            How a row's `privileged_context` column joins its prompt into the teacher's prompt (the student never sees
+            it); a `teacher_prompt` column gives the teacher's whole prompt instead. See
+            [`~trl_onpolicy.teacher_prompts`].
 
         > Parameters that control a teacher server
 
@@ -267,6 +280,15 @@ class OnPolicyDistillConfig(SFTConfig):
     )
     teacher_top_k: int | None = field(
         default=None, metadata={"help": "Keep the teacher's top-k log-probs plus a tail bucket; None = full vocab."}
+    )
+    teacher_model_kind: str = field(
+        default="separate", metadata={"help": "'separate' (teacher_model), or the student itself: 'base', 'live', 'ema'."}
+    )
+    teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate of an 'ema' self-teacher."})
+    teacher_sync_steps: int = field(default=1, metadata={"help": "Optimizer steps between EMA updates."})
+    teacher_prompt_template: str = field(
+        default="{prompt}\n\n{privileged_context}",
+        metadata={"help": "Joins a row's `privileged_context` to its prompt into the teacher's prompt."},
     )
 
     # Teacher server

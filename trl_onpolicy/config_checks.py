@@ -13,6 +13,8 @@ import logging
 import math
 
 from .lmbda_schedule import SCHEDULES as LMBDA_SCHEDULES
+from .teacher_prompts import check_template
+from .teachers.self_teacher import KINDS as TEACHER_KINDS
 from .temperature import SCHEDULES
 from .vllm_rollouts import check_sampling_kwargs
 
@@ -182,8 +184,31 @@ def check_vllm(config) -> None:
         )
 
 
+def check_self_teacher(config) -> None:
+    """`teacher_model_kind` and its EMA settings; a self-teacher excludes a teacher of its own and, when it moves
+    (live, ema), reusing a batch's scores."""
+    kind = config.teacher_model_kind
+    check(kind in TEACHER_KINDS, f"`teacher_model_kind` must be one of {TEACHER_KINDS}, got {kind!r}.")
+    check(0.0 < config.teacher_update_rate <= 1.0,
+          f"`teacher_update_rate` must be in (0, 1], got {config.teacher_update_rate}.")  # fmt: skip
+    check(config.teacher_sync_steps >= 1, f"`teacher_sync_steps` must be >= 1, got {config.teacher_sync_steps}.")
+    check(
+        kind == "separate" or config.teacher_model_name_or_path is None,
+        f"`teacher_model_kind={kind!r}` makes the student its own teacher, but `teacher_model_name_or_path` is also "
+        f"set ({config.teacher_model_name_or_path!r}). Unset one of the two.",
+    )
+    check(
+        kind not in ("live", "ema") or config.num_iterations == 1,
+        f"`num_iterations={config.num_iterations}` reuses a batch's teacher scores for several steps, but a "
+        f"`teacher_model_kind={kind!r}` teacher changes at every step. Set `num_iterations=1`.",
+    )
+
+
 def check_teachers(config) -> None:
-    """The teacher's top-k, the teacher server's client settings, and the mixture of several teachers."""
+    """The teacher's top-k and prompt template, the teacher server's client settings, and the mixture of several
+    teachers."""
+    check_template(config.teacher_prompt_template)
+    check_self_teacher(config)
     check(
         config.teacher_top_k is None or config.teacher_top_k >= 1,
         f"`teacher_top_k` must be None (full vocabulary) or >= 1, got {config.teacher_top_k}.",

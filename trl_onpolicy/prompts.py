@@ -104,7 +104,7 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     return messages, []
 
 
-def _chat_ids(tokenizer, messages: list[dict[str, Any]], field: str, **kwargs) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict[str, Any]], field: str, **kwargs) -> list[int]:
     """Token ids of `messages` under the tokenizer's chat template; a template error becomes a `ValueError`."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(NO_CHAT_TEMPLATE_ERROR.format(field=f"`{field}`"))
@@ -145,11 +145,11 @@ def tokenize_row(row: dict[str, Any], tokenizer, chat_template_kwargs: dict | No
             )
         if not prompt:  # refused by `prepare_dataset` with the empty-prompt message
             return {"prompt_ids": [], "completion_ids": []}
-        prompt_ids = _chat_ids(tokenizer, prompt, field, add_generation_prompt=True, **kwargs)
+        prompt_ids = chat_ids(tokenizer, prompt, field, add_generation_prompt=True, **kwargs)
         if not completion:
             return {"prompt_ids": prompt_ids, "completion_ids": []}
         check_messages(completion, "completion")
-        full = _chat_ids(tokenizer, prompt + completion, field, **kwargs)
+        full = chat_ids(tokenizer, prompt + completion, field, **kwargs)
     else:
         if not isinstance(prompt, str):
             raise ValueError(  # noqa: TRY004 (a dataset error, as the others)

@@ -77,6 +77,14 @@ class Rollouts:
             sampling_logps=None if self.sampling_logps is None else [self.sampling_logps[i] for i in indices],
         )
 
+    def teacher_prompt_ids(self) -> list[list[int]]:
+        """Each rollout's teacher prompt (see [`teacher_prompts_of`])."""
+        return teacher_prompts_of(self.prompt_ids, self.rows)
+
+    @property
+    def has_teacher_prompts(self) -> bool:
+        return any(row.get("teacher_prompt_ids") for row in self.rows)
+
     def decode(self, tokenizer) -> tuple[list[str], list[str]]:
         """Prompt and completion texts (special tokens dropped)."""
         prompts = tokenizer.batch_decode(self.prompt_ids, skip_special_tokens=True)
@@ -110,15 +118,36 @@ def position_kwargs(model, attention_mask: torch.Tensor) -> dict[str, torch.Tens
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}  # (B, L)
 
 
-def collate(rollouts: Rollouts, pad_id: int, device=None) -> dict[str, torch.Tensor]:
+def teacher_prompts_of(prompt_ids: list[list[int]], rows: list[dict[str, Any]]) -> list[list[int]]:
+    """Each row's teacher prompt: its `teacher_prompt_ids` (privileged context, see `trl_onpolicy.teacher_prompts`)
+    where set and non-empty, else its own prompt `prompt_ids[i]`."""
+    return [list(row.get("teacher_prompt_ids") or prompt) for prompt, row in zip(prompt_ids, rows, strict=True)]
+
+
+def teacher_inputs(rollouts: Rollouts, student_inputs: dict[str, Any], pad_id: int, device=None) -> dict[str, Any]:
     """
-    Model inputs for a batch of rollouts.
+    What the teacher scores: the same completions after each rollout's teacher prompt
+    ([`Rollouts.teacher_prompt_ids`]), laid out as [`collate`] lays them out (teacher prompts padded on the left to
+    their own `P_t`), so `completion_ids` and `completion_mask` are the student's; `student_inputs` itself when no
+    rollout has a teacher prompt of its own.
+    """
+    if not rollouts.has_teacher_prompts:
+        return student_inputs
+    inputs = collate(rollouts, pad_id, device, rollouts.teacher_prompt_ids())
+    return {**student_inputs, "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
+def collate(
+    rollouts: Rollouts, pad_id: int, device=None, prompt_ids: list[list[int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """
+    Model inputs for a batch of rollouts (after `prompt_ids` instead of the rollouts' own prompts, when given).
 
     Returns:
         `dict` with `input_ids` and `attention_mask` `(B, P + C)`, `completion_ids` and `completion_mask` `(B, C)`,
         and, where the sampler reported them, `sampling_logps` `(B, C)` float32 (NaN on padding).
     """
-    prompt_ids, prompt_mask = pad(rollouts.prompt_ids, pad_id, "left", device)  # (B, P)
+    prompt_ids, prompt_mask = pad(prompt_ids or rollouts.prompt_ids, pad_id, "left", device)  # (B, P)
     completion_ids, completion_mask = pad(rollouts.completion_ids, pad_id, "right", device)  # (B, C)
     batch = {
         "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),  # (B, P + C)

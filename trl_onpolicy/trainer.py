@@ -41,12 +41,12 @@ from .nonfinite import NonfiniteGuard, deepspeed_skipped
 from .prompts import check_columns
 from .rollout_buffer import RolloutBuffer, rollout_stats
 from .rollout_pool import RolloutPool
-from .rollouts import Rollouts, build_generation_config
+from .rollouts import Rollouts, build_generation_config, teacher_inputs, teacher_prompts_of
 from .samplers import GenerateSampler, TeacherSampler
 from .step_batch import StepBatch
 from .step_metrics import StepStatistics, log_rollouts, log_update
 from .student_loss import StudentLoss
-from .teachers import EnsembleTeacher, build_teacher, check_cached_rows
+from .teachers import EnsembleTeacher, SelfTeacher, SelfTeacherUpdate, build_teacher, check_cached_rows
 from .temperature import LossTemperature
 from .vllm_rollouts import VLLMSampler, applies_correction
 
@@ -147,6 +147,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
         check_cached_rows(self.teacher, self.train_dataset, args)
         self.teacher.prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
+        if isinstance(self.teacher, SelfTeacher):  # the student as its own teacher: an EMA moves after each step
+            self.add_callback(SelfTeacherUpdate(self.teacher))
+            trainer_setup.check_self_teacher(args, train_dataset, student)
         if isinstance(self.teacher, EnsembleTeacher):
             self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
@@ -253,7 +256,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
                 raise trainer_setup.no_completion_error(self.args, empty, len(rows))
             return Rollouts(prompt_ids, completions, source, rows=extra)
         sampler = self.student_sampler if source == "student" else self.teacher_sampler
-        samples = sampler.sample(prompt_ids, self.generation_config, self._tokenizer)
+        asked = prompt_ids if source == "student" else teacher_prompts_of(prompt_ids, extra)  # privileged context
+        samples = sampler.sample(asked, self.generation_config, self._tokenizer)
         return Rollouts(prompt_ids, samples.completion_ids, source, samples.truncated, extra, samples.logps)
 
     def score(self, rollouts: Rollouts) -> StepBatch:
@@ -262,8 +266,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         temperature, inputs = self.loss_temperature.value, batch.model_inputs()
         need = "token" if self.args.loss_type == "sampled_reverse_kl" else "full"
         layers = {"hidden_layers": [j for _, j in self.hidden_pairs]} if self.hidden_pairs else {}
-        batch.teacher = self.teacher.score(inputs, temperature=temperature, top_k=self.args.teacher_top_k, need=need,
-                                           **layers)  # fmt: skip
+        teacher_in = teacher_inputs(rollouts, inputs, self._tokenizer.pad_token_id, self.accelerator.device)
+        batch.teacher = self.teacher.score(teacher_in, temperature=temperature, top_k=self.args.teacher_top_k,
+                                           need=need, **layers)  # fmt: skip
         if self.reference is not None:
             batch.reference_logps = self.reference.score(inputs, temperature=temperature, need="token").token_logps
         return batch
@@ -389,6 +394,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
             checkpoints.write_state(folder, checkpoints.distill_state(self))
         self.rollout_buffer.save(folder, self.accelerator.process_index, self.state.global_step)
         self.rollout_pool.save(folder, self.accelerator.process_index)
+        self.teacher.save_state(folder, self.accelerator.process_index)
         super()._save_checkpoint(model, trial)
 
     def _load_rng_state(self, checkpoint):

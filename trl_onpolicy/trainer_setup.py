@@ -9,8 +9,10 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from . import precision
+from ._compat import is_peft_model
 from .lmbda_schedule import describe, lmbda_range
 from .prompts import prepare_dataset
+from .teacher_prompts import add_teacher_prompt_ids, has_privileged_columns
 from .teachers import LocalTeacher, load_teacher_model, local_models, micro_batch_rows
 
 logger = logging.getLogger(__name__)
@@ -37,9 +39,11 @@ def prepare(dataset, processing_class, args, formatting_func, dataset_name):
             "completion. Map your dataset to `prompt`/`completion` (or `messages`) columns instead."
         )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    return prepare_dataset(
+    dataset = prepare_dataset(
         dataset, tokenizer, args.max_prompt_length, args.max_completion_length, dataset_name, args.dataset_num_proc
     )
+    return add_teacher_prompt_ids(dataset, tokenizer, args.teacher_prompt_template, args.max_prompt_length,
+                                  dataset_name, args.dataset_num_proc)  # fmt: skip
 
 
 def check_completion_sources(args, dataset, prepared) -> None:
@@ -86,3 +90,18 @@ def check_dtypes(accelerator, student, teacher, reference) -> None:
     frozen += [("reference model", reference.model)] if reference is not None else []
     for what, model in frozen:
         precision.check_teacher_dtype(student.dtype, model.dtype, autocast, what)
+
+
+def check_self_teacher(args, dataset, student) -> None:
+    """A self-teacher starts as the student (all but the base network of a LoRA student, adapters off): without
+    privileged context it sees what the student sees and says what the student says, so the loss is zero and stays
+    zero."""
+    kind = args.teacher_model_kind
+    if kind == "base" and is_peft_model(student) or has_privileged_columns(dataset):
+        return
+    raise ValueError(
+        f"`teacher_model_kind={kind!r}` makes the student its own teacher, and that teacher starts as the student "
+        "itself: without privileged context it sees what the student sees and says what the student says, so there "
+        "is nothing to learn. Give the rows a `privileged_context` (or `teacher_prompt`) column (self-distillation "
+        "with privileged information), or train a LoRA student with `teacher_model_kind='base'` (its base network)."
+    )

@@ -280,6 +280,19 @@ def test_trainer_step_with_server_teacher_equals_local(url, tok, teacher_model, 
     assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] > 0
 
 
+def test_server_scores_after_the_teacher_prompt_as_a_local_teacher_does(faults, tok, teacher_model, tmp_path):
+    data = tm.dataset().add_column("privileged_context", [f"hint{i}" for i in range(8)])  # privileged context
+    losses = []
+    for teacher in (ServerTeacher(faults[0], tok, timeout=30), teacher_model, None):
+        trainer = tm.trainer(tmp_path / str(len(losses)), teacher=teacher, tok=tok, teacher_top_k=5,
+                             train_dataset=data if teacher is not None else tm.dataset())  # fmt: skip
+        if teacher is None:
+            trainer.teacher = LocalTeacher(teacher_model)  # the same teacher, without the privileged context
+        trainer.train()
+        losses.append(tm.step_logs(trainer)[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4) and losses[0] != pytest.approx(losses[2], rel=1e-2)
+
+
 def test_config_url_builds_a_server_teacher(faults, tok, tmp_path):
     url, double = faults
     args = tm.config(tmp_path, teacher_model_name_or_path=url + "/v1", teacher_top_k=3, teacher_server_timeout=7.0,

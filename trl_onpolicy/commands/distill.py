@@ -158,10 +158,10 @@ def check_arguments(model_args: ModelConfig, training_args: OnPolicyDistillConfi
     """Fail on a missing student or teacher name, or a model or checkpoint that does not exist, before loading."""
     if model_args.model_name_or_path is None:
         raise ValueError("Set `--model_name_or_path` (the student: a Hub id, a local path, or 'toy').")
-    if training_args.teacher_model_name_or_path is None:
+    if training_args.teacher_model_name_or_path is None and training_args.teacher_model_kind == "separate":
         raise ValueError(
             "Set `--teacher_model_name_or_path`: a Hub id or path, an http(s):// teacher server, a teacher-cache "
-            "folder, or 'toy'."
+            "folder, or 'toy' (or `--teacher_model_kind base|live|ema`: the student as its own teacher)."
         )
     check_model_names(  # fail on a missing model or checkpoint before loading anything
         None if model_args.model_name_or_path == TOY else model_args.model_name_or_path,
@@ -191,7 +191,8 @@ def resolve_models(model_args: ModelConfig, training_args: OnPolicyDistillConfig
 
         teacher, toy_tokenizer, _ = toy.load_or_train_teacher()
         tokenizer = tokenizer or toy_tokenizer
-    else:  # never quantized by --load_in_4bit: a quantized teacher degrades the target distribution
+    elif training_args.teacher_model_name_or_path is not None:  # never quantized by --load_in_4bit: a quantized
+        # teacher degrades the target distribution
         teacher_init_kwargs = {"attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
         training_args.teacher_model_init_kwargs = {
             **teacher_init_kwargs, **(training_args.teacher_model_init_kwargs or {})

@@ -17,6 +17,7 @@ from .cache_build import build_teacher_cache
 from .cache_format import CacheError, is_teacher_cache
 from .ensemble import EnsembleTeacher
 from .local import LocalTeacher
+from .self_teacher import SelfTeacher, SelfTeacherUpdate
 from .server import ServerTeacher, TeacherServerError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ __all__ = [
     "CacheError",
     "EnsembleTeacher",
     "LocalTeacher",
+    "SelfTeacher",
+    "SelfTeacherUpdate",
     "ServerTeacher",
     "Teacher",
     "TeacherCache",
@@ -88,7 +91,7 @@ def micro_batch_rows(args) -> int:
 def local_models(teacher: Teacher) -> list:
     """The models a teacher runs in this process (its own, not a LoRA student's base network), for checks."""
     members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
-    return [m.model for m in members if isinstance(m, LocalTeacher) and not m.disable_adapters]
+    return [m.model for m in members if isinstance(m, LocalTeacher) and not m.own_student]
 
 
 def _is_url(value) -> bool:
@@ -151,14 +154,25 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
     - a model id or path is loaded here; a [`~transformers.PreTrainedModel`] is wrapped in a [`LocalTeacher`];
     - a dict of those is an [`EnsembleTeacher`] (`args.teacher_mixture`, `teacher_routing_column`,
       `teacher_weights`);
-    - no teacher and a LoRA student: the student with its adapters disabled (self-distillation).
+    - no teacher and a LoRA student: the student with its adapters disabled (self-distillation);
+    - `args.teacher_model_kind` other than `"separate"`: the student itself ([`SelfTeacher`]), and no teacher may be
+      given.
 
     Returns the teacher and the number of logit columns the loss compares (see [`compared_vocab_size`]).
     """
     if teacher_model is None:
         teacher_model = args.teacher_model_name_or_path
     chunk_size = args.loss_chunk_size or CHUNK_SIZE
-    if isinstance(teacher_model, dict):
+    if args.teacher_model_kind != "separate":
+        if teacher_model is not None:
+            raise ValueError(
+                f"`teacher_model_kind={args.teacher_model_kind!r}` makes the student its own teacher, but a teacher "
+                f"was also given ({type(teacher_model).__name__}). Pass no `teacher_model`, or set "
+                "`teacher_model_kind='separate'`."
+            )
+        teacher = SelfTeacher(student, args.teacher_model_kind, args.teacher_update_rate, args.teacher_sync_steps,
+                              chunk_size, micro_batch_rows(args))  # fmt: skip
+    elif isinstance(teacher_model, dict):
         members = {str(name): _one_teacher(spec, args, tokenizer, chunk_size) for name, spec in teacher_model.items()}
         teacher = EnsembleTeacher(
             members, args.teacher_mixture, args.teacher_routing_column, args.teacher_weights, chunk_size

@@ -259,3 +259,10 @@ class Teacher:
     def describe(self) -> str:
         """One line naming the teacher, for the model card (never a secret)."""
         return type(self).__name__
+
+    def save_state(self, folder: str, process_index: int) -> None:
+        """Write what the teacher learns while training (an EMA self-teacher's weights) into checkpoint `folder`;
+        nothing for a frozen teacher."""
+
+    def restore_state(self, folder: str | None, process_index: int) -> None:
+        """Load what [`save_state`] wrote, resuming from checkpoint `folder`."""

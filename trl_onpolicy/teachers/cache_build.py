@@ -16,7 +16,8 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from ..prompts import check_columns, prepare_dataset
-from ..rollouts import Rollouts, collate
+from ..rollouts import Rollouts, collate, teacher_inputs
+from ..teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, check_template
 from . import cache_format as fmt
 from .base import Teacher
 from .cache import TeacherCache
@@ -98,19 +99,33 @@ def _prepare_folder(folder: str, overwrite: bool) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
+SAME_ROW_ERROR = (
+    "Two rows of the dataset have the same prompt and completion but different teacher prompts (privileged "
+    "context). A teacher cache finds a row by what the student sees, so it can hold one teacher view of it: make such "
+    "rows' prompts differ, or train with a local teacher or a teacher server instead of a cache."
+)
+
+
 def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batch_size: int, writer) -> int | None:
     """Score every distinct non-empty row of a tokenised dataset, `batch_size` rows a call; returns K (None: no row)."""
     device = next(teacher.model.parameters()).device if isinstance(teacher, LocalTeacher) else None
-    seen, pending, k = set(), [], None
+    seen, pending, k = {}, [], None
     total = len(rows) if hasattr(rows, "__len__") else None
     if hasattr(rows, "select_columns"):
-        rows = rows.select_columns(["prompt_ids", "completion_ids"])
+        rows = rows.select_columns(
+            [c for c in ("prompt_ids", "completion_ids", "teacher_prompt_ids") if c in rows.column_names]
+        )
     for row in tqdm(rows, total=total, desc="Teacher cache", unit="row"):
-        key = fmt.row_key(row["prompt_ids"], row["completion_ids"])
+        key, teacher_prompt = (
+            fmt.row_key(row["prompt_ids"], row["completion_ids"]),
+            row.get("teacher_prompt_ids") or [],
+        )
+        if key in seen and seen[key] != teacher_prompt:
+            raise ValueError(SAME_ROW_ERROR)
         if not row["completion_ids"] or key in seen:  # nothing to score, or scored already
             continue
-        seen.add(key)
-        pending.append((key, list(row["prompt_ids"]), list(row["completion_ids"])))
+        seen[key] = list(teacher_prompt)
+        pending.append((key, list(row["prompt_ids"]), list(row["completion_ids"]), list(teacher_prompt)))
         if len(pending) == batch_size:
             k = _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer)
             pending = []
@@ -121,9 +136,11 @@ def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batc
 
 
 def _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer) -> int:
-    """Score `pending` `(key, prompt_ids, completion_ids)` rows, hand each row's scores to `writer`; returns K."""
-    rollouts = Rollouts([p for _, p, _ in pending], [c for _, _, c in pending], "dataset")
-    batch = collate(rollouts, pad_id, device)
+    """Score `pending` `(key, prompt_ids, completion_ids, teacher_prompt_ids)` rows (each after its teacher prompt
+    when it has one), hand each row's scores to `writer`; returns K."""
+    rows = [{"teacher_prompt_ids": t} for *_, t in pending]
+    rollouts = Rollouts([p for _, p, _, _ in pending], [c for _, _, c, _ in pending], "dataset", rows=rows)
+    batch = teacher_inputs(rollouts, collate(rollouts, pad_id, device), pad_id, device)
     scores = teacher.score(batch, temperature=temperature, top_k=top_k)
     if scores.form != "topk" or scores.token_logps is None:
         raise CacheError(
@@ -131,7 +148,7 @@ def _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer) -
             "sampled tokens' log-probs."
         )
     ids, logps, tokens = scores.topk_ids.cpu(), scores.topk_logps.float().cpu(), scores.token_logps.float().cpu()
-    for i, (key, _, completion) in enumerate(pending):
+    for i, (key, _, completion, _) in enumerate(pending):
         n = len(completion)
         writer.add(key, ids[i, :n], logps[i, :n], tokens[i, :n])  # (n, K), (n, K), (n,)
     return ids.shape[-1]
@@ -189,6 +206,7 @@ def build_teacher_cache(
     teacher_name: str | None = None,
     vocab_size: int | None = None,
     overwrite: bool = False,
+    teacher_prompt_template: str = DEFAULT_TEACHER_PROMPT_TEMPLATE,
 ) -> TeacherCache:
     """
     Score a dataset's own completions with `teacher` once and store the top-k log-probs as a teacher cache.
@@ -211,16 +229,21 @@ def build_teacher_cache(
         vocab_size (`int`, *optional*): Rank only the first `vocab_size` logits (`len(tokenizer)` when the student's
             embedding matrix is padded to another size than the teacher's); defaults to all of the teacher's.
         overwrite (`bool`, *optional*, defaults to `False`): Replace a cache already in `output_dir`.
+        teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`): With a
+            `privileged_context` or `teacher_prompt` column, the teacher scores each completion after its own prompt
+            (see [`~trl_onpolicy.teacher_prompts`]); rows are still found by the student's prompt and completion.
 
     Returns:
         [`TeacherCache`]: The new cache, opened with `tokenizer`.
     """
     _check_arguments(dataset, top_k, temperature, batch_size, shard_tokens)
+    check_template(teacher_prompt_template)
     teacher, name, fingerprint = _as_local(teacher, teacher_name, vocab_size)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     _prepare_folder(output_dir, overwrite)
     rows = prepare_dataset(dataset, tokenizer, max_prompt_length, max_completion_length, name="cache")
+    rows = add_teacher_prompt_ids(rows, tokenizer, teacher_prompt_template, max_prompt_length, name="cache")
     writer = _ShardWriter(output_dir, shard_tokens)
     k = _score_rows(teacher, rows, pad_id, float(temperature), top_k, batch_size, writer)
     if k is None:

@@ -31,6 +31,9 @@ class LocalTeacher(Teacher):
             top-k or sampled-token form is computed.
         micro_batch_size (`int`, *optional*): Rows per forward pass; None scores the whole batch in one pass. The
             trainer passes its micro-batch (`per_device_train_batch_size * num_generations` rollouts).
+        own_student (`bool`, *optional*, defaults to `False`): `model` is the student being trained (a self-teacher,
+            see [`~trl_onpolicy.teachers.SelfTeacher`]): it is neither frozen nor placed here (implied by
+            `disable_adapters`).
 
     Under FSDP2 and ZeRO-3 the model is sharded ([`~LocalTeacher.prepare`]) and each forward pass gathers its weights
     from every process: every process then makes as many passes as the one with the most row groups (the others run
@@ -46,14 +49,17 @@ class LocalTeacher(Teacher):
         vocab_size: int | None = None,
         chunk_size: int = 1024,
         micro_batch_size: int | None = None,
+        own_student: bool = False,
     ):
         self.model = model
         self.disable_adapters = disable_adapters
+        # the student's own network (its base network, or itself: `SelfTeacher`): neither frozen nor placed here
+        self.own_student = own_student or disable_adapters
         self.compare_vocab = vocab_size
         self.chunk_size = chunk_size
         self.micro_batch_size = micro_batch_size
         self.sharded, self.accelerator = False, None  # set by `prepare`: a forward pass is then a collective
-        if not disable_adapters:
+        if not self.own_student:
             model.eval()
             model.requires_grad_(False)
 
@@ -64,7 +70,7 @@ class LocalTeacher(Teacher):
     def prepare(self, accelerator) -> LocalTeacher:
         """Place the model for the launcher (sharded under FSDP2 and ZeRO-3, see [`~trl_onpolicy.frozen_models`]);
         the student's own base network (`disable_adapters`) is where the student is."""
-        if not self.disable_adapters:
+        if not self.own_student:
             self.model = place_frozen_model(self.model, accelerator)
         self.sharded, self.accelerator = has_sharded_parameters(self.model), accelerator
         return self
@@ -120,7 +126,7 @@ class LocalTeacher(Teacher):
         groups = self.row_groups(n_rows)
         # a sharded model's weights are gathered into tensors that must outlive inference mode (the student's base
         # network is sharded only once training starts)
-        sharded = self.sharded or (self.disable_adapters and has_sharded_parameters(self.model))
+        sharded = self.sharded or (self.own_student and has_sharded_parameters(self.model))
         no_grad = torch.no_grad if sharded else torch.inference_mode
         try:
             if sharded:  # every process makes as many passes as the busiest one
@@ -154,7 +160,7 @@ class LocalTeacher(Teacher):
                 self._forward(ids, torch.ones_like(ids), 1, None)  # (1, 1)
 
     def to(self, device) -> LocalTeacher:
-        if not self.disable_adapters:  # a LoRA student's base network moves with the student
+        if not self.own_student:  # the student's own network moves with the student
             self.model.to(device)
         return self
 
