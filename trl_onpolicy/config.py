@@ -195,6 +195,11 @@ class OnPolicyDistillConfig(SFTConfig):
             `log(teacher / reference)` in the per-token reward. `1.0` with no reference model is standard OPD.
         reference_model_name_or_path (`str`, *optional*):
             Reference model of Generalized On-Policy Distillation; `None` uses the student itself (detached).
+        reward_weights (`list[float]`, *optional*):
+            With the trainer's `reward_funcs`: one weight per reward function (GRPO's name); 1 each by default.
+        reward_weight (`float`, *optional*, defaults to `1.0`):
+            With `reward_funcs`: the weight of the task reward's policy-gradient term beside the distillation term
+            (see [`~trl_onpolicy.rewards`] and `docs/divergences.md`).
         loss_chunk_size (`int`, *optional*):
             Completion tokens whose loss is computed at once. Peak memory of the loss grows with this, not with the
             sequence length. `None` picks 4096 where the loss walks the vocabulary in tiles (every divergence but
@@ -388,6 +393,10 @@ class OnPolicyDistillConfig(SFTConfig):
     reference_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model of Generalized OPD; None = the student, detached."}
     )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (the trainer's reward_funcs); 1 each."}
+    )
+    reward_weight: float = field(default=1.0, metadata={"help": "Weight of the task-reward term beside distillation."})
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Completion tokens per chunk of the loss; None: 4096 tiled, 1024 else."}
     )

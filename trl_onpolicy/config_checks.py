@@ -58,7 +58,8 @@ def check_config(config) -> None:
 
 
 def check_loss(config) -> None:
-    """The divergence, its parameters, its chunking, and the hidden-state term."""
+    """The divergence, its parameters, its chunking, the task reward's weights, and the hidden-state term."""
+    check(config.reward_weight >= 0, f"`reward_weight` must be >= 0, got {config.reward_weight}.")
     check(config.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {config.loss_type!r}.")
     check(
         0.0 <= config.beta <= 1.0,

@@ -277,6 +277,30 @@ def sampled_reverse_kl(
     # The advantage is taken at the current student even on reused rollouts: its reward contains log q itself, so it is
     # the current objective's; only the distribution the tokens were drawn from is old, and the ratio corrects for that.
     advantage = reward_scale * (log_p - log_ref) - (log_q_now - log_ref)  # (N,)
+    return policy_gradient(log_q, advantage, behaviour_token_logps, sampler_token_logps, clip_max)
+
+
+def policy_gradient(
+    student_token_logps: Tensor,
+    advantages: Tensor,
+    behaviour_token_logps: Tensor | None = None,
+    sampler_token_logps: Tensor | None = None,
+    clip_max: float | None = None,
+) -> Tensor:
+    """
+    Per-token REINFORCE loss `-A_t * rho_t * w_t` on the sampled tokens, of value `-A_t rho_t w_t` and gradient
+    `-A_t rho_t w_t grad log q_t` (rho_t = q_t / q_old_t: 1 on fresh rollouts, the reuse ratio on a reused batch; w_t:
+    the sampler's truncated importance weight, 1 without one): see [`sampled_reverse_kl`], whose advantage this is
+    given, and the task-reward term beside a full-distribution divergence (`reward_funcs`).
+
+    Args:
+        student_token_logps: `(N,)` the student's log-probs of the sampled tokens; gradients flow through them.
+        advantages: `(N,)` detached.
+        behaviour_token_logps, sampler_token_logps, clip_max: As for [`sampled_reverse_kl`].
+    """
+    log_q = _upcast(student_token_logps).clamp(min=LOG_FLOOR)  # (N,)
+    log_q_now = log_q.detach()  # (N,)
+    advantage = _upcast(advantages).detach()  # (N,)
     # PPO's form of the ratio, exp(log q - log q_old) with the gradient through log q, has the same value and gradient
     # as stopgrad(rho) * exp(log q - stopgrad(log q)), the detached ratio times the on-policy estimator. It is per token
     # (it corrects the choice of y_t given its prefix, not the prefix's own probability, as in PPO and GRPO), and

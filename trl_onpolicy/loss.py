@@ -81,8 +81,10 @@ def _chunk_terms(
     sampler_logps: torch.Tensor | None,
     clip_max: float | None,
     vocab_size: int,
+    advantages: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-token loss `(n,)` (differentiable); student and teacher entropy and sampled-token log-probs `(n,)`."""
+    """Per-token loss `(n,)` (differentiable: the divergence, plus the task-reward term when `advantages` are given);
+    the per-token divergence, student and teacher entropy and sampled-token log-probs `(n,)`, detached."""
     temperature = teacher.temperature
     s_logps = torch.log_softmax(student_head(student_hidden).float()[:, :vocab_size] / temperature, -1)  # (n, V)
     with torch.no_grad():
@@ -101,16 +103,19 @@ def _chunk_terms(
         else:
             t_token = torch.full_like(s_entropy, float("nan"))  # (n,)
     s_token = s_logps.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    old = None if behaviour_logps is None else behaviour_logps[start:end]
+    mu = None if sampler_logps is None else sampler_logps[start:end]
     if loss_type == "sampled_reverse_kl":
         ref = None if ref_token_logps is None else ref_token_logps[start:end]
-        old = None if behaviour_logps is None else behaviour_logps[start:end]
-        mu = None if sampler_logps is None else sampler_logps[start:end]
         per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref, old, mu, clip_max)  # (n,)
     else:
         if teacher.form == "topk":
             s_logps = D.topk_buckets(s_logps, teacher.topk_ids[start:end])  # (n, K + 1)
         per_token = D.divergence(s_logps, t_logps, loss_type, beta=beta, skew_alpha=skew_alpha)  # (n,)
-    return per_token, s_entropy, t_entropy, s_token.detach(), t_token
+    divergence = per_token.detach()  # (n,)
+    if advantages is not None:  # the task reward's policy-gradient term (see docs/divergences.md)
+        per_token = per_token + D.policy_gradient(s_token, advantages[start:end], old, mu, clip_max)  # (n,)
+    return per_token, divergence, s_entropy, t_entropy, s_token.detach(), t_token
 
 
 class _ChunkwiseBackward(torch.autograd.Function):
@@ -240,6 +245,7 @@ class _ChunkLoss:
     sampler_logps: torch.Tensor | None  # (N,)
     clip_max: float | None
     vocab_size: int
+    advantages: torch.Tensor | None  # (N,) the task reward's advantage of each token's completion, times its weight
     num_items: float
     scale: float
     chunk_size: int | None
@@ -250,7 +256,7 @@ class _ChunkLoss:
         if type(self.head) is torch.nn.Linear:
             self.head = LinearHead(self.head.weight, self.head.bias)
         self.tiled = (self.vocab_tile != 0 and isinstance(self.head, LinearHead) and self.teacher.form == "full"
-                      and self.loss_type in TILED_LOSS_TYPES)  # fmt: skip
+                      and self.loss_type in TILED_LOSS_TYPES and self.advantages is None)  # fmt: skip
         n_tokens = self.hidden.shape[0]
         walks = self.tiled and _walks_in_tiles(self.teacher)
         self.chunk_size = self.chunk_size or (TILED_CHUNK_SIZE if walks else CHUNK_SIZE)
@@ -269,12 +275,12 @@ class _ChunkLoss:
 
     def autograd_chunk(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """The chunk's normalised loss `()` float32, differentiable, from the whole-vocabulary divergence."""
-        per_token, *terms = _chunk_terms(
+        per_token, divergence, *terms = _chunk_terms(
             hidden, start, end, self.head, self.teacher, self.targets[start:end], self.loss_type, self.beta,
             self.skew_alpha, self.reward_scale, self.ref_token_logps, self.behaviour_logps, self.sampler_logps,
-            self.clip_max, self.vocab_size,
+            self.clip_max, self.vocab_size, self.advantages,
         )  # fmt: skip
-        self.stats.record(start, per_token, *terms)
+        self.stats.record(start, divergence, *terms)
         return per_token.sum() * self.scale / self.divisor
 
     def tiled_chunk(self, hidden: torch.Tensor, start: int, end: int, grad_params=None):
@@ -325,6 +331,7 @@ def distillation_loss(
     behaviour_logps: torch.Tensor | None = None,
     sampler_logps: torch.Tensor | None = None,
     importance_sampling_clip_max: float | None = None,
+    advantages: torch.Tensor | None = None,
     vocab_size: int,
     num_items: float,
     scale: float = 1.0,
@@ -350,6 +357,10 @@ def distillation_loss(
         sampler_logps, importance_sampling_clip_max: `(N,)` the log-probs the engine that drew the tokens (vLLM)
             gave them, and the cap of their truncated importance weight (see
             [`~trl_onpolicy.divergences.sampled_reverse_kl`]); `"sampled_reverse_kl"` only.
+        advantages: `(N,)` the task reward's group-normalised advantage of each token's completion, times
+            `reward_weight`: adds the policy-gradient term `-A * q / stopgrad(q_old)` per token (see
+            [`~trl_onpolicy.divergences.policy_gradient`]); the chunk is then projected to the whole vocabulary
+            (no tiles). None: no task reward.
         vocab_size: Logit columns compared (the tokenizer's real vocabulary when embeddings are padded).
         num_items: Divisor: completion tokens of the optimizer step, all processes (times 1/processes for DDP).
         scale: Multiplier of the loss (`T**2` gradient scaling).
@@ -362,7 +373,7 @@ def distillation_loss(
     """
     chunks = _ChunkLoss(student_hidden, student_head, teacher, targets, loss_type, beta, skew_alpha, reward_scale,
                         ref_token_logps, behaviour_logps, sampler_logps, importance_sampling_clip_max, vocab_size,
-                        num_items, scale, chunk_size, head_params, vocab_tile)  # fmt: skip
+                        advantages, num_items, scale, chunk_size, head_params, vocab_tile)  # fmt: skip
     if chunks.chunkwise_backward():
         step = chunks.tiled_chunk if chunks.tiled else _autograd_step(chunks.autograd_chunk, chunks.params)
         loss = _ChunkwiseBackward.apply(student_hidden, step, chunks.bounds, *chunks.params)

@@ -18,7 +18,8 @@ import torch
 from .rollouts import Rollouts, collate
 from .teachers.base import TeacherScores
 
-COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "reference_logps", "behaviour_logps", "sampling_logps")
+COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "reference_logps", "behaviour_logps", "sampling_logps",
+                      "advantages")  # fmt: skip
 
 
 @dataclass
@@ -42,6 +43,8 @@ class StepBatch:
             the batch first trained (NaN before), the behaviour policy of a reused batch's importance weight.
         sampling_logps (`torch.Tensor`, *optional*): `(B, C)` the sampler's own log-probs of its tokens (vLLM; NaN on
             padding), for the importance-sampling correction.
+        advantages (`torch.Tensor`, *optional*): `(B, C)` the task reward's group advantage of each rollout times
+            `reward_weight`, on its completion tokens (0 on padding): see [`~trl_onpolicy.rewards.Rewards`].
     """
 
     input_ids: torch.Tensor
@@ -55,6 +58,7 @@ class StepBatch:
     reference_logps: torch.Tensor | None = None
     behaviour_logps: torch.Tensor | None = None
     sampling_logps: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
 
     @classmethod
     def collate(cls, rollouts: Rollouts, pad_id: int, device=None, **scores) -> StepBatch:

@@ -94,6 +94,7 @@ class StudentLoss:
             behaviour_logps=batch.flat("behaviour_logps"),  # a reused batch's
             sampler_logps=batch.flat("sampling_logps") if self.weigh_sampler else None,  # vLLM's
             importance_sampling_clip_max=args.vllm_importance_sampling_clip_max,
+            advantages=batch.flat("advantages"),  # the task reward's (reward_funcs)
             vocab_size=self.vocab_size,
             num_items=num_items,
             scale=grad_scale(temperature, args.temperature_grad_scale),

@@ -90,7 +90,11 @@ class OnPolicyDistillTrainer(SFTTrainer):
         args ([`OnPolicyDistillConfig`], *optional*):
             The configuration; an [`~trl.SFTConfig`] or `TrainingArguments` is converted.
         train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
-            Rows with a `prompt` (and optionally `completion`) column, or a `messages` column.
+            Rows with a `prompt` (and optionally `completion`) column, or a `messages` column; optionally a
+            `privileged_context` or `teacher_prompt` column, the teacher's own view of the row.
+        reward_funcs (callable, model, `str`, or a list of them, *optional*):
+            Task rewards with TRL GRPO's signature, added to the distillation term as a policy gradient on the
+            student's rollouts (see [`~trl_onpolicy.rewards`]); needs `num_generations >= 2`.
         The remaining arguments are those of [`~trl.SFTTrainer`].
     """
 
@@ -110,6 +114,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        reward_funcs=None,
         **kwargs,
     ):
         args = OnPolicyDistillConfig.from_args(args, model)
@@ -138,6 +143,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         trainer_setup.check_completion_sources(args, train_dataset, self.train_dataset)
         self._build_teacher(teacher_model, train_dataset)
         self._build_step(args)
+        self.rewards = trainer_setup.build_rewards(reward_funcs, args, self._tokenizer)  # task rewards, if any
 
     def _build_teacher(self, teacher_model, train_dataset) -> None:
         """The teacher (and reference model) placed for the launcher, and what the student adds to match it."""
@@ -232,6 +238,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             )
         t1 = time.perf_counter()
         batch = self.score(rollouts)
+        if self.rewards is not None:
+            self.rewards.attach(batch, rollouts, self._metrics["train"], self.accelerator)
         return batch, rollouts, (t1 - t0, time.perf_counter() - t1)
 
     def _completion_source(self, step: int) -> str:

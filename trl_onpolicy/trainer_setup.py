@@ -12,6 +12,7 @@ from . import precision
 from ._compat import is_peft_model
 from .lmbda_schedule import describe, lmbda_range
 from .prompts import prepare_dataset
+from .rewards import Rewards
 from .teacher_prompts import add_teacher_prompt_ids, has_privileged_columns
 from .teachers import LocalTeacher, load_teacher_model, local_models, micro_batch_rows
 
@@ -105,3 +106,26 @@ def check_self_teacher(args, dataset, student) -> None:
         "is nothing to learn. Give the rows a `privileged_context` (or `teacher_prompt`) column (self-distillation "
         "with privileged information), or train a LoRA student with `teacher_model_kind='base'` (its base network)."
     )
+
+
+def build_rewards(reward_funcs, args, tokenizer) -> Rewards | None:
+    """The task rewards of `reward_funcs` (a callable, a model or its id, or a list of them), checked against the
+    config; None without any."""
+    if reward_funcs is None or reward_funcs == []:
+        if args.reward_weights is not None:
+            raise ValueError(
+                "`reward_weights` is set but the trainer was given no `reward_funcs`: pass them, or unset it."
+            )
+        return None
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if args.num_generations < 2:
+        raise ValueError(
+            f"`reward_funcs` need a group of completions per prompt to compare (GRPO's group advantage), but "
+            f"`num_generations={args.num_generations}`. Set `num_generations` to 2 or more (e.g. 4)."
+        )
+    if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
+        raise ValueError(
+            f"`reward_weights` has {len(args.reward_weights)} weights for {len(funcs)} reward functions: give one "
+            "weight per function, in the same order."
+        )
+    return Rewards(funcs, args.reward_weights, args.reward_weight, tokenizer, args.trust_remote_code)
