@@ -87,6 +87,18 @@ def distill_state(trainer) -> dict:
     }
 
 
+def save_distill_state(trainer, folder: str) -> None:
+    """Everything of a checkpoint beyond the Trainer's, written first (atomically): the distillation state (main
+    process), each process's rollout buffer within a reuse window and rollout pool, and what the teacher learns (an
+    EMA self-teacher's weights)."""
+    index = trainer.accelerator.process_index
+    if trainer.args.should_save:
+        write_state(folder, distill_state(trainer))
+    trainer.rollout_buffer.save(folder, index, trainer.state.global_step)
+    trainer.rollout_pool.save(folder, index)
+    trainer.teacher.save_state(folder, index)
+
+
 def restore_distill_state(trainer, state: dict) -> None:
     """Put back what [`distill_state`] saved (callbacks matched by class name)."""
     trainer.loss_temperature.load_state_dict(state["loss_temperature"])

@@ -46,7 +46,7 @@ from .samplers import GenerateSampler, TeacherSampler
 from .step_batch import StepBatch
 from .step_metrics import StepStatistics, log_rollouts, log_update
 from .student_loss import StudentLoss
-from .teachers import EnsembleTeacher, SelfTeacher, SelfTeacherUpdate, build_teacher, check_cached_rows
+from .teachers import SelfTeacher, SelfTeacherUpdate, build_teacher, check_cached_rows
 from .temperature import LossTemperature
 from .vllm_rollouts import VLLMSampler, applies_correction
 
@@ -153,11 +153,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
         check_cached_rows(self.teacher, self.train_dataset, args)
         self.teacher.prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
+        trainer_setup.check_teacher_columns(self.teacher, args, train_dataset, student)
         if isinstance(self.teacher, SelfTeacher):  # the student as its own teacher: an EMA moves after each step
             self.add_callback(SelfTeacherUpdate(self.teacher))
-            trainer_setup.check_self_teacher(args, train_dataset, student)
-        if isinstance(self.teacher, EnsembleTeacher):
-            self.teacher.check_columns(train_dataset.column_names or list(next(iter(train_dataset)).keys()))
         self.hidden_pairs = hidden_states.attach_projector(self.model, student, self.teacher, args)
         self.reference = trainer_setup.build_reference(args, self._tokenizer, self.vocab_size, self.accelerator)
         trainer_setup.check_dtypes(self.accelerator, student, self.teacher, self.reference)
@@ -382,10 +380,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         """TRL's model card, followed by how the student was distilled (see [`~trl_onpolicy.model_card`])."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
-        if not self.is_world_process_zero():
-            return
         path = os.path.join(self.args.output_dir, "README.md")
-        if os.path.isfile(path):
+        if self.is_world_process_zero() and os.path.isfile(path):
             model_card.finish_card(self, path, dataset_name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -395,14 +391,10 @@ class OnPolicyDistillTrainer(SFTTrainer):
         )
 
     def _save_checkpoint(self, model, trial):
-        """The distillation state first (atomically), each process's rollout buffer within a reuse window, then the
-        Trainer's checkpoint, whose state file comes last."""
+        """The distillation state first ([`~trl_onpolicy.checkpoints.save_distill_state`]), then the Trainer's
+        checkpoint, whose state file comes last."""
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save:
-            checkpoints.write_state(folder, checkpoints.distill_state(self))
-        self.rollout_buffer.save(folder, self.accelerator.process_index, self.state.global_step)
-        self.rollout_pool.save(folder, self.accelerator.process_index)
-        self.teacher.save_state(folder, self.accelerator.process_index)
+        checkpoints.save_distill_state(self, folder)
         super()._save_checkpoint(model, trial)
 
     def _load_rng_state(self, checkpoint):

@@ -14,7 +14,7 @@ from .lmbda_schedule import describe, lmbda_range
 from .prompts import prepare_dataset
 from .rewards import Rewards
 from .teacher_prompts import add_teacher_prompt_ids, has_privileged_columns
-from .teachers import LocalTeacher, load_teacher_model, local_models, micro_batch_rows
+from .teachers import EnsembleTeacher, LocalTeacher, load_teacher_model, local_models, micro_batch_rows
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,14 @@ def check_dtypes(accelerator, student, teacher, reference) -> None:
         precision.check_teacher_dtype(student.dtype, model.dtype, autocast, what)
 
 
-def check_self_teacher(args, dataset, student) -> None:
-    """A self-teacher starts as the student (all but the base network of a LoRA student, adapters off): without
-    privileged context it sees what the student sees and says what the student says, so the loss is zero and stays
-    zero."""
+def check_teacher_columns(teacher, args, dataset, student) -> None:
+    """What the teacher needs of the dataset: a routing column for routed teachers; privileged context for a
+    self-teacher, which starts as the student (all but the base network of a LoRA student, adapters off): without
+    it, it sees what the student sees and says what the student says, so the loss is zero and stays zero."""
+    if isinstance(teacher, EnsembleTeacher):
+        teacher.check_columns(dataset.column_names or list(next(iter(dataset)).keys()))
     kind = args.teacher_model_kind
-    if kind == "base" and is_peft_model(student) or has_privileged_columns(dataset):
+    if kind == "separate" or kind == "base" and is_peft_model(student) or has_privileged_columns(dataset):
         return
     raise ValueError(
         f"`teacher_model_kind={kind!r}` makes the student its own teacher, and that teacher starts as the student "
