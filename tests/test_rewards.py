@@ -63,7 +63,7 @@ def test_conversational_prompts_get_message_completions():
     tok = tm.tokenizer()
     messages = [{"role": "user", "content": "1+2="}]
     got = []
-    reward = lambda prompts, completions, **kw: got.append((prompts, completions)) or [0.0] * len(completions)  # noqa: E731
+    reward = lambda prompts, completions, **kw: got.append((prompts, completions)) or [0.0] * len(completions)
     Rewards([reward], None, 1.0, tok).score(rollouts(tok, rows=[{"prompt": messages}] * 4))
     assert got[0][0][0] == messages and got[0][1][0] == [{"role": "assistant", "content": " 3"}]
 
@@ -74,8 +74,8 @@ def test_attach_puts_the_weighted_group_advantage_on_every_completion_token_and_
     from trl_onpolicy.step_batch import StepBatch
 
     batch = StepBatch.collate(r, tok.pad_token_id)
-    reward = lambda completions, **kw: [float(len(c)) for c in completions]  # noqa: E731 (2, 2, 3, 3)
-    exact = lambda completions, answer, **kw: [float(c.strip() == a) for c, a in zip(completions, answer)]  # noqa: E731
+    reward = lambda completions, **kw: [float(len(c)) for c in completions]
+    exact = lambda completions, answer, **kw: [float(c.strip() == a) for c, a in zip(completions, answer)]
     metrics = {}
     rewards = Rewards([reward, exact], [0.0, 1.0], 0.5, tok)
     accelerator = type("A", (), {"device": "cpu", "reduce": staticmethod(lambda t, reduction: t)})()
@@ -126,6 +126,29 @@ def test_bad_reward_values_are_refused(funcs, message):
         Rewards(funcs, None, 1.0, tok).score(rollouts(tok))
 
 
+def test_a_reward_function_that_raises_is_named_with_the_completion_it_raised_on():
+    tok = tm.tokenizer()
+
+    def picky(completions, **kwargs):
+        return [1.0 / (c != " hi") for c in completions]  # ZeroDivisionError on " hi" (completion 2)
+
+    with pytest.raises(ValueError, match=re.escape("The reward function picky raised ZeroDivisionError: float division "
+                                                   "by zero on completion 2 (prompt 'say hi')")):  # fmt: skip
+        Rewards([picky], None, 1.0, tok).score(rollouts(tok))
+
+
+def test_nan_rewards_count_as_none_with_a_warning_and_inf_is_refused(caplog):
+    tok = tm.tokenizer()
+    nan = lambda completions, **kw: [float("nan"), 1.0, 2.0, 3.0]
+    with caplog.at_level("WARNING"):
+        scores = Rewards([nan], None, 1.0, tok).score(rollouts(tok))
+    assert torch.isnan(scores[0, 0]) and scores[1:, 0].tolist() == [1.0, 2.0, 3.0]
+    assert "returned NaN for 1 of 4 completions (first: 0); they count as None" in caplog.text
+    inf = lambda completions, **kw: [1.0, float("inf"), 2.0, 3.0]
+    with pytest.raises(ValueError, match=re.escape("returned an infinite reward for completion 1")):
+        Rewards([inf], None, 1.0, tok).score(rollouts(tok))
+
+
 def test_bad_reward_functions_are_refused():
     tok = tm.tokenizer()
     with pytest.raises(TypeError, match=re.escape("Each of `reward_funcs` must be a callable")):
@@ -158,7 +181,7 @@ def test_distillation_loss_with_advantages_is_divergence_plus_policy_gradient(lo
     targets = torch.randint(0, v, (n,))
     advantages = torch.randn(n)
     teacher = TeacherScores(1.0, hidden=teacher_logits, head=torch.nn.Identity().forward)
-    kw = dict(loss_type=loss_type, vocab_size=v, num_items=n, head_params=list(head.parameters()))  # noqa: C408
+    kw = {"loss_type": loss_type, "vocab_size": v, "num_items": n, "head_params": list(head.parameters())}
     sums = distillation_loss(hidden, head, teacher, targets, advantages=advantages, **kw)
     sums.loss.backward()
     got_hidden, got_w = hidden.grad.clone(), head.weight.grad.clone()
@@ -219,8 +242,8 @@ def test_trainer_logs_rewards_and_a_constant_reward_changes_nothing(tmp_path):
     ("overrides", "funcs", "message"),
     [
         ({}, [lambda completions, **kw: [0.0] * len(completions)],
-         "`reward_funcs` need a group of completions per prompt to compare (GRPO's group advantage), but "
-         "`num_generations=1`."),
+         ("`reward_funcs` need a group of completions per prompt to compare (GRPO's group advantage), but "
+          "`num_generations=1`.")),
         ({"num_generations": 2, "reward_weights": [1.0, 2.0]}, [lambda completions, **kw: [0.0]],
          "`reward_weights` has 2 weights for 1 reward functions"),
         ({"reward_weights": [1.0]}, None, "`reward_weights` is set but the trainer was given no `reward_funcs`"),

@@ -98,6 +98,13 @@ def test_bad_templates_are_refused_by_the_config(tmp_path, template, message):
         tm.config(tmp_path, teacher_prompt_template=template)
 
 
+def test_a_template_without_the_column_it_fills_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("`teacher_prompt_template` is set ('Hint: {privileged_context}\\n"
+                                                   "{prompt}') but the train dataset has no `privileged_context` "
+                                                   "column to fill it with (columns: ['prompt', 'completion'])")):  # fmt: skip
+        tm.trainer(tmp_path, teacher_prompt_template="Hint: {privileged_context}\n{prompt}")
+
+
 # ------------------------------------------------------------------------------------------ tokenizing it
 def test_teacher_prompt_ids_are_tokenized_as_a_student_prompt():
     tok = tm.tokenizer()

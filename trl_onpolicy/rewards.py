@@ -18,6 +18,7 @@ divergence alone.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 
 from .rollouts import Rollouts
+
+logger = logging.getLogger(__name__)
 
 ADVANTAGE_EPS = 1e-4  # GRPO's
 
@@ -70,6 +73,7 @@ class Rewards:
         self.names = [reward_name(f) for f in self.funcs]
         self.weights = torch.tensor(reward_weights or [1.0] * len(self.funcs), dtype=torch.float32)  # (F,)
         self.reward_weight, self.tokenizer = reward_weight, tokenizer
+        self._warned: set[str] = set()
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         """`(B, F)` each function's reward of each rollout (NaN where a function returned None)."""
@@ -83,10 +87,23 @@ class Rewards:
             if isinstance(func, torch.nn.Module):
                 values = _model_rewards(func, self.tokenizer, prompts, texts)
             else:
-                values = func(prompts=prompts, completions=completions, completion_ids=rollouts.completion_ids,
-                              **columns)  # fmt: skip
-            out[:, j] = _checked(values, name, len(rollouts))
+                values = _called(func, name, prompts, completions, rollouts.completion_ids, columns)
+            out[:, j] = self._checked(values, name, len(rollouts))
         return out
+
+    def _checked(self, values, name: str, n: int) -> torch.Tensor:
+        """A function's rewards as `(n,)` float32 (None -> NaN), or an error naming the function and the fix; a NaN
+        it returned counts as None, with one warning per function."""
+        rewards = _checked(values, name, n)
+        if torch.isinf(rewards).any():
+            raise ValueError(f"The reward function {name} returned an infinite reward for completion "
+                             f"{int(torch.isinf(rewards).nonzero()[0])}: return finite floats (or None).")  # fmt: skip
+        nan = [i for i, v in enumerate(values) if v is not None and math.isnan(float(v))]
+        if nan and name not in self._warned:
+            self._warned.add(name)
+            logger.warning("The reward function %s returned NaN for %d of %d completions (first: %d); they count as "
+                           "None (left out of the sums), as GRPO counts them.", name, len(nan), n, nan[0])  # fmt: skip
+        return rewards
 
     def attach(self, batch, rollouts: Rollouts, metrics: dict[str, list[float]], accelerator) -> None:
         """On the student's rollouts: `batch.advantages` `(B, C)` (the group advantage times `reward_weight` on every
@@ -154,6 +171,25 @@ def _takes_keywords(func: Callable) -> bool:
     except (TypeError, ValueError):  # a builtin without a signature: let the call decide
         return True
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _called(func, name: str, prompts: list, completions: list, completion_ids: list, columns: dict) -> list:
+    """`func` on the whole batch; when it raises, the first rollout it raises on alone is found and named."""
+    try:
+        return func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except Exception as error:
+        row = None
+        for i in range(len(prompts)):
+            one = {k: v[i : i + 1] for k, v in columns.items()}
+            try:
+                func(prompts=prompts[i : i + 1], completions=completions[i : i + 1],
+                     completion_ids=completion_ids[i : i + 1], **one)  # fmt: skip
+            except Exception:  # noqa: BLE001
+                row = i
+                break
+        where = "" if row is None else f" on completion {row} (prompt {prompts[row]!r:.80})"
+        raise ValueError(f"The reward function {name} raised {type(error).__name__}: {error}{where}. Fix the "
+                         "function, or have it return None where it does not apply.") from error  # fmt: skip
 
 
 def _checked(values, name: str, n: int) -> torch.Tensor:

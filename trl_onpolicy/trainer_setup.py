@@ -13,7 +13,7 @@ from ._compat import is_peft_model
 from .lmbda_schedule import describe, lmbda_range
 from .prompts import prepare_dataset
 from .rewards import Rewards
-from .teacher_prompts import add_teacher_prompt_ids, has_privileged_columns
+from .teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, has_privileged_columns
 from .teachers import EnsembleTeacher, LocalTeacher, load_teacher_model, local_models, micro_batch_rows
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,15 @@ def check_teacher_columns(teacher, args, dataset, student) -> None:
     """What the teacher needs of the dataset: a routing column for routed teachers; privileged context for a
     self-teacher, which starts as the student (all but the base network of a LoRA student, adapters off): without
     it, it sees what the student sees and says what the student says, so the loss is zero and stays zero."""
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
     if isinstance(teacher, EnsembleTeacher):
-        teacher.check_columns(dataset.column_names or list(next(iter(dataset)).keys()))
+        teacher.check_columns(columns)
+    if args.teacher_prompt_template != DEFAULT_TEACHER_PROMPT_TEMPLATE and not has_privileged_columns(dataset):
+        raise ValueError(
+            f"`teacher_prompt_template` is set ({args.teacher_prompt_template!r}) but the train dataset has no "
+            f"`privileged_context` column to fill it with (columns: {columns}). Add the column, or leave "
+            "`teacher_prompt_template` at its default."
+        )
     kind = args.teacher_model_kind
     if kind == "separate" or kind == "base" and is_peft_model(student) or has_privileged_columns(dataset):
         return
