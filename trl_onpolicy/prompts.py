@@ -59,7 +59,8 @@ MISSING_COLUMNS_ERROR = (
 )
 
 
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+def column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    """The dataset's columns; an iterable dataset of unknown features is asked for its first row."""
     names = dataset.column_names
     if names is None:  # an IterableDataset of unknown features
         names = list(next(iter(dataset)).keys())
@@ -70,7 +71,7 @@ def check_columns(dataset: Dataset | IterableDataset, name: str = "train") -> No
     """Raise a `ValueError` that names the fix when `dataset` is empty or has no prompt column."""
     if isinstance(dataset, Dataset) and len(dataset) == 0:
         raise ValueError(EMPTY_DATASET_ERROR.format(name=name, where=""))
-    columns = _column_names(dataset)
+    columns = column_names(dataset)
     if "prompt" in columns or "messages" in columns:
         return
     if "text" in columns:

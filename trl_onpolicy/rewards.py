@@ -77,8 +77,8 @@ class Rewards:
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         """`(B, F)` each function's reward of each rollout (NaN where a function returned None)."""
-        prompts = [row.get("prompt", text) for row, text in zip(rollouts.rows, rollouts.decode(self.tokenizer)[0])]
-        texts = rollouts.decode(self.tokenizer)[1]
+        prompt_texts, texts = rollouts.decode(self.tokenizer)
+        prompts = [row.get("prompt", text) for row, text in zip(rollouts.rows, prompt_texts)]
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
                        for p, t in zip(prompts, texts)]  # fmt: skip
         columns = {k: [row.get(k) for row in rollouts.rows] for k in rollouts.rows[0] if k not in RESERVED}

@@ -23,7 +23,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .prompts import chat_ids, check_messages, split_messages
+from .prompts import chat_ids, check_messages, column_names, split_messages
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def teacher_prompt_ids(
 
 
 def has_privileged_columns(dataset: Dataset | IterableDataset) -> bool:
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
-    return any(c in columns for c in PRIVILEGED_COLUMNS)
+    return any(c in column_names(dataset) for c in PRIVILEGED_COLUMNS)
 
 
 def add_teacher_prompt_ids(

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from . import precision
 from ._compat import is_peft_model
 from .lmbda_schedule import describe, lmbda_range
-from .prompts import prepare_dataset
+from .prompts import column_names, prepare_dataset
 from .rewards import Rewards
 from .teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, has_privileged_columns
 from .teachers import EnsembleTeacher, LocalTeacher, load_teacher_model, local_models, micro_batch_rows
@@ -52,7 +52,7 @@ def check_completion_sources(args, dataset, prepared) -> None:
     (`seq_kd`) or from the dataset (`dataset` as given, `prepared` tokenized)."""
     if lmbda_range(args)[0] >= 1.0 or args.seq_kd:
         return
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    columns = column_names(dataset)
     if "completion" not in columns and "messages" not in columns:
         raise ValueError(
             f"{describe(args)} makes some batches off-policy, which need completions, but the dataset "
@@ -97,17 +97,17 @@ def check_teacher_columns(teacher, args, dataset, student) -> None:
     """What the teacher needs of the dataset: a routing column for routed teachers; privileged context for a
     self-teacher, which starts as the student (all but the base network of a LoRA student, adapters off): without
     it, it sees what the student sees and says what the student says, so the loss is zero and stays zero."""
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    columns, privileged = column_names(dataset), has_privileged_columns(dataset)
     if isinstance(teacher, EnsembleTeacher):
         teacher.check_columns(columns)
-    if args.teacher_prompt_template != DEFAULT_TEACHER_PROMPT_TEMPLATE and not has_privileged_columns(dataset):
+    if args.teacher_prompt_template != DEFAULT_TEACHER_PROMPT_TEMPLATE and not privileged:
         raise ValueError(
             f"`teacher_prompt_template` is set ({args.teacher_prompt_template!r}) but the train dataset has no "
             f"`privileged_context` column to fill it with (columns: {columns}). Add the column, or leave "
             "`teacher_prompt_template` at its default."
         )
     kind = args.teacher_model_kind
-    if kind == "separate" or kind == "base" and is_peft_model(student) or has_privileged_columns(dataset):
+    if kind == "separate" or kind == "base" and is_peft_model(student) or privileged:
         return
     raise ValueError(
         f"`teacher_model_kind={kind!r}` makes the student its own teacher, and that teacher starts as the student "

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from ..prompts import check_columns, prepare_dataset
+from ..prompts import check_columns, column_names, prepare_dataset
 from ..rollouts import Rollouts, collate, teacher_inputs
 from ..teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, check_template
 from . import cache_format as fmt
@@ -162,7 +162,7 @@ def _check_arguments(dataset, top_k: int, temperature: float, batch_size: int, s
             f"top_k={top_k}, batch_size={batch_size}, shard_tokens={shard_tokens}, temperature={temperature}."
         )
     check_columns(dataset, "cache")
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    columns = column_names(dataset)
     if "completion" not in columns and "messages" not in columns:
         raise ValueError(
             f"The dataset has no completions (columns: {columns}). A teacher cache scores the dataset's own "
