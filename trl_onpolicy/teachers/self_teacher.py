@@ -118,12 +118,10 @@ class SelfTeacher(LocalTeacher):
         return replace(head, weight=head.weight.clone(), bias=None if head.bias is None else head.bias.clone())
 
     def score(self, batch, *, temperature=1.0, top_k=None, need="full", hidden_layers=None):
+        """One swap for the whole call (every row group); the head in the scores comes from [`output_heads`], which
+        copies it out of the swap."""
         with self.swapped_in():
-            scores = super().score(batch, temperature=temperature, top_k=top_k, need=need,
-                                   hidden_layers=hidden_layers)  # fmt: skip
-            if scores.head is not None:
-                scores.head = self._copied_head(scores.head)
-        return scores
+            return super().score(batch, temperature=temperature, top_k=top_k, need=need, hidden_layers=hidden_layers)
 
     def generate(self, prompt_ids, generation_config, tokenizer=None):
         with self.swapped_in():
