@@ -382,6 +382,9 @@ def main():
         method, seed = args.one[0], int(args.one[1])
         record = (from_plateau(method, seed, workdir) if args.regime == "plateau"
                   else from_warm_start(args.regime, method, seed, workdir))  # fmt: skip
+        evals = EVALS if args.regime == "plateau" else WARM_REGIMES[args.regime]["evals"]
+        if len(record["points"]) < evals:  # stopped early (SIGTERM stops the trainer gracefully): not a finished run,
+            sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {evals} evaluations; not saved.")
         return (workdir / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))
     (plateau_main if args.regime == "plateau" else warm_main)(args, workdir)
 
