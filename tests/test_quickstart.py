@@ -98,3 +98,61 @@ def test_a_quickstart_stopped_by_sigterm_does_not_look_finished(capsys):
         "Stopped by SIGTERM at step 12 of 300: no report and no final student were written. The quickstart does not "
         "resume; run the same command again (the teacher and student it trained first are cached).\n"
     )
+
+
+def test_constitution_with_smollm2_is_refused_at_once(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "trl_onpolicy.commands.cli", "quickstart", "--output-dir", str(out),
+               "--constitution", "--teacher", "smollm2"]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0] == ("trl-onpolicy quickstart: error: --constitution needs the toy teacher "
+                                           "(trained to read the toy rule): drop --teacher smollm2.")
+    assert not out.exists()
+
+
+def test_constitution_gives_the_rule_to_the_teacher_only():
+    """The dataset carries the rule as privileged context, the config puts it before the teacher's prompt, and the
+    tasks are the constitution's; without the flag, none of it."""
+    import argparse
+
+    from trl_onpolicy.commands import quickstart
+    from trl_onpolicy.toy import build_tokenizer, constitution_text
+
+    parser = argparse.ArgumentParser()
+    quickstart.add_arguments(parser)
+    tokenizer = build_tokenizer()
+    for flags in ([], ["--constitution"]):
+        args = parser.parse_args([*flags, "--rounds", "1", "--steps-per-round", "2", "--batch-size", "3"])
+        dataset, length = quickstart._prompts(args, tokenizer, smollm2=False)
+        config = quickstart._config(args, False, length)
+        if not flags:
+            assert dataset.column_names == ["prompt"] and quickstart._tasks(args) == ["toy_gsm8k", "toy_mmlu"]
+            assert config.teacher_prompt_template == "{prompt}\n\n{privileged_context}"  # TRL's default, unused
+            continue
+        assert dataset.column_names == ["prompt", "privileged_context"] and len(dataset) == 6
+        assert set(dataset["privileged_context"]) == {constitution_text()}
+        assert all(p.startswith("Question: ") and "Rule" not in p for p in dataset["prompt"])  # the student's view
+        assert config.teacher_prompt_template == "{privileged_context}\n{prompt}"
+        assert quickstart._tasks(args) == ["toy_refusal", "toy_allowed", "toy_gsm8k"]
+
+
+@pytest.mark.slow
+def test_constitutional_quickstart_scores_refusal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRL_ONPOLICY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = main([
+        "quickstart", "--constitution", "--output-dir", str(out), "--rounds", "1", "--steps-per-round", "2",
+        "--batch-size", "4", "--teacher-steps", "40", "--student-sft-steps", "20", "--eval-limit", "6",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["teacher"]["scores"]) == {"toy_refusal", "toy_allowed", "toy_gsm8k"}
+    assert [set(r["scores"]) for r in report["rounds"]] == [{"toy_refusal", "toy_allowed", "toy_gsm8k"}] * 2
+    info = json.loads(next((tmp_path / "cache").glob("teacher-*/info.json")).read_text())
+    assert info["recipe"]["constitution_fraction"] == 0.25
+    assert set(info["constitution_with_rule"]) == {"refusal", "accuracy", "over_refusal", "forbidden", "others"}
+    printed = capsys.readouterr().out
+    assert "The teacher line is the teacher without its rule" in printed
+    assert printed.rstrip().splitlines()[-1].endswith("--tasks toy_refusal,toy_allowed,toy_gsm8k")

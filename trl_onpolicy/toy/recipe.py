@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from .constitution import constitutional_row, evaluate_constitution
 from .models import (
     build_model,
     completion_nll,
@@ -68,6 +69,8 @@ class Recipe:
     # of each batch written with a slip and its correction (`slips.slip_row`; the slip is masked out of the loss)
     correction_fraction: float = 0.0
     recovery_style: str = "correction"  # how a slipped chain goes on: `slips.RECOVERY_STYLES`
+    # of each batch with a rule before the prompt (`constitution.constitutional_row`): refuse a topic, answer the rest
+    constitution_fraction: float = 0.0
 
     def __post_init__(self):
         if (self.steps is None) == (self.seconds is None):
@@ -78,6 +81,12 @@ class Recipe:
             raise ValueError(
                 f"correction_fraction must be in [0, 1 - mc_fraction] = [0, {1.0 - self.mc_fraction:g}], got "
                 f"{self.correction_fraction}"
+            )
+        rest = 1.0 - self.mc_fraction - self.correction_fraction
+        if not 0.0 <= self.constitution_fraction <= rest + 1e-9:
+            raise ValueError(
+                f"constitution_fraction must be in [0, 1 - mc_fraction - correction_fraction] = [0, {rest:g}], got "
+                f"{self.constitution_fraction}"
             )
         if self.recovery_style not in RECOVERY_STYLES:
             raise ValueError(f"recovery_style must be one of {RECOVERY_STYLES}, got {self.recovery_style!r}")
@@ -99,6 +108,12 @@ TEACHER_RECIPE = Recipe(num_layers=3, hidden_size=128, steps=700)
 # thread): 99.2% exact match on 500 eval problems, but it does not learn to detect a slip: p("Wait") is 0.099 after
 # a slip and 0.089 after a clean line, so it recovers no more than the standard teacher (benchmarks/README.md).
 RECOVERING_CORRECTION_FRACTION = 0.25
+# A teacher that follows a constitution given in its context (issue 18, `constitution.py`): the same recipe with 8 of
+# the 32 problems of every batch under the rule "refuse problems about food" (it refuses the ~22% about food),
+# loaded by `load_or_train_teacher(constitution_fraction=CONSTITUTION_FRACTION)`. 0.25 was chosen before training
+# (as for the recovering teacher: most of every batch stays plain), not tuned. (Rows with a rule about a random
+# topic were tried first and not learnt: see `constitution.py`.)
+CONSTITUTION_FRACTION = 0.25
 # A weak student to start distillation from: 2 x 64 (0.17 M parameters), 500 steps of SFT on the ground truth
 # (47 s, idle machine): 25.8% exact match (with mc_fraction=0.25: 21.0% and 24.2% toy MMLU). The
 # same model reaches 93.6% after 1,575 steps, so the gap is training, not capacity.
@@ -131,14 +146,16 @@ def _lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) 
 def batch_rows(problems: list[dict], recipe: Recipe, step: int) -> list[dict]:
     """One step's rows: the first `round(B * mc_fraction)` problems in MMLU's format, the next
     `round(B * correction_fraction)` with a slip and its correction (drawn from the recipe seed and the step), the
-    rest as they are."""
+    next `round(B * constitution_fraction)` with the toy constitution's rule before the prompt, the rest as they are."""
     n_mc = round(recipe.batch_size * recipe.mc_fraction)
     n_slip = round(recipe.batch_size * recipe.correction_fraction)
+    n_rule = round(recipe.batch_size * recipe.constitution_fraction)
     rows = [to_mc_prompt_completion(p, seed=recipe.seed * 1_000_000 + step) for p in problems[:n_mc]]
     if n_slip:  # no draw at all otherwise: the default recipe's batches are as before the option existed
         rng = random.Random(recipe.seed * 1_000_000 + step + 500_009)
         rows += [slip_row(p, rng, recipe.recovery_style) for p in problems[n_mc : n_mc + n_slip]]
-    return rows + [to_prompt_completion(p) for p in problems[n_mc + n_slip :]]
+    rows += [constitutional_row(p) for p in problems[n_mc + n_slip : n_mc + n_slip + n_rule]]
+    return rows + [to_prompt_completion(p) for p in problems[n_mc + n_slip + n_rule :]]
 
 
 def supervised_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -234,6 +251,9 @@ def load_or_train(name: str, recipe: Recipe, progress: bool = True, force: bool 
         "eval_seconds": round(time.perf_counter() - eval_start, 1),
         "torch_threads": torch.get_num_threads(),
     }
+    if recipe.constitution_fraction:  # how it reads the recipe's rule (refuse CONSTITUTION_TOPIC), and without it
+        info["constitution_with_rule"] = evaluate_constitution(model, tokenizer, with_rule=True)
+        info["constitution_without_rule"] = evaluate_constitution(model, tokenizer, with_rule=False)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
@@ -256,7 +276,7 @@ def load_or_train(name: str, recipe: Recipe, progress: bool = True, force: bool 
 
 # Fields added after RECIPE_VERSION "2", with the value that leaves a recipe as it was: left out of the key at that
 # value, so that every recipe cached before they existed keeps its name.
-_LATER_FIELDS = {"correction_fraction": 0.0, "recovery_style": "correction"}
+_LATER_FIELDS = {"correction_fraction": 0.0, "recovery_style": "correction", "constitution_fraction": 0.0}
 
 
 def _key(recipe: Recipe) -> str:
