@@ -36,8 +36,8 @@ Designed, not yet run (their settings are fixed here so that a later run cannot 
   onpolicy_jsd and mixed_lmbda from the warm start, 240 CPU-s, 200 eval problems, seeds 0-2. (Noted on 2026-12-03
   once it was trained, before any (ii) run finished: 4 x 256 has 4.36 M parameters, 7.2x the student's 0.61 M, not
   8x, and it scores 0.80 on the 200 problems against the standard teacher's 0.97: 700 steps at lr 3e-3 under-train
-  it. Its first runs were stopped within minutes to give the cores to (iii) and (iv); (ii) is still to run as
-  designed, and its verdict will be about an expensive teacher that is not a better one.)
+  it. Its first runs were stopped within minutes to give the cores to (iii) and (iv); (ii) was then run as
+  designed, and its verdict is about an expensive teacher that is not a better one.)
 - (iii) a teacher that recovers (`benchmarks/recovery.py` measures recovery): offline_sft and onpolicy_jsd with the
   standard teacher and with the recovering one, 480 CPU-s, 200 eval problems, seeds 0-2; with (ii) when a 4 x 256
   recovering teacher exists.
