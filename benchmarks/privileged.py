@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -310,20 +309,9 @@ def main():
 
 def run_jobs(jobs: list[tuple[str, str, int]], workdir: Path, workers: int) -> None:
     """Each (study, method, seed) in its own process, `workers` at a time; finished runs are kept in the workdir."""
-    pending = [j for j in jobs if not (workdir / f"run-{j[0]}-{j[1]}-{j[2]}.json").exists()]
-    running: list[tuple[subprocess.Popen, tuple]] = []
-    while pending or running:
-        while pending and len(running) < workers:
-            job = pending.pop(0)
-            log = open(workdir / f"run-{job[0]}-{job[1]}-{job[2]}.log", "w")  # noqa: SIM115
-            cmd = [sys.executable, __file__, "--one", *map(str, job), "--workdir", str(workdir)]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), job))
-            print(f"started {job}", flush=True)
-        time.sleep(2)
-        for proc, job in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, job))
-                print(f"{'done' if proc.returncode == 0 else 'FAILED'} {job}", flush=True)
+    command = [sys.executable, __file__, "--workdir", str(workdir), "--one"]
+    quality.run_processes([(job, [*command, *map(str, job)], workdir / "run-{}-{}-{}.json".format(*job))
+                           for job in jobs], workers)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -431,24 +431,31 @@ def prepare(task: str, args) -> dict:
     return prep
 
 
-def run_all(jobs: list[tuple[str, str, int]], args) -> None:
-    """Each (method, task, seed) in its own process, `--workers` at a time; finished runs are kept in the workdir."""
-    pending = [j for j in jobs if not run_path(args, *j).exists()]
+def run_processes(jobs: list[tuple[tuple, list[str], Path]], workers: int) -> None:
+    """Each `(label, command, result path)` in its own process, `workers` at a time, its log beside its result; a job
+    whose result exists is skipped, and one that ends without writing it is reported as FAILED. Shared by
+    quality.py, regimes.py and privileged.py."""
+    pending = [j for j in jobs if not j[2].exists()]
     running: list[tuple[subprocess.Popen, tuple]] = []
-    print(f"{len(jobs) - len(pending)} runs found in {args.workdir}, {len(pending)} to do")
+    print(f"{len(jobs) - len(pending)} runs found, {len(pending)} to do", flush=True)
     while pending or running:
-        while pending and len(running) < args.workers:
+        while pending and len(running) < workers:
             job = pending.pop(0)
-            log = open(run_path(args, *job).with_suffix(".log"), "w")  # noqa: SIM115
-            cmd = [sys.executable, __file__, "--one", *map(str, job), *forwarded(args)]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), job))
-            print(f"started {job}", flush=True)
+            log = open(job[2].with_suffix(".log"), "w")  # noqa: SIM115
+            running.append((subprocess.Popen(job[1], stdout=log, stderr=subprocess.STDOUT), job))
+            print(f"started {job[0]}", flush=True)
         time.sleep(2)
         for proc, job in list(running):
             if proc.poll() is not None:
                 running.remove((proc, job))
-                ok = run_path(args, *job).exists()
-                print(f"{'done' if ok else 'FAILED'} {job} (log: {run_path(args, *job).with_suffix('.log')})")
+                print(f"{'done' if job[2].exists() else 'FAILED'} {job[0]} (log: {job[2].with_suffix('.log')})",
+                      flush=True)
+
+
+def run_all(jobs: list[tuple[str, str, int]], args) -> None:
+    """Each (method, task, seed) in its own process, `--workers` at a time; finished runs are kept in the workdir."""
+    run_processes([(job, [sys.executable, __file__, "--one", *map(str, job), *forwarded(args)], run_path(args, *job))
+                   for job in jobs], args.workers)  # fmt: skip
 
 
 def run_path(args, method: str, task: str, seed: int) -> Path:

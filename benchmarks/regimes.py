@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -305,20 +304,8 @@ def plot_plateau(result: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ orchestration
 def run_jobs(regime: str, jobs: list[tuple[str, int]], workdir: Path, workers: int) -> None:
     """Each (method, seed) in its own process, `workers` at a time; finished runs are kept in the workdir."""
-    pending = [j for j in jobs if not (workdir / f"run-{j[0]}-{j[1]}.json").exists()]
-    running: list[tuple[subprocess.Popen, tuple]] = []
-    while pending or running:
-        while pending and len(running) < workers:
-            method, seed = pending.pop(0)
-            log = open(workdir / f"run-{method}-{seed}.log", "w")  # noqa: SIM115
-            cmd = [sys.executable, __file__, regime, "--one", method, str(seed), "--workdir", str(workdir)]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), (method, seed)))
-            print(f"started {method} seed {seed}", flush=True)
-        time.sleep(2)
-        for proc, job in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, job))
-                print(f"{'done' if proc.returncode == 0 else 'FAILED'} {job}", flush=True)
+    command = [sys.executable, __file__, regime, "--workdir", str(workdir), "--one"]
+    quality.run_processes([((m, s), [*command, m, str(s)], workdir / f"run-{m}-{s}.json") for m, s in jobs], workers)
 
 
 def plateau_main(args, workdir: Path) -> None:
