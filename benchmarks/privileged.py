@@ -93,21 +93,6 @@ def scorer(tokenizer, length: int, study: str):
     return evaluate
 
 
-def rule_pool(meter, teacher, tokenizer, seed: int, length: int, n: int = 2048):
-    """The constitutional teacher's greedy completions with the rule before each prompt (charged), paired with the
-    rule-less prompts the student sees."""
-    from datasets import Dataset
-
-    from trl_onpolicy import toy
-
-    problems = toy.generate_problems(n, "train", seed=10_000 + seed)
-    prompts = [toy.prompt_text(p["question"]) for p in problems]
-    with meter.phase("teacher_generation"):
-        completions = toy.generate_completions(teacher, tokenizer, [f"{toy.constitution_text()}\n{p}" for p in prompts],
-                                               batch_size=64, max_new_tokens=length)  # fmt: skip
-    return Dataset.from_dict({"prompt": prompts, "completion": [" " + c.strip() for c in completions]})
-
-
 def build(method: str, study: str, meter, teacher, student, tokenizer, seed: int, length: int, workdir: Path):
     """The method's trainer (built outside the charged compute, except the offline pool it needs)."""
     import trl
@@ -117,14 +102,17 @@ def build(method: str, study: str, meter, teacher, student, tokenizer, seed: int
     common = quality.common_args(str(workdir / f"out-{method}-{seed}"), seed, 1e-3)
     ours = dict(max_completion_length=length, max_length=512, temperature=1.0, top_k=0, top_p=1.0,  # noqa: C408
                 lmbda=1.0, loss_type="jsd", beta=0.5)  # fmt: skip
-    pool = rule_pool(meter, teacher, tokenizer, seed, length) if method == "offline_constitution" else None
+    pool = None
+    if method == "offline_constitution":  # the teacher writes with the rule before each prompt (charged)
+        pool, _ = quality.teacher_pool(meter, teacher, tokenizer, TASK, 2048, seed, length,
+                                       context=toy.constitution_text() + "\n")  # fmt: skip
     with meter.excluded():
-        rows = toy.make_dataset(16_384, "train", seed=30_000 + seed)
         if method in ("sft_ground_truth", "offline_constitution"):
             data = pool if pool is not None else toy.make_dataset(16_384, "train", seed=20_000 + seed)
             config = trl.SFTConfig(**common, max_length=512)
             return trl.SFTTrainer(student, args=config, train_dataset=data.select_columns(["prompt", "completion"]),
                                   processing_class=tokenizer)  # fmt: skip
+        rows = toy.make_dataset(16_384, "train", seed=30_000 + seed)
         if method == "grpo_reward":
             config = trl.GRPOConfig(**common, num_generations=GENERATIONS, max_completion_length=length,
                                     temperature=1.0, top_k=0, top_p=1.0)  # fmt: skip
@@ -239,7 +227,7 @@ def print_table(result: dict) -> None:
         keys = ["exact_match"] + (["refusal", "allowed", "over_refusal"] if study == "constitution" else [])
         print(f"\n{study}: final at {BUDGET:.0f} CPU-s, mean (per seed)")
         ref = prep["constitution" if study == "constitution" else "rewards"]
-        print("  before (warm start): " + ", ".join(f"{k} {ref['student'][k if k != 'allowed' else 'allowed']:.3f}"
+        print("  before (warm start): " + ", ".join(f"{k} {ref['student'][k]:.3f}"
                                                     for k in keys if k in ref["student"]))
         for method, s in methods.items():
             cells = [f"{k} {s[k][-1]['mean']:.3f} ({' / '.join(f'{v:.3f}' for v in s[k][-1]['seeds'])})" for k in keys]

@@ -112,8 +112,9 @@ def completion_length(tokenizer, task: str) -> int:
     return default_max_new_tokens(tokenizer, eval_problems(task, 256))
 
 
-def teacher_pool(meter: Meter, teacher, tokenizer, task: str, n: int, seed: int, length: int):
-    """The teacher's greedy completions for `n` fresh train prompts (charged as teacher_generation)."""
+def teacher_pool(meter: Meter, teacher, tokenizer, task: str, n: int, seed: int, length: int, context: str = ""):
+    """The teacher's greedy completions for `n` fresh train prompts (charged as teacher_generation); with `context`,
+    the teacher writes after `context + prompt` (privileged.py's rule) and the rows keep the bare prompt."""
     from datasets import Dataset
 
     from trl_onpolicy import toy
@@ -123,7 +124,7 @@ def teacher_pool(meter: Meter, teacher, tokenizer, task: str, n: int, seed: int,
                                      max_steps=spec["max_steps"])  # fmt: skip
     prompts = [toy.prompt_text(p["question"]) for p in problems]
     with meter.phase("teacher_generation"):
-        completions = toy.generate_completions(teacher, tokenizer, prompts, batch_size=64,
+        completions = toy.generate_completions(teacher, tokenizer, [context + p for p in prompts], batch_size=64,
                                                max_new_tokens=length)  # fmt: skip
     correct = sum(toy.is_correct(c, p) for c, p in zip(completions, problems)) / n
     return Dataset.from_dict({"prompt": prompts, "completion": [" " + c.strip() for c in completions]}), correct

@@ -192,8 +192,8 @@ def check_task_names(tasks: list[str], include_path: list[str] | None = None) ->
         lines.append(f"  {name!r}: {hint}")
     raise ValueError(
         "Unknown lm-eval task name(s):\n" + "\n".join(lines) + "\nBuilt in and offline: 'toy_gsm8k', 'toy_mmlu', "
-        "'toy_refusal', 'toy_allowed'; the real 'gsm8k', 'mmlu', 'humaneval' on packaged test sets. For your own task YAMLs pass their folder as "
-        "`include_path=[...]`; `lm-eval ls tasks` lists every registered name."
+        "'toy_refusal', 'toy_allowed'; the real 'gsm8k', 'mmlu', 'humaneval' on packaged test sets. For your own task "
+        "YAMLs pass their folder as `include_path=[...]`; `lm-eval ls tasks` lists every registered name."
     )
 
 
