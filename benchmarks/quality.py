@@ -30,6 +30,10 @@ Methods (the names in the JSON and the plot):
   onpolicy_jsd       (c) ours, `lmbda=1`, generalized JSD beta 0.5 (the package default)
   onpolicy_reverse_kl, onpolicy_sampled_rkl   (c) ours, `lmbda=1`, full reverse KL / sampled-token reverse KL
   mixed_lmbda        (c) ours, `lmbda=0.5`: half the batches the student's rollouts, half the teacher's pool (charged)
+  offline_jsd_pool   (c) ours, `lmbda=0`: JSD on the teacher's pool (charged), the live teacher scoring it; not in the
+                         default list
+  curriculum_linear  (c) ours, `lmbda_schedule="linear"` 0 -> 1 over `--curriculum-steps` steps (then 1), the
+                         off-policy steps from the teacher's pool (charged); not in the default list
   onpolicy_jsd_reuse4 (c) ours, `lmbda=1`, JSD, each batch of rollouts and teacher scores used for 4 optimizer
                          steps (`num_iterations=4`)
   onpolicy_jsd_pool4  (c) ours, `lmbda=1`, JSD, rollout pools: `steps_per_generation=4`, `generation_batch_size=128`
@@ -166,7 +170,8 @@ def build_trainer(method: str, meter: Meter, teacher, student, tokenizer, task: 
     spec = TASKS[task]
     common = common_args(f"{args.workdir}/out-{task}-{method}-{seed}", seed, args.lr)
     pool, pool_correct = None, None
-    if method in ("offline_sft", "offline_kd_cache", "mixed_lmbda", "trl_gkd"):
+    pooled = ("offline_sft", "offline_kd_cache", "mixed_lmbda", "offline_jsd_pool", "curriculum_linear", "trl_gkd")
+    if method in pooled:
         pool, pool_correct = teacher_pool(meter, teacher, tokenizer, task, args.pool, seed, length)
     teacher_model = teacher
     if method == "offline_kd_cache":  # scoring the pool into the cache is the teacher's work: charged
@@ -206,6 +211,12 @@ def build_trainer(method: str, meter: Meter, teacher, student, tokenizer, task: 
             kw["loss_type"] = "sampled_reverse_kl"
         elif method == "mixed_lmbda":
             data, kw["lmbda"] = pool, 0.5
+        elif method == "offline_jsd_pool":
+            data, kw["lmbda"] = pool, 0.0
+        elif method == "curriculum_linear":
+            data = pool
+            kw.update(lmbda_schedule="linear", lmbda_start=0.0, lmbda_end=1.0,
+                      lmbda_schedule_steps=args.curriculum_steps)  # fmt: skip
         elif method == "onpolicy_jsd_pool4":
             kw.update(steps_per_generation=4, generation_batch_size=128)
         elif method == "onpolicy_jsd_reuse4":
@@ -466,7 +477,7 @@ def run_path(args, method: str, task: str, seed: int) -> Path:
 def forwarded(args) -> list[str]:
     return ["--budget", str(args.budget), "--evals", str(args.evals), "--eval-problems", str(args.eval_problems),
             "--pool", str(args.pool), "--lr", str(args.lr), "--rounds-steps", str(args.rounds_steps), "--sft-rows", str(args.sft_rows),
-            "--workdir", args.workdir]  # fmt: skip
+            "--curriculum-steps", str(args.curriculum_steps), "--workdir", args.workdir]  # fmt: skip
 
 
 def environment() -> dict:
@@ -491,6 +502,7 @@ def main():
     parser.add_argument("--pool", type=int, default=2048, help="teacher completions written for offline methods")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rounds-steps", type=int, default=60, help="steps of the rounds check (d)")
+    parser.add_argument("--curriculum-steps", type=int, default=400, help="curriculum_linear's 0 -> 1 horizon")
     parser.add_argument("--sft-rows", type=int, default=16_384, help="ground-truth rows for sft_ground_truth")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "trl_onpolicy_quality"))

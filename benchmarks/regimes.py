@@ -52,6 +52,15 @@ Designed, not yet run (their settings are fixed here so that a later run cannot 
   run: 1,200 CPU-s, offline_sft and onpolicy_jsd only, the two lines whose crossing is the question; mixed_lmbda
   was flat from the plateau in (i). 5 evaluations, every 240 CPU-s, so that the 480 CPU-s point is (iii)'s
   standard-teacher arm; seeds 0-2. The first start, at 6 evaluations, was stopped within its first minutes.)
+- curriculum (the schedule of `lmbda`, issue 17 part 2; fixed on 2026-12-04 before its first run): from the warm
+  start, 240 CPU-s, evaluations at 120 and 240 CPU-s, 200 eval problems, seeds 0-2, the standard teacher:
+    offline_sft        the reference (as in every regime)
+    offline_jsd_pool   ours at `lmbda` 0: JSD on the teacher's pool (charged), the live teacher scoring it
+    onpolicy_jsd       ours at `lmbda` 1
+    curriculum_linear  ours, `lmbda` linear 0 -> 1 over 400 steps (then 1), off-policy steps from the pool
+  The horizon is the budget's expected step count at `lmbda` 0.5 (mixed_lmbda took 548 steps in 240 CPU-s in
+  quality.py's long run, seed 0, and fewer on a loaded machine), so that the ramp ends near the budget's end. The
+  run at (iv)'s 1,200 CPU-s was not made: it does not fit this session's two cores beside the other work.
 """
 
 from __future__ import annotations
@@ -75,12 +84,14 @@ PLATEAU_METHODS = ["offline_same_pool", "offline_fresh_pool", "onpolicy_jsd", "m
 OFFLINE = ("offline_same_pool", "offline_fresh_pool")
 SEEDS = (100, 101, 102)
 BUDGET, EVALS, EVAL_PROBLEMS = 240.0, 4, 500
+CURRICULUM_STEPS = 400
 
 
 def settings(workdir: str) -> argparse.Namespace:
     """What quality.py's trainers read from its command line, at this regime's values."""
     return argparse.Namespace(workdir=workdir, lr=1e-3, pool=2048, sft_rows=16_384, rounds=1, rounds_steps=60,
-                              budget=BUDGET, evals=EVALS, eval_problems=EVAL_PROBLEMS)  # fmt: skip
+                              curriculum_steps=CURRICULUM_STEPS, budget=BUDGET, evals=EVALS,
+                              eval_problems=EVAL_PROBLEMS)  # fmt: skip
 
 
 def setup():
@@ -189,6 +200,8 @@ WARM_REGIMES = {
     "long": {"teacher": {}, "budget": 1200.0, "evals": 5, "methods": ["offline_sft", "onpolicy_jsd"]},
     "recovering": {"teacher": {"correction_fraction": 0.25, "recovery_style": "silent"}, "budget": 480.0, "evals": 2,
                    "methods": ["offline_sft", "onpolicy_jsd"]},
+    "curriculum": {"teacher": {}, "budget": 240.0, "evals": 2,
+                   "methods": ["offline_sft", "offline_jsd_pool", "onpolicy_jsd", "curriculum_linear"]},
 }  # fmt: skip
 WARM_SEEDS, WARM_EVAL_PROBLEMS = (0, 1, 2), 200
 

@@ -17,7 +17,7 @@ import torch
 from trl_onpolicy import DistillCallback, OnPolicyDistillTrainer
 from trl_onpolicy.callback_handler import round_ends
 from trl_onpolicy.lmbda_schedule import SCHEDULES, lmbda_at, lmbda_of, lmbda_range
-from trl_onpolicy.model_card import card_section
+from trl_onpolicy.model_card import _settings, card_section
 from trl_onpolicy.teachers.cache import TeacherCache
 from trl_onpolicy.teachers.cache_build import build_teacher_cache
 from trl_onpolicy.teachers.cache_format import CacheError
@@ -75,6 +75,15 @@ def test_more_rounds_than_steps_still_ends_on_end():
     assert lmbda_at(0, 1, "step", 0.2, 0.8, 4) == 0.2 and lmbda_at(0, 1, "linear", 0.2, 0.8, 1) == 0.2
 
 
+def test_the_horizon_replaces_max_steps_and_end_holds_after_it(tmp_path):
+    """`lmbda_schedule_steps=5` in a run of 1000 steps: 0 -> 1 over steps 0-4 exactly as a 5-step run, then 1."""
+    config = tm.config(tmp_path, lmbda_schedule="linear", lmbda_start=0.0, lmbda_end=1.0, lmbda_schedule_steps=5)
+    assert [lmbda_of(config, s, 1000) for s in range(8)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    unset = tm.config(tmp_path, lmbda_schedule="linear", lmbda_start=0.0, lmbda_end=1.0)
+    assert lmbda_of(unset, 4, 1000) == pytest.approx(4 / 999)  # without it, max_steps is the horizon
+    assert "| `lmbda_schedule_steps` | `5` |" in _settings(config)  # the model card names the horizon
+
+
 # ------------------------------------------------------------------------------------------------------- the config
 def test_defaults_and_range(tmp_path):
     assert lmbda_range(tm.config(tmp_path, lmbda=0.3)) == (0.3, 0.3)
@@ -108,6 +117,16 @@ FIX = ("Set `lmbda_schedule` to 'linear', 'cosine' or 'step' to move from `lmbda
         ({"lmbda_schedule": "step", "lmbda_start": 0.0, "lmbda_end": 1.0},
          ("`lmbda_schedule='step'` holds one `lmbda` per round, but `num_rounds` is 1. Set `num_rounds` >= 2 (one "
           "stair per round), or use `lmbda_schedule='linear'`.")),
+        ({"lmbda_schedule": "step", "lmbda_start": 0.0, "lmbda_end": 1.0, "num_rounds": 2, "lmbda_schedule_steps": 8},
+         ("`lmbda_schedule_steps` (8) is the horizon of a 'linear' or 'cosine' schedule, but `lmbda_schedule` is "
+          "'step'. Set `lmbda_schedule='linear'` or 'cosine', or leave `lmbda_schedule_steps` unset ('step' follows "
+          "the rounds).")),
+        ({"lmbda_schedule_steps": 8},
+         ("`lmbda_schedule_steps` (8) is the horizon of a 'linear' or 'cosine' schedule, but `lmbda_schedule` is "
+          "'constant'. Set `lmbda_schedule='linear'` or 'cosine', or leave `lmbda_schedule_steps` unset ('step' "
+          "follows the rounds).")),
+        ({"lmbda_schedule": "linear", "lmbda_start": 0.0, "lmbda_end": 1.0, "lmbda_schedule_steps": 0},
+         "`lmbda_schedule_steps` must be a positive number of optimizer steps, got 0."),
     ],
 )  # fmt: skip
 def test_bad_schedule_is_refused_naming_the_fix(tmp_path, overrides, message):

@@ -135,3 +135,24 @@ def effective_generation_config(model, config):
     if prepare is None:  # pragma: no cover - other transformers versions
         return config
     return prepare(config)[0]  # it works on a copy
+
+
+try:  # tool calling: whether a chat template renders a tool-calling conversation, and parsers for known families
+    from trl.chat_template_utils import add_response_schema, supports_tool_calling
+except ImportError:  # pragma: no cover - TRL before tool support
+
+    def supports_tool_calling(processing_class) -> bool:
+        """The tool call's name and the tool's answer must both appear in a rendered tool-calling exchange."""
+        if getattr(processing_class, "chat_template", None) is None:
+            return False
+        calls = [{"type": "function", "function": {"name": "toolname", "arguments": {"key": "value"}}}]
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls},
+                    {"role": "tool", "name": "toolname", "content": "toolanswer"}]  # fmt: skip
+        try:
+            text = processing_class.apply_chat_template(messages, tokenize=False)
+        except Exception:  # noqa: BLE001 (a template that cannot render the exchange does not support tools)
+            return False
+        return "toolname" in text and "toolanswer" in text
+
+    def add_response_schema(processing_class):
+        raise ValueError("This TRL has no response templates for known chat templates.")

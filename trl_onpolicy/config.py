@@ -167,6 +167,17 @@ class OnPolicyDistillConfig(SFTConfig):
         vllm_importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
             The cap C of that weight (TRL's name and default); `None` leaves the ratio uncapped.
 
+        > Parameters that control multi-turn rollouts (the trainer's `tools` or `environment_factory`)
+
+        max_turns (`int`, *optional*):
+            Student turns per rollout at most; None: until the environment ends the conversation (a turn without a
+            tool call, for `tools`) or `max_completion_length`, which bounds the whole transcript after the prompt.
+        max_tool_calling_iterations (`int`, *optional*):
+            Rounds of tool calls per rollout at most (TRL's name); the turn after the last round ends the rollout
+            and its calls are not run. None: no limit but `max_turns` and the token budget.
+        tool_call_timeout (`float`, *optional*, defaults to `30.0`):
+            Seconds one tool call may run; a later one is answered with a timeout error and the rollout goes on.
+
         > Parameters that control the curriculum
 
         lmbda_schedule (`str`, *optional*, defaults to `"constant"`):
@@ -178,6 +189,10 @@ class OnPolicyDistillConfig(SFTConfig):
             `lmbda` at the first step of a schedule; defaults to `lmbda`.
         lmbda_end (`float`, *optional*):
             `lmbda` at the last step of a schedule; defaults to `lmbda_start`.
+        lmbda_schedule_steps (`int`, *optional*):
+            Optimizer steps over which `"linear"` and `"cosine"` move from `lmbda_start` to `lmbda_end`; `lmbda_end`
+            holds after them. Defaults to the run's `max_steps`. Set it when the run is stopped by time or compute
+            rather than by `max_steps`, or to reach `lmbda_end` early.
 
         > Parameters that control the loss
 
@@ -375,12 +390,22 @@ class OnPolicyDistillConfig(SFTConfig):
         default=3.0, metadata={"help": "Cap of the truncated importance-sampling weight; None: no cap."}
     )
 
+    # Multi-turn rollouts
+    max_turns: int | None = field(default=None, metadata={"help": "Student turns per rollout; None: no limit."})
+    max_tool_calling_iterations: int | None = field(
+        default=None, metadata={"help": "Rounds of tool calls per rollout; None: no limit."}
+    )
+    tool_call_timeout: float = field(default=30.0, metadata={"help": "Seconds one tool call may run."})
+
     # Curriculum
     lmbda_schedule: str = field(
         default="constant", metadata={"help": f"How `lmbda` moves over training, one of {', '.join(LMBDA_SCHEDULES)}."}
     )
     lmbda_start: float | None = field(default=None, metadata={"help": "`lmbda` at the first step; None: `lmbda`."})
     lmbda_end: float | None = field(default=None, metadata={"help": "`lmbda` at the last step; None: `lmbda_start`."})
+    lmbda_schedule_steps: int | None = field(
+        default=None, metadata={"help": "Steps from `lmbda_start` to `lmbda_end` (linear, cosine); None: max_steps."}
+    )
 
     # Loss
     loss_type: str = field(

@@ -50,6 +50,7 @@ def check_config(config) -> None:
     check_rollouts(config)
     check_pools(config)
     check_curriculum(config)
+    check_multi_turn(config)
     check_vllm(config)
     check_teachers(config)
     check_loss_temperature(config)
@@ -160,6 +161,28 @@ def check_curriculum(config) -> None:
         f"`lmbda_schedule='step'` holds one `lmbda` per round, but `num_rounds` is {config.num_rounds}. Set "
         "`num_rounds` >= 2 (one stair per round), or use `lmbda_schedule='linear'`.",
     )
+    horizon = config.lmbda_schedule_steps
+    if horizon is not None:
+        check(
+            schedule in ("linear", "cosine"),
+            f"`lmbda_schedule_steps` ({horizon}) is the horizon of a 'linear' or 'cosine' schedule, but "
+            f"`lmbda_schedule` is {schedule!r}. Set `lmbda_schedule='linear'` or 'cosine', or leave "
+            "`lmbda_schedule_steps` unset ('step' follows the rounds).",
+        )
+        check(
+            isinstance(horizon, int) and horizon >= 1,
+            f"`lmbda_schedule_steps` must be a positive number of optimizer steps, got {horizon!r}.",
+        )
+
+
+def check_multi_turn(config) -> None:
+    """Turn and tool-call limits are counts, the tool timeout a positive number of seconds."""
+    check(config.max_turns is None or config.max_turns >= 1,
+          f"`max_turns` must be at least 1 (or None: no limit), got {config.max_turns}.")  # fmt: skip
+    iterations = config.max_tool_calling_iterations
+    check(iterations is None or iterations >= 0,
+          f"`max_tool_calling_iterations` must be >= 0 (or None: no limit), got {iterations}.")  # fmt: skip
+    check(config.tool_call_timeout > 0, f"`tool_call_timeout` must be > 0 seconds, got {config.tool_call_timeout}.")
 
 
 def check_vllm(config) -> None:

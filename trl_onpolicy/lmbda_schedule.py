@@ -5,8 +5,9 @@
 `start` to `end` over training, e.g. from the dataset's or the teacher's text while the student is still weak
 (`start=0`) to the student's own samples (`end=1`), the distribution it will be judged on.
 
-With `s` the 0-based step about to be trained, `N = max_steps` and `p = s / max(N - 1, 1)` (clamped to [0, 1], so
-the first step has `start` and the last one `end`):
+With `s` the 0-based step about to be trained, `N` the schedule's horizon (`lmbda_schedule_steps`, by default the
+run's `max_steps`) and `p = s / max(N - 1, 1)` (clamped to [0, 1], so the first step has `start`, step `N - 1` has
+`end`, and `end` holds after the horizon):
 
 - `"constant"`: `lmbda` at every step (`start` and `end` are not used; the config refuses them).
 - `"linear"`:   `start + (end - start) * p`.
@@ -77,9 +78,11 @@ def lmbda_endpoints(config) -> tuple[float, float]:
 
 
 def lmbda_of(config, step: int, max_steps: int) -> float:
-    """The config's `lmbda` at `step` of a run of `max_steps` ([`lmbda_at`] with the config's schedule)."""
+    """The config's `lmbda` at `step` of a run of `max_steps` ([`lmbda_at`] with the config's schedule, over
+    `lmbda_schedule_steps` when it is set: a run stopped by time or compute has no meaningful `max_steps`)."""
     start, end = lmbda_endpoints(config)
-    return lmbda_at(step, max_steps, config.lmbda_schedule, start, end, config.num_rounds)
+    horizon = max_steps if config.lmbda_schedule_steps is None else config.lmbda_schedule_steps
+    return lmbda_at(step, horizon, config.lmbda_schedule, start, end, config.num_rounds)
 
 
 def lmbda_range(config) -> tuple[float, float]:

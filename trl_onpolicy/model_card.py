@@ -21,7 +21,7 @@ from .reports import format_table, round_rows
 
 SETTINGS = (  # config fields that define the method, in the order a reader wants them
     "loss_type", "beta", "skew_alpha", "reward_scale", "lmbda", "lmbda_schedule", "lmbda_start", "lmbda_end",
-    "seq_kd", "num_generations", "teacher_top_k", "max_completion_length", "temperature", "loss_temperature_schedule", "temperature_start", "temperature_end",
+    "lmbda_schedule_steps", "seq_kd", "num_generations", "teacher_top_k", "max_completion_length", "temperature", "loss_temperature_schedule", "temperature_start", "temperature_end",
     "temperature_grad_scale", "hidden_state_weight", "hidden_state_distance", "teacher_mixture", "num_rounds",
     "max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
 )  # fmt: skip

@@ -48,7 +48,9 @@ def pool_file(folder: str, process_index: int) -> str:
 
 def concat(parts: list[Rollouts]) -> Rollouts:
     """Several sampler calls' rollouts of one source as one, in order."""
-    logps = [p.sampling_logps for p in parts]
+    logps, masks = [p.sampling_logps for p in parts], [p.tool_mask for p in parts]
+    if any(m is not None for m in masks):  # single-turn parts drew every token
+        masks = [m if m is not None else [[1] * len(c) for c in p.completion_ids] for m, p in zip(masks, parts)]
     return Rollouts(
         prompt_ids=[ids for p in parts for ids in p.prompt_ids],
         completion_ids=[ids for p in parts for ids in p.completion_ids],
@@ -56,6 +58,7 @@ def concat(parts: list[Rollouts]) -> Rollouts:
         truncated=[t for p in parts for t in p.truncated],
         rows=[row for p in parts for row in p.rows],
         sampling_logps=None if any(lp is None for lp in logps) else [x for lp in logps for x in lp],
+        tool_mask=None if all(m is None for m in masks) else [x for m in masks for x in m],
     )
 
 

@@ -33,6 +33,10 @@ class Rollouts:
             the sampler reports it (vLLM; NaN where it could not): the behaviour policy of the importance-sampling
             correction (see [`~trl_onpolicy.divergences.sampled_reverse_kl`]). A callback that edits completions
             must edit these alike or set them to `None`.
+        tool_mask (`list[list[int]]`, *optional*): 1 on each completion token the sampler drew, 0 on the tokens a
+            multi-turn rollout added between the student's turns (tool results, environment messages, the chat
+            template's glue): context the teacher scores, never trained on or counted (TRL's name). None: every
+            completion token was drawn.
     """
 
     prompt_ids: list[list[int]]
@@ -41,6 +45,7 @@ class Rollouts:
     truncated: list[bool] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     sampling_logps: list[list[float]] | None = None
+    tool_mask: list[list[int]] | None = None
 
     def __post_init__(self):
         if not self.truncated:
@@ -62,6 +67,14 @@ class Rollouts:
                     "edits completions must edit `sampling_logps` alike (NaN for a token the sampler did not draw) "
                     "or set them to `None` (no importance-sampling correction)."
                 )
+        if self.tool_mask is not None:
+            bad = [i for i, (m, c) in enumerate(zip(self.tool_mask, self.completion_ids)) if len(m) != len(c)]
+            if len(self.tool_mask) != n or bad:
+                where = f"completions {bad[:5]}" if bad else f"{len(self.tool_mask)} rows for {n} completions"
+                raise ValueError(
+                    f"`tool_mask` must hold one 0/1 flag per completion token, got {where}. A callback that edits "
+                    "the completions of multi-turn rollouts must edit `tool_mask` alike."
+                )
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -75,6 +88,7 @@ class Rollouts:
             truncated=[self.truncated[i] for i in indices],
             rows=[self.rows[i] for i in indices],
             sampling_logps=None if self.sampling_logps is None else [self.sampling_logps[i] for i in indices],
+            tool_mask=None if self.tool_mask is None else [self.tool_mask[i] for i in indices],
         )
 
     def teacher_prompt_ids(self) -> list[list[int]]:
@@ -144,14 +158,20 @@ def collate(
     Model inputs for a batch of rollouts (after `prompt_ids` instead of the rollouts' own prompts, when given).
 
     Returns:
-        `dict` with `input_ids` and `attention_mask` `(B, P + C)`, `completion_ids` and `completion_mask` `(B, C)`,
-        and, where the sampler reported them, `sampling_logps` `(B, C)` float32 (NaN on padding).
+        `dict` with `input_ids` and `attention_mask` `(B, P + C)` (1 on every real token), `completion_ids` and
+        `completion_mask` `(B, C)` (1 on the completion tokens in the loss: the drawn ones, see
+        [`Rollouts.tool_mask`]), and, where the sampler reported them, `sampling_logps` `(B, C)` float32 (NaN on
+        padding).
     """
     prompt_ids, prompt_mask = pad(prompt_ids or rollouts.prompt_ids, pad_id, "left", device)  # (B, P)
-    completion_ids, completion_mask = pad(rollouts.completion_ids, pad_id, "right", device)  # (B, C)
+    completion_ids, real = pad(rollouts.completion_ids, pad_id, "right", device)  # (B, C)
+    completion_mask = real
+    if rollouts.tool_mask is not None:
+        drawn, _ = pad(rollouts.tool_mask, 0, "right", device)  # (B, C)
+        completion_mask = real * drawn.clamp(0, 1)
     batch = {
         "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),  # (B, P + C)
-        "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),  # (B, P + C)
+        "attention_mask": torch.cat([prompt_mask, real], dim=1),  # (B, P + C)
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
     }

@@ -32,7 +32,8 @@ class StepBatch:
         input_ids (`torch.Tensor`): `(B, P + C)` prompt then completion ids.
         attention_mask (`torch.Tensor`): `(B, P + C)`.
         completion_ids (`torch.Tensor`): `(B, C)` the completion tokens, the loss's targets.
-        completion_mask (`torch.Tensor`): `(B, C)` 1 on real completion tokens.
+        completion_mask (`torch.Tensor`): `(B, C)` 1 on the completion tokens in the loss: every real one, less the
+            context a multi-turn rollout added between turns ([`~trl_onpolicy.rollouts.Rollouts.tool_mask`]).
         teacher ([`~trl_onpolicy.teachers.TeacherScores`]): The teacher's scores `(B, C, ...)` (None until scored).
         source (`str`): Who wrote the completions: `"student"`, `"teacher"` or `"dataset"`.
         truncated (`list[bool]`): Whether each completion ran to `max_completion_length` without stopping.
@@ -101,7 +102,8 @@ class StepBatch:
             return self
         n_completion = self.completion_ids.shape[1]
         n_prompt = self.input_ids.shape[1] - n_completion
-        lengths = torch.stack([self.attention_mask[:, :n_prompt].sum(1), self.completion_mask.sum(1)])  # (2, b)
+        # real tokens from the attention mask: a multi-turn completion has context tokens outside `completion_mask`
+        lengths = torch.stack([self.attention_mask[:, :n_prompt].sum(1), self.attention_mask[:, n_prompt:].sum(1)])
         p, c = (max(int(v), 1) for v in lengths.amax(1).tolist())
         columns = slice(n_prompt - p, n_prompt + c)
         aligned = {name: getattr(self, name)[:, :c] for name in COMPLETION_ALIGNED if getattr(self, name) is not None}

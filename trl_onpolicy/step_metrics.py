@@ -98,3 +98,18 @@ def log_rollouts(metrics: dict[str, list[float]], stats: dict[str, float], secon
     if pool_age is not None:
         metrics["rollouts/pooled"].append(float(pool_age > 0))
         metrics["rollouts/age"].append(float(pool_age))
+
+
+def log_multi_turn(metrics: dict[str, list[float]], rollouts) -> None:
+    """Multi-turn rollouts' metrics, over this process's rollouts: student turns, tool calls per rollout
+    (`tools/call_frequency`, TRL's name), the fraction of calls that failed (`tools/failure_frequency`), turns whose
+    calls could not be parsed, environment reward, and the fraction of the completion tokens the student drew."""
+    stats = [row["multi_turn"] for row in rollouts.rows]
+    n, calls = max(len(stats), 1), sum(s["tool_calls"] for s in stats)
+    metrics["multi_turn/turns"].append(sum(s["turns"] for s in stats) / n)
+    metrics["tools/call_frequency"].append(calls / n)
+    metrics["tools/failure_frequency"].append(sum(s["tool_failures"] for s in stats) / calls if calls else 0.0)
+    metrics["multi_turn/malformed"].append(sum(s["malformed"] for s in stats) / n)
+    metrics["multi_turn/reward"].append(sum(s["reward"] for s in stats) / n)
+    drawn, total = sum(map(sum, rollouts.tool_mask)), sum(map(len, rollouts.tool_mask))
+    metrics["multi_turn/drawn_fraction"].append(drawn / total if total else 1.0)

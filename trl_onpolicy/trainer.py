@@ -44,7 +44,7 @@ from .rollout_pool import RolloutPool
 from .rollouts import Rollouts, build_generation_config, teacher_inputs, teacher_prompts_of
 from .samplers import GenerateSampler, TeacherSampler
 from .step_batch import StepBatch
-from .step_metrics import StepStatistics, log_rollouts, log_update
+from .step_metrics import StepStatistics, log_multi_turn, log_rollouts, log_update
 from .student_loss import StudentLoss
 from .teachers import SelfTeacher, SelfTeacherUpdate, build_teacher, check_cached_rows
 from .temperature import LossTemperature
@@ -115,6 +115,9 @@ class OnPolicyDistillTrainer(SFTTrainer):
         optimizers=(None, None),
         peft_config=None,
         reward_funcs=None,
+        tools=None,
+        environment_factory=None,
+        parse_response=None,
         **kwargs,
     ):
         args = OnPolicyDistillConfig.from_args(args, model)
@@ -127,6 +130,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         model_paths.check_trainer_models(model, teacher_model, args)  # a missing model path: say which, before loading
         quantized.check_student(model, peft_config, kwargs.get("quantization_config"), args.model_init_kwargs)
         processing_class = trainer_setup.ensure_pad_token(processing_class, model, args)
+        schemas = trainer_setup.check_tools(tools, environment_factory, processing_class, parse_response)
+        self._chat_template_kwargs = {"tools": schemas} if schemas else None  # the prompts show the tools
         with args.sft_loss_type():  # SFTTrainer only knows "nll"/"dft"; ours is restored after
             super().__init__(
                 model,
@@ -144,6 +149,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self._build_teacher(teacher_model, train_dataset)
         self._build_step(args)
         self.rewards = trainer_setup.build_rewards(reward_funcs, args, self._tokenizer)  # task rewards, if any
+        self.multi_turn = trainer_setup.build_multi_turn(tools, environment_factory, parse_response, schemas, args,
+                                                         self._tokenizer)  # fmt: skip
 
     def _build_teacher(self, teacher_model, train_dataset) -> None:
         """The teacher (and reference model) placed for the launcher, and what the student adds to match it."""
@@ -188,7 +195,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
 
     # ----------------------------------------------------------------------------------------------------- set-up
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        return trainer_setup.prepare(dataset, processing_class, args, formatting_func, dataset_name)
+        return trainer_setup.prepare(dataset, processing_class, args, formatting_func, dataset_name,
+                                     self._chat_template_kwargs)  # fmt: skip
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -263,6 +271,10 @@ class OnPolicyDistillTrainer(SFTTrainer):
             return Rollouts(prompt_ids, completions, source, rows=extra)
         sampler = self.student_sampler if source == "student" else self.teacher_sampler
         asked = prompt_ids if source == "student" else teacher_prompts_of(prompt_ids, extra)  # privileged context
+        if self.multi_turn is not None:  # tools or an environment answer between the turns (the student's prompt)
+            rollouts = self.multi_turn.rollouts(sampler, prompt_ids, extra, source, self.generation_config)
+            log_multi_turn(self._metrics["train"], rollouts)
+            return rollouts
         samples = sampler.sample(asked, self.generation_config, self._tokenizer)
         return Rollouts(prompt_ids, samples.completion_ids, source, samples.truncated, extra, samples.logps)
 

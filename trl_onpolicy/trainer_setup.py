@@ -1,5 +1,6 @@
 """What [`~trl_onpolicy.OnPolicyDistillTrainer`] checks and builds once, when it is made: the pad token, the sources of
-off-policy completions, the reference model, one half-precision format per run."""
+off-policy completions, the reference model, one half-precision format per run, multi-turn rollouts (tools or an
+environment)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from . import precision
-from ._compat import is_peft_model
+from ._compat import add_response_schema, is_peft_model, supports_tool_calling
+from .environments import tool_environment_factory
 from .lmbda_schedule import describe, lmbda_range
+from .multi_turn import MultiTurnRollouts
 from .prompts import column_names, prepare_dataset
 from .rewards import Rewards
 from .teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, has_privileged_columns
 from .teachers import EnsembleTeacher, LocalTeacher, load_teacher_model, local_models, micro_batch_rows
+from .tool_calls import tool_map, tool_schemas
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +35,18 @@ def ensure_pad_token(processing_class, model, args):
     return processing_class
 
 
-def prepare(dataset, processing_class, args, formatting_func, dataset_name):
-    """A dataset tokenized into prompt and completion ids (the trainer's `_prepare_dataset`); `formatting_func` is
-    refused (the prompt must stay separate from the completion)."""
+def prepare(dataset, processing_class, args, formatting_func, dataset_name, chat_template_kwargs=None):
+    """A dataset tokenized into prompt and completion ids (the trainer's `_prepare_dataset`; conversational prompts
+    show the tools' schemas, `chat_template_kwargs={"tools": ...}`); `formatting_func` is refused (the prompt must
+    stay separate from the completion)."""
     if formatting_func is not None:
         raise ValueError(
             "`formatting_func` is not supported: on-policy distillation needs the prompt separate from the "
             "completion. Map your dataset to `prompt`/`completion` (or `messages`) columns instead."
         )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    dataset = prepare_dataset(
-        dataset, tokenizer, args.max_prompt_length, args.max_completion_length, dataset_name, args.dataset_num_proc
-    )
+    dataset = prepare_dataset(dataset, tokenizer, args.max_prompt_length, args.max_completion_length, dataset_name,
+                              args.dataset_num_proc, chat_template_kwargs)  # fmt: skip
     return add_teacher_prompt_ids(dataset, tokenizer, args.teacher_prompt_template, args.max_prompt_length,
                                   dataset_name, args.dataset_num_proc)  # fmt: skip
 
@@ -138,3 +142,50 @@ def build_rewards(reward_funcs, args, tokenizer) -> Rewards | None:
             "weight per function, in the same order."
         )
     return Rewards(funcs, args.reward_weights, args.reward_weight, tokenizer, args.trust_remote_code)
+
+
+def check_tools(tools, environment_factory, processing_class, parse_response) -> list[dict] | None:
+    """The tools' JSON schemas (None without tools), once the chat template is known to render tool calls and a
+    parser can read them from the student's turns; each refusal names its fix."""
+    if tools and environment_factory is not None:
+        raise ValueError(
+            "Pass either `tools` or `environment_factory`, not both: tools are an environment (`ToolEnvironment`). "
+            "To give an environment tools, run them in its `step` with `trl_onpolicy.tool_calls.run_tool_calls`."
+        )
+    if not tools:
+        return None
+    schemas = tool_schemas(tool_map(list(tools)))
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if not supports_tool_calling(processing_class):
+        raise ValueError(
+            "`tools` were given, but the tokenizer's chat template cannot render a tool-calling conversation (user -> "
+            "assistant with `tool_calls` -> tool). Use a tokenizer whose chat template supports tools (most "
+            "instruction-tuned models' do), or set `tokenizer.chat_template` to one that does."
+        )
+    if parse_response is None and getattr(tokenizer, "response_template", None) is None:
+        try:
+            add_response_schema(tokenizer)  # TRL knows the response format of common chat templates
+        except ValueError:
+            pass
+        if getattr(tokenizer, "response_template", None) is None:
+            raise ValueError(
+                "`tools` were given, but nothing can read tool calls from the student's turns: the tokenizer has no "
+                "`response_template` and TRL knows none for its chat template. Set `tokenizer.response_template` "
+                "(see transformers' response parsing docs) or pass `parse_response=` (a function from a turn's text "
+                "to an assistant message with `tool_calls`)."
+            )
+    return schemas
+
+
+def build_multi_turn(tools, environment_factory, parse_response, schemas, args, tokenizer) -> MultiTurnRollouts | None:
+    """The multi-turn rollout writer of the trainer's `tools` or `environment_factory` (None: single-turn)."""
+    if not tools and environment_factory is None:
+        return None
+    factory = environment_factory or tool_environment_factory(list(tools), args.max_tool_calling_iterations,
+                                                                 args.tool_call_timeout)  # fmt: skip
+    if not callable(factory):
+        raise ValueError(  # noqa: TRY004 (a configuration error, as the others)
+            f"`environment_factory` must be a callable that makes one environment, got {factory!r:.100}."
+        )
+    max_turns = args.max_turns if args.max_turns is not None else args.max_completion_length  # a turn holds a token
+    return MultiTurnRollouts(factory, tokenizer, max_turns, args.max_completion_length, schemas, parse_response)

@@ -121,7 +121,7 @@ class LocalTeacher(Teacher):
         n_rows, n_completion = batch["completion_ids"].shape
         n_prompt = batch["input_ids"].shape[1] - n_completion
         prompt_lengths = batch["attention_mask"][:, :n_prompt].sum(1).tolist()
-        completion_lengths = batch["completion_mask"].sum(1).tolist()
+        completion_lengths = batch["attention_mask"][:, n_prompt:].sum(1).tolist()  # real tokens, context too
         hidden = layer_hidden = None
         groups = self.row_groups(n_rows)
         # a sharded model's weights are gathered into tensors that must outlive inference mode (the student's base
