@@ -37,6 +37,10 @@ from trl_onpolicy import DistillCallback, OnPolicyDistillConfig, OnPolicyDistill
 
 torch.set_num_threads(1)
 
+GO_ON_TEMPLATE = (
+    "{% for m in messages %}{{ '#' + m['role'][0] + ':' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '#a:' }}{% endif %}"
+)
 PROMPTS = ["what is 1+2?", "say hi", "count 123", "abc", "2*3=", "spell cat", "is 7 odd?", "end"]
 COMPLETIONS = [" 3", " hi there", " 4 5", " d", " 6", " c a t", " yes", " ok."]
 
@@ -56,6 +60,19 @@ def tiny_model(tok, arch: str = "llama", seed: int = 0, hidden: int = 32):
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, **ids,
     )  # fmt: skip
     return LlamaForCausalLM(config)
+
+
+class GoOn:
+    """A multi-turn environment: each student turn is answered "go on" until its third turn (deterministic)."""
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, message):
+        from trl_onpolicy.environments import EnvStep
+
+        self.turns += 1
+        return EnvStep([{"role": "user", "content": "go on"}], 0.0, self.turns == 3)
 
 
 class RecordPrompts(DistillCallback):
@@ -101,6 +118,7 @@ def run(
     callbacks: tuple = (),
     wrap_teacher=None,
     resume: str | None = None,
+    environment: bool = False,
     **config,
 ) -> dict:
     """
@@ -110,12 +128,16 @@ def run(
     the student's weights); `teachers="self"`: a LoRA student (random adapters) distilled from its own base network; `teachers="ema"`: the
     student's EMA (rate 0.5) as its teacher, with a privileged context. `launcher`: `"ddp"`, `"fsdp2"` or `"zero3"` (see `cpu_launchers.py`); `teacher_source`:
     see [`placed_teacher`]; `wrap_teacher`: a function of the teacher model giving the teacher backend; `config`:
-    more `OnPolicyDistillConfig` fields; `resume`: a checkpoint to resume from.
+    more `OnPolicyDistillConfig` fields; `resume`: a checkpoint to resume from; `environment`: multi-turn rollouts
+    with [`GoOn`], sampled greedily (so that the transcripts do not depend on the process that writes them).
     """
     import cpu_launchers
 
     launch = cpu_launchers.config_kwargs(launcher)  # the processes are set up here for ZeRO-3
-    tok = char_tokenizer()
+    tok = char_tokenizer(chat_template=GO_ON_TEMPLATE if environment else None)
+    # greedy, and every token ends a turn (a random student would rarely write EOS): three one-token turns
+    turns = {"do_sample": False, "eos_token_id": list(range(2, len(tok)))}
+    greedy_turns = {"max_completion_length": 30, "generation_kwargs": turns} if environment else {}
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(out)), "trainer")
     student = tiny_model(tok, arch, seed=0)
     extra, columns, teacher_seed = {}, {"prompt": PROMPTS, "completion": COMPLETIONS}, 1
@@ -145,7 +167,7 @@ def run(
         seed=0,
         ddp_find_unused_parameters=False,
         **launch,
-        **{"max_completion_length": 8, "save_strategy": "no", **extra, **config},
+        **{"max_completion_length": 8, "save_strategy": "no", **extra, **greedy_turns, **config},
     )
     teacher = placed_teacher(tok, arch, teacher_source, os.path.join(output_dir, "teacher"), teacher_hidden,
                              teacher_seed)  # fmt: skip
@@ -163,6 +185,7 @@ def run(
         processing_class=tok,
         callbacks=[recorder, *callbacks],
         peft_config=peft,
+        environment_factory=GoOn if environment else None,
     )
     trained = trainer.accelerator.unwrap_model(trainer.model)  # the student, with a projector or LoRA adapters if any
     initial = {n: p.detach().clone().double() for n, p in trained.named_parameters()}
@@ -203,9 +226,10 @@ def main():
     parser.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
     parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden", "ema"])
     parser.add_argument("--steps-per-generation", default="1", help="An integer or 'round' (rollout pools).")
+    parser.add_argument("--environment", action="store_true", help="multi-turn rollouts with `GoOn`, greedy")
     cli = parser.parse_args()
     run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers,
-        steps_per_generation=cli.steps_per_generation)  # fmt: skip
+        steps_per_generation=cli.steps_per_generation, environment=cli.environment)  # fmt: skip
     finish()
 
 

@@ -328,17 +328,6 @@ def test_an_environment_opens_the_conversation_and_rewards_it(tok):
 
 
 # ------------------------------------------------------------------------------------------------ in the trainer
-class ThreeTurns:
-    """Answers every turn with a user message; the third turn ends the conversation."""
-
-    def reset(self, row):
-        self.n = 0
-
-    def step(self, message):
-        self.n += 1
-        return EnvStep([{"role": "user", "content": "go on"}], 1.0, self.n == 3)
-
-
 def test_the_trainer_trains_on_the_students_turns_only(tmp_path, tok):
     import tiny_models as tm
 
@@ -352,7 +341,7 @@ def test_the_trainer_trains_on_the_students_turns_only(tmp_path, tok):
 
     trainer = tm.OnPolicyDistillTrainer(
         model=tm.model(tok, seed=0), teacher_model=tm.model(tok, seed=1),
-        args=tm.config(tmp_path, max_steps=2, max_completion_length=40), environment_factory=ThreeTurns,
+        args=tm.config(tmp_path, max_steps=2, max_completion_length=40), environment_factory=tm.ThreeTurns,
         train_dataset=tm.dataset("conversational_prompt_completion").select_columns(["prompt"]),
         processing_class=tok, callbacks=[Keep()],
     )  # fmt: skip
@@ -399,7 +388,7 @@ def test_tools_and_an_environment_together_are_refused(tmp_path, tok):
     with pytest.raises(ValueError, match=re.escape("Pass either `tools` or `environment_factory`, not both")):
         tm.OnPolicyDistillTrainer(model=tm.model(tok), teacher_model=tm.model(tok, seed=1), args=tm.config(tmp_path),
                                   train_dataset=tm.dataset(), processing_class=tok, tools=[add],
-                                  environment_factory=ThreeTurns)  # fmt: skip
+                                  environment_factory=tm.ThreeTurns)  # fmt: skip
 
 
 def test_the_prompts_show_the_tools(tmp_path, tok):
@@ -415,3 +404,60 @@ def test_the_prompts_show_the_tools(tmp_path, tok):
         model=tm.model(tok), teacher_model=tm.model(tok, seed=1), args=tm.config(tmp_path), processing_class=tok,
         train_dataset=tm.dataset("conversational_prompt_completion"), tools=[add], parse_response=parse)  # fmt: skip
     assert tok.decode(trainer.train_dataset[0]["prompt_ids"]).startswith("tool add\n#u:")
+
+
+def test_a_teacher_cache_is_refused_with_the_reason(tmp_path, tok):
+    import tiny_models as tm
+
+    from trl_onpolicy.teachers.cache import TeacherCache
+    from trl_onpolicy.teachers.cache_build import build_teacher_cache
+
+    plain = tm.tokenizer()
+    build_teacher_cache(tm.model(plain, seed=1), tm.dataset(), plain, str(tmp_path / "cache"), top_k=5,
+                        max_prompt_length=56, max_completion_length=8, batch_size=3)  # fmt: skip
+    args = tm.config(tmp_path, lmbda=0.0)
+    with pytest.raises(ValueError) as info:
+        tm.OnPolicyDistillTrainer(model=tm.model(plain), teacher_model=TeacherCache.from_config(tmp_path / "cache",
+                                  args, plain), args=args, train_dataset=tm.dataset(), processing_class=plain,
+                                  environment_factory=tm.ThreeTurns)  # fmt: skip
+    assert str(info.value) == (
+        "A teacher cache holds the scores of the dataset's own completions, but with `tools` or `environment_factory` "
+        "every rollout is a transcript written during training (the tools' answers too), which no cache can hold. "
+        "Use a local or served teacher."
+    )
+
+
+def test_an_environment_that_never_runs_is_refused(tmp_path, tok):
+    import tiny_models as tm
+
+    with pytest.raises(ValueError) as info:
+        tm.OnPolicyDistillTrainer(model=tm.model(tok), teacher_model=tm.model(tok, seed=1),
+                                  args=tm.config(tmp_path, lmbda=0.0), train_dataset=tm.dataset(),
+                                  processing_class=tok, environment_factory=tm.ThreeTurns)  # fmt: skip
+    assert str(info.value) == (
+        "`tools` or `environment_factory` were given, but every completion comes from the dataset (`lmbda=0.0`, "
+        "`seq_kd=False`), so no rollout is ever multi-turn. Set `lmbda` > 0 (the student writes) or `seq_kd=True` "
+        "(the teacher writes, calling the tools too)."
+    )
+
+
+def _multi_turn_loss(tmp_path, tok, teacher, seed_teacher=True, **overrides):
+    import tiny_models as tm
+
+    args = tm.config(tmp_path, max_completion_length=40, teacher_top_k=5, **overrides)
+    trainer = tm.OnPolicyDistillTrainer(model=tm.model(tok, seed=0), teacher_model=teacher, args=args,
+                                        train_dataset=tm.dataset(), processing_class=tok,
+                                        environment_factory=tm.ThreeTurns)  # fmt: skip
+    trainer.train()
+    return tm.step_logs(trainer)[0]
+
+
+def test_an_ensemble_scores_the_transcript_as_its_members_mixed(tmp_path, tok):
+    """Two identical members mixed 50/50 score what one of them scores: the same loss on the same transcripts."""
+    import tiny_models as tm
+
+    one = _multi_turn_loss(tmp_path / "one", tok, tm.model(tok, seed=1))
+    two = _multi_turn_loss(tmp_path / "two", tok, {"a": tm.model(tok, seed=1), "b": tm.model(tok, seed=1)},
+                           teacher_mixture="weighted", teacher_weights={"a": 0.5, "b": 0.5})  # fmt: skip
+    assert one["multi_turn/turns"] > 1 and one["completion_length"] == two["completion_length"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)

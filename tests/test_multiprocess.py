@@ -107,6 +107,18 @@ def assert_same_training(one: dict, two: dict, teachers: str = "one") -> None:
     assert sum(w["update_norm"] for w in one["weights"].values()) > 1e-3, "the weights did not move: a vacuous test"
 
 
+def test_two_processes_match_one_process_with_multi_turn_rollouts(tmp_path):
+    """lmbda=1 with an environment (three turns, each answered by a user message) and greedy sampling: each process
+    writes its rows' transcripts, the same as one process writes them, and trains only on the student's turns; loss,
+    grad norm, divergence, completion length (drawn tokens only) and final weights of 2 x batch 2 equal 1 x batch 4."""
+    two = launch_two_processes(tmp_path, "--per-device-batch-size", "2", "--lmbda", "1", "--environment")
+    one = script.run(str(tmp_path / "one.json"), per_device_batch_size=4, lmbda=1.0, output_dir=str(tmp_path / "one"),
+                     environment=True)  # fmt: skip
+    assert_same_training(one, two)
+    assert all(log["multi_turn/turns"] == 3 for log in one["logs"] + two["logs"])  # three turns, every rollout
+    assert all(log["multi_turn/drawn_fraction"] < 1 for log in one["logs"])  # with context between the turns
+
+
 def test_two_processes_on_policy_completes(tmp_path):
     """lmbda=1: each process samples its own completions (lengths differ) and no collective hangs."""
     two = launch_two_processes(tmp_path, "--per-device-batch-size", "2", "--lmbda", "1")

@@ -107,6 +107,20 @@ def trainer(output_dir, student=None, teacher=None, tok=None, train_dataset=None
     )
 
 
+class ThreeTurns:
+    """A multi-turn environment: every student turn is answered by a user message ("go on", reward 1); the third
+    turn ends the conversation."""
+
+    def reset(self, row):
+        self.n = 0
+
+    def step(self, message):
+        from trl_onpolicy.environments import EnvStep
+
+        self.n += 1
+        return EnvStep([{"role": "user", "content": "go on"}], 1.0, self.n == 3)
+
+
 def step_logs(trainer) -> list[dict]:
     """The per-step log entries of `trainer.state.log_history` (those with a loss)."""
     return [h for h in trainer.state.log_history if "loss" in h]

@@ -151,6 +151,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         self.rewards = trainer_setup.build_rewards(reward_funcs, args, self._tokenizer)  # task rewards, if any
         self.multi_turn = trainer_setup.build_multi_turn(tools, environment_factory, parse_response, schemas, args,
                                                          self._tokenizer)  # fmt: skip
+        trainer_setup.check_multi_turn_sources(self.multi_turn, self.teacher, args)
 
     def _build_teacher(self, teacher_model, train_dataset) -> None:
         """The teacher (and reference model) placed for the launcher, and what the student adds to match it."""

@@ -189,3 +189,22 @@ def build_multi_turn(tools, environment_factory, parse_response, schemas, args, 
         )
     max_turns = args.max_turns if args.max_turns is not None else args.max_completion_length  # a turn holds a token
     return MultiTurnRollouts(factory, tokenizer, max_turns, args.max_completion_length, schemas, parse_response)
+
+
+def check_multi_turn_sources(multi_turn, teacher, args) -> None:
+    """Multi-turn rollouts are written during training: a teacher cache cannot score them, and a run whose every
+    completion is the dataset's never writes one."""
+    if multi_turn is None:
+        return
+    if not teacher.scores_any_completion:
+        raise ValueError(
+            "A teacher cache holds the scores of the dataset's own completions, but with `tools` or "
+            "`environment_factory` every rollout is a transcript written during training (the tools' answers too), "
+            "which no cache can hold. Use a local or served teacher."
+        )
+    if lmbda_range(args)[1] == 0 and not args.seq_kd:
+        raise ValueError(
+            f"`tools` or `environment_factory` were given, but every completion comes from the dataset ({describe(args)}"
+            ", `seq_kd=False`), so no rollout is ever multi-turn. Set `lmbda` > 0 (the student writes) or "
+            "`seq_kd=True` (the teacher writes, calling the tools too)."
+        )

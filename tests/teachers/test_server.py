@@ -280,6 +280,21 @@ def test_trainer_step_with_server_teacher_equals_local(url, tok, teacher_model, 
     assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] > 0
 
 
+def test_multi_turn_transcripts_are_scored_as_a_local_teacher_scores_them(url, tok, teacher_model, tmp_path):
+    """An environment answers the student's turns: the server scores each whole transcript in one request, the
+    environment's messages as context, with the loss a local teacher gives."""
+    logs = []
+    for teacher in (ServerTeacher(url, tok, timeout=30), teacher_model):
+        args = tm.config(tmp_path / str(len(logs)), max_completion_length=40, teacher_top_k=5)
+        trainer = OnPolicyDistillTrainer(model=tm.model(tok), teacher_model=teacher, args=args,
+                                         train_dataset=tm.dataset(), processing_class=tok,
+                                         environment_factory=tm.ThreeTurns)  # fmt: skip
+        trainer.train()
+        logs.append(tm.step_logs(trainer)[0])
+    assert logs[0]["multi_turn/turns"] > 1 and logs[0]["multi_turn/drawn_fraction"] < 1
+    assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], abs=1e-5) and logs[0]["loss"] > 0
+
+
 def test_server_scores_after_the_teacher_prompt_as_a_local_teacher_does(faults, tok, teacher_model, tmp_path):
     data = tm.dataset().add_column("privileged_context", [f"hint{i}" for i in range(8)])  # privileged context
     losses = []
