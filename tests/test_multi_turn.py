@@ -461,3 +461,17 @@ def test_an_ensemble_scores_the_transcript_as_its_members_mixed(tmp_path, tok):
                            teacher_mixture="weighted", teacher_weights={"a": 0.5, "b": 0.5})  # fmt: skip
     assert one["multi_turn/turns"] > 1 and one["completion_length"] == two["completion_length"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_the_python_tool_needs_an_opt_in_and_runs_in_a_subprocess():
+    from trl_onpolicy.tool_calls import PYTHON_TOOL_REFUSAL, python_tool
+
+    with pytest.raises(ValueError) as info:
+        python_tool()
+    assert str(info.value) == PYTHON_TOOL_REFUSAL and "confirm_run_unsafe_code=True" in PYTHON_TOOL_REFUSAL
+    tools = tool_map([python_tool(confirm_run_unsafe_code=True, timeout=2.0)])
+    call = lambda code: {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}  # noqa: E731
+    results = run_tool_calls(tools, [call("import os; print(os.getpid() != %d)" % __import__("os").getpid()),
+                                     call("raise SystemExit('bad')"), call("while True: pass")], timeout=5.0)  # fmt: skip
+    assert [r.message["content"] for r in results] == ["True\n", "Error: bad", "Error: the program ran past 2 s and "
+                                                       "was stopped."]  # fmt: skip

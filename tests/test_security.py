@@ -136,7 +136,7 @@ def test_generated_code_runs_in_a_subprocess_that_cannot_hang(monkeypatch, tmp_p
     assert run_program(program, timeout=30) == "passed"
     pid, cwd = probe.read_text().split(" ", 1)
     assert int(pid) != os.getpid()  # another process
-    assert cwd != os.getcwd() and "trl-onpolicy-code-eval-" in cwd and not Path(cwd).exists()  # a temp dir, removed
+    assert cwd != os.getcwd() and "trl-onpolicy-code-" in cwd and not Path(cwd).exists()  # a temp dir, removed
 
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     start = time.monotonic()

@@ -8,6 +8,9 @@ tool that runs past its timeout all become an error text in the tool message, wh
 turn, as a real agent loop would. Sync tools run in threads (a hung one is abandoned, not killed: Python cannot stop
 a thread; code the model wrote must run in a subprocess instead), async tools in an event loop with
 `asyncio.wait_for`; the calls of every rollout of a turn run concurrently.
+
+[`python_tool`] is the one tool that runs code the model wrote: only with `confirm_run_unsafe_code=True`, each call in
+its own `python -I` subprocess with a timeout (as HumanEval's evaluation does).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 from transformers.utils import get_json_schema
+
+from .code_execution import run_python
 
 
 class ToolResult(NamedTuple):
@@ -122,3 +127,33 @@ def run_tool_calls(tools: dict[str, Callable], calls: list[dict], timeout: float
 
 def _error(name: str, text: str) -> ToolResult:
     return ToolResult({"role": "tool", "name": name, "content": f"Error: {text}"}, text)
+
+
+PYTHON_TOOL_REFUSAL = (
+    "The Python tool EXECUTES code the model writes, on this machine, during training. That code is untrusted: it can "
+    "delete files or reach the network. Pass `python_tool(confirm_run_unsafe_code=True)` to allow it, preferably "
+    "inside a container or VM."
+)
+
+
+def python_tool(confirm_run_unsafe_code: bool = False, timeout: float = 5.0) -> Callable[[str], str]:
+    """
+    A tool `python(code)` that runs the model's code in a fresh `python -I` subprocess (killed after `timeout`
+    seconds) and returns what it printed, or its error. Refused unless `confirm_run_unsafe_code=True`.
+    """
+    if not confirm_run_unsafe_code:
+        raise ValueError(PYTHON_TOOL_REFUSAL)
+
+    def python(code: str) -> str:
+        """
+        Runs a Python program and returns what it prints.
+
+        Args:
+            code: The program; print what you want to see.
+        """
+        result = run_python(code, timeout)
+        if result.status == "timed out":
+            return f"Error: the program ran past {timeout:g} s and was stopped."
+        return result.output if result.status == "passed" else f"Error: {result.output.strip()}"
+
+    return python

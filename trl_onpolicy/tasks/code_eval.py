@@ -15,13 +15,13 @@ unless `HF_ALLOW_CODE_EVAL=1`.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from ..code_execution import run_python
 
 CODE_EVAL_REFUSAL = (
     "HumanEval scores a model by EXECUTING the code it generates on this machine. That code is untrusted: it can "
@@ -42,19 +42,7 @@ def estimate_pass_at_k(num_samples: np.ndarray, num_correct: np.ndarray, k: int)
 
 def run_program(program: str, timeout: float = 3.0) -> str:
     """Run `program` in a fresh `python -I` subprocess; returns "passed", "failed" or "timed out"."""
-    with tempfile.TemporaryDirectory(prefix="trl-onpolicy-code-eval-") as cwd:
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-I", "-c", program],
-                check=False,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            return "timed out"
-    return "passed" if proc.returncode == 0 else "failed"
+    return run_python(program, timeout).status
 
 
 class LocalCodeEval:
