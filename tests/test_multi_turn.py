@@ -5,6 +5,7 @@ written by hand from the chat template: only the tokens the student drew are in 
 """
 
 import asyncio
+import os
 import re
 import time
 
@@ -470,8 +471,15 @@ def test_the_python_tool_needs_an_opt_in_and_runs_in_a_subprocess():
         python_tool()
     assert str(info.value) == PYTHON_TOOL_REFUSAL and "confirm_run_unsafe_code=True" in PYTHON_TOOL_REFUSAL
     tools = tool_map([python_tool(confirm_run_unsafe_code=True, timeout=2.0)])
-    call = lambda code: {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}  # noqa: E731
-    results = run_tool_calls(tools, [call("import os; print(os.getpid() != %d)" % __import__("os").getpid()),
-                                     call("raise SystemExit('bad')"), call("while True: pass")], timeout=5.0)  # fmt: skip
-    assert [r.message["content"] for r in results] == ["True\n", "Error: bad", "Error: the program ran past 2 s and "
-                                                       "was stopped."]  # fmt: skip
+
+    def call(code):
+        return {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
+
+    here = os.getpid()
+    results = run_tool_calls(tools, [call(f"import os; print(os.getpid() != {here})"), call("raise SystemExit('bad')"),
+                                     call("while True: pass")], timeout=5.0)  # fmt: skip
+    assert [r.message["content"] for r in results] == [
+        "True\n",
+        "Error: bad",
+        "Error: the program ran past 2 s and was stopped.",
+    ]
