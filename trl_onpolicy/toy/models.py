@@ -54,16 +54,17 @@ def encode_batch(tokenizer, problems: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _completion_ids(tokenizer, row: dict) -> tuple[list[int], list[int]]:
-    """The completion's token ids and labels; with `masked_span` (`[start, end)` characters of the completion,
-    e.g. a slip in `slips.slip_row`), the three pieces are tokenized separately and the middle one gets -100."""
-    span = row.get("masked_span")
-    if span is None:
-        ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        return ids, list(ids)
-    start, end = span
-    text = row["completion"]
-    ids, labels = [], []
-    for piece, target in ((text[:start], True), (text[start:end], False), (text[end:], True)):
+    """The completion's token ids and labels; with `masked_spans` (or one `masked_span`: `[start, end)` characters of
+    the completion, e.g. a slip in `slips.slip_row`, the tool's answers in `calculator.tool_row`), the pieces are
+    tokenized separately and the masked ones get -100."""
+    spans = row.get("masked_spans") or ([row["masked_span"]] if row.get("masked_span") is not None else [])
+    text, ids, labels, at = row["completion"], [], [], 0
+    pieces = []
+    for start, end in spans:
+        pieces += [(text[at:start], True), (text[start:end], False)]
+        at = end
+    pieces.append((text[at:], True))
+    for piece, target in pieces:
         piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
         ids += piece_ids
         labels += piece_ids if target else [-100] * len(piece_ids)

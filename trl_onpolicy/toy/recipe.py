@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from .calculator import tool_row
 from .constitution import constitutional_row, evaluate_constitution
 from .models import (
     build_model,
@@ -71,6 +72,8 @@ class Recipe:
     recovery_style: str = "correction"  # how a slipped chain goes on: `slips.RECOVERY_STYLES`
     # of each batch with a rule before the prompt (`constitution.constitutional_row`): refuse a topic, answer the rest
     constitution_fraction: float = 0.0
+    # of each batch written with the calculator (`calculator.tool_row`; the tool's answers are masked out of the loss)
+    tool_fraction: float = 0.0
 
     def __post_init__(self):
         if (self.steps is None) == (self.seconds is None):
@@ -87,6 +90,11 @@ class Recipe:
             raise ValueError(
                 f"constitution_fraction must be in [0, 1 - mc_fraction - correction_fraction] = [0, {rest:g}], got "
                 f"{self.constitution_fraction}"
+            )
+        if not 0.0 <= self.tool_fraction <= rest - self.constitution_fraction + 1e-9:
+            raise ValueError(
+                f"tool_fraction must be in [0, 1 - mc_fraction - correction_fraction - constitution_fraction], got "
+                f"{self.tool_fraction}"
             )
         if self.recovery_style not in RECOVERY_STYLES:
             raise ValueError(f"recovery_style must be one of {RECOVERY_STYLES}, got {self.recovery_style!r}")
@@ -114,6 +122,11 @@ RECOVERING_CORRECTION_FRACTION = 0.25
 # (as for the recovering teacher: most of every batch stays plain), not tuned. (Rows with a rule about a random
 # topic were tried first and not learnt: see `constitution.py`.)
 CONSTITUTION_FRACTION = 0.25
+# A teacher that calls the calculator when the prompt offers it (issue 19, `calculator.py`): the same recipe with half
+# of every batch written with `calc` (the "Tools: calc" line first; the tool's answers masked out of the loss), loaded
+# by `load_or_train_teacher(tool_fraction=TOOL_FRACTION)`. 0.5 was chosen before training, not tuned: the tool rows
+# are ~1.7x as long, and both forms must stay well learnt.
+TOOL_FRACTION = 0.5
 # A weak student to start distillation from: 2 x 64 (0.17 M parameters), 500 steps of SFT on the ground truth
 # (47 s, idle machine): 25.8% exact match (with mc_fraction=0.25: 21.0% and 24.2% toy MMLU). The
 # same model reaches 93.6% after 1,575 steps, so the gap is training, not capacity.
@@ -146,16 +159,20 @@ def _lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) 
 def batch_rows(problems: list[dict], recipe: Recipe, step: int) -> list[dict]:
     """One step's rows: the first `round(B * mc_fraction)` problems in MMLU's format, the next
     `round(B * correction_fraction)` with a slip and its correction (drawn from the recipe seed and the step), the
-    next `round(B * constitution_fraction)` with the toy constitution's rule before the prompt, the rest as they are."""
+    next `round(B * constitution_fraction)` with the toy constitution's rule before the prompt, the next
+    `round(B * tool_fraction)` with the calculator, the rest as they are."""
     n_mc = round(recipe.batch_size * recipe.mc_fraction)
     n_slip = round(recipe.batch_size * recipe.correction_fraction)
     n_rule = round(recipe.batch_size * recipe.constitution_fraction)
+    n_tool = round(recipe.batch_size * recipe.tool_fraction)
     rows = [to_mc_prompt_completion(p, seed=recipe.seed * 1_000_000 + step) for p in problems[:n_mc]]
     if n_slip:  # no draw at all otherwise: the default recipe's batches are as before the option existed
         rng = random.Random(recipe.seed * 1_000_000 + step + 500_009)
         rows += [slip_row(p, rng, recipe.recovery_style) for p in problems[n_mc : n_mc + n_slip]]
     rows += [constitutional_row(p) for p in problems[n_mc + n_slip : n_mc + n_slip + n_rule]]
-    return rows + [to_prompt_completion(p) for p in problems[n_mc + n_slip + n_rule :]]
+    done = n_mc + n_slip + n_rule
+    rows += [tool_row(p) for p in problems[done : done + n_tool]]
+    return rows + [to_prompt_completion(p) for p in problems[done + n_tool :]]
 
 
 def supervised_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -276,7 +293,8 @@ def load_or_train(name: str, recipe: Recipe, progress: bool = True, force: bool 
 
 # Fields added after RECIPE_VERSION "2", with the value that leaves a recipe as it was: left out of the key at that
 # value, so that every recipe cached before they existed keeps its name.
-_LATER_FIELDS = {"correction_fraction": 0.0, "recovery_style": "correction", "constitution_fraction": 0.0}
+_LATER_FIELDS = {"correction_fraction": 0.0, "recovery_style": "correction", "constitution_fraction": 0.0,
+                 "tool_fraction": 0.0}
 
 
 def _key(recipe: Recipe) -> str:
