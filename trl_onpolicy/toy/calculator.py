@@ -13,7 +13,8 @@ left side as a call and ends its turn, the tool's answer closes the equation, an
 [`TOOL_CHAT_TEMPLATE`] rendering the conversation (user: the question; assistant: text and a `calc` call; tool: the
 value; ...): the same bytes as the plain task with each ` a op b = c` written as a call, so the toy tokenizer needs no
 new tokens, and the first line ("Tools: calc", written when the template is given `tools`) tells a model that the
-calculator is there (a teacher trained on both forms calls it only then).
+calculator is there (a teacher trained on both forms calls it only then). The model's turns are marked
+`{% generation %}`, so TRL's `SFTTrainer(assistant_only_loss=True)` trains on them alone, as the trainer does.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ TOOL_NAME = "calc"
 TOOL_CHAT_TEMPLATE = (
     "{%- if tools -%}{{ 'Tools: ' + (tools | map(attribute='function.name') | join(', ')) + '\n' }}{%- endif -%}"
     "{%- for m in messages -%}"
-    "{%- if m['role'] == 'assistant' -%}{{ m['content'] }}"
+    "{%- if m['role'] == 'assistant' -%}{% generation %}{{ m['content'] }}"
     "{%- for c in m['tool_calls'] or [] -%}{{ c['function']['name'] + '(' }}"
     "{%- for k, v in c['function']['arguments'].items() -%}{{ (', ' if not loop.first else '') + k + '=' + v|string }}"
-    "{%- endfor -%}{{ ')' }}{%- endfor -%}{{ '</s>' }}"
+    "{%- endfor -%}{{ ')' }}{%- endfor -%}{{ '</s>' }}{% endgeneration %}"
     "{%- elif m['role'] == 'tool' -%}{{ ' = ' + m['content'] }}"
     "{%- else -%}{{ m['content'] }}{%- endif -%}"
     "{%- endfor -%}"

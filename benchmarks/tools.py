@@ -1,0 +1,291 @@
+"""Agentic distillation on the embedded default: does the student learn to call the calculator? (issue 19)
+
+    OMP_NUM_THREADS=1 python benchmarks/tools.py                # prep, then 2 methods x 3 seeds, 2 at a time
+    OMP_NUM_THREADS=1 python benchmarks/tools.py --collect      # summarise the finished runs in --workdir
+    python benchmarks/tools.py --plot-only                      # redraw results/tools.png
+
+Settings, fixed on 2026-12-04 before the first run:
+- task: the standard toy problems (2-4 equations) with the calculator (`toy/calculator.py`): every prompt is the chat
+  template's rendering with the tools line ("Tools: calc"), every equation's value may be asked of `calc`.
+- teacher: the toy teacher recipe with `tool_fraction=0.5` (3 x 128, 700 steps; half of its training chains use the
+  calculator, the tool's answers masked out of the loss); not charged.
+- student: quality.py's warm start (2 x 128, 300 SFT steps on the plain ground truth): it has never seen a call.
+- every run: 240 charged CPU-s (quality.py's meter: process CPU time, one torch thread), scored at 120 and 240 CPU-s
+  on 200 eval problems with the calculator (greedy, the trainer's own multi-turn rollouts: exact match, calls per
+  problem, malformed calls per problem); seeds 0, 1, 2; batch 32 rows, AdamW, lr 1e-3 constant after 10 warm-up
+  steps (quality.py's `common_args`).
+    onpolicy_tools     OnPolicyDistillTrainer, lmbda 1, JSD beta 0.5, tools=[calc], parse_response=parse_calc_turn,
+                       max_tool_calling_iterations 8, max_completion_length 200, sampling temperature 1
+    offline_sft_tools  the teacher writes greedy transcripts with the calculator for 2,048 fresh train prompts (the
+                       trainer's multi-turn rollouts, charged as teacher_generation), then trl.SFTTrainer on them as
+                       conversations with `assistant_only_loss=True` (the tool's answers are context, as in ours)
+- headline: exact match with the calculator and calls per problem at 240 CPU-s, mean and each seed; the teacher's and
+  the warm student's scores with the calculator as the reference lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import quality  # benchmarks/quality.py: the meter, the pair, the runner
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ["onpolicy_tools", "offline_sft_tools"]
+SEEDS, BUDGET, EVALS, EVAL_PROBLEMS, POOL, LENGTH = (0, 1, 2), 240.0, 2, 200, 2048, 200
+TOOL_FRACTION = 0.5
+
+
+def load():
+    import transformers
+
+    from trl_onpolicy import toy
+    from trl_onpolicy.tool_evaluation import tool_tokenizer
+
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    teacher, tokenizer, teacher_info = toy.load_or_train_teacher(progress=False, tool_fraction=TOOL_FRACTION)
+    _, student, _, _, student_info = quality.load_pair("standard")
+    return teacher, student, tool_tokenizer(tokenizer), teacher_info, student_info
+
+
+def score(model, tokenizer, problems):
+    from trl_onpolicy.tool_evaluation import evaluate_with_tools
+
+    return evaluate_with_tools(model, tokenizer, problems, max_new_tokens=LENGTH)
+
+
+def conversations(problems):
+    from trl_onpolicy.toy import prompt_text
+
+    return [[{"role": "user", "content": prompt_text(p["question"])}] for p in problems]
+
+
+def transcript_messages(tokenizer, completion_ids: list[int], tool_mask: list[int]) -> list[dict]:
+    """A rollout's completion as messages: each run of drawn tokens is a turn of the model (parsed), each run of
+    context tokens a tool answer (" = 12" -> "12")."""
+    from trl_onpolicy.toy.calculator import TOOL_NAME, parse_calc_turn
+
+    messages, start = [], 0
+    for i in range(1, len(completion_ids) + 1):
+        if i == len(completion_ids) or tool_mask[i] != tool_mask[start]:
+            text = tokenizer.decode(completion_ids[start:i], skip_special_tokens=True)
+            if tool_mask[start]:
+                messages.append(parse_calc_turn(text))
+            else:
+                messages.append({"role": "tool", "name": TOOL_NAME, "content": text.removeprefix(" = ")})
+            start = i
+    return messages
+
+
+def teacher_transcripts(meter, teacher, tokenizer, seed: int):
+    """The teacher's greedy transcripts with the calculator for `POOL` fresh train prompts, as conversations."""
+    from datasets import Dataset
+    from transformers import GenerationConfig
+    from transformers.utils import get_json_schema
+
+    from trl_onpolicy import toy
+    from trl_onpolicy.environments import tool_environment_factory
+    from trl_onpolicy.multi_turn import MultiTurnRollouts
+    from trl_onpolicy.prompts import chat_ids
+    from trl_onpolicy.samplers import GenerateSampler
+    from trl_onpolicy.toy.calculator import calc, parse_calc_turn
+
+    problems = toy.generate_problems(POOL, "train", seed=10_000 + seed)
+    schemas = [get_json_schema(calc)]
+    engine = MultiTurnRollouts(tool_environment_factory([calc], 8, 5.0), tokenizer, 9, LENGTH, schemas,
+                               parse_calc_turn)  # fmt: skip
+    config = GenerationConfig(max_new_tokens=LENGTH, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    sampler = GenerateSampler(lambda: contextlib.nullcontext(teacher))
+    prompts, completions, correct = conversations(problems), [], 0
+    with meter.phase("teacher_generation"):
+        for lo in range(0, POOL, 64):
+            ids = [chat_ids(tokenizer, p, "prompt", tools=schemas) for p in prompts[lo : lo + 64]]
+            rollouts = engine.rollouts(sampler, ids, [{} for _ in ids], "teacher", config)
+            for problem, c, m in zip(problems[lo : lo + 64], rollouts.completion_ids, rollouts.tool_mask):
+                completions.append(transcript_messages(tokenizer, c, m))
+                correct += toy.is_correct(tokenizer.decode(c, skip_special_tokens=True), problem)
+    tools = json.dumps(schemas)
+    data = Dataset.from_dict({"prompt": prompts, "completion": completions, "tools": [tools] * POOL})
+    return data, correct / POOL
+
+
+def build_trainer(method: str, meter, teacher, student, tokenizer, seed: int, workdir: str):
+    import trl
+
+    from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer, toy
+    from trl_onpolicy.toy.calculator import calc, parse_calc_turn
+
+    common = quality.common_args(f"{workdir}/out-{method}-{seed}", seed, 1e-3)
+    if method == "offline_sft_tools":
+        pool, pool_correct = teacher_transcripts(meter, teacher, tokenizer, seed)
+        with meter.excluded():
+            config = trl.SFTConfig(**common, max_length=512, assistant_only_loss=True)
+            return trl.SFTTrainer(student, args=config, train_dataset=pool, processing_class=tokenizer), pool_correct
+    with meter.excluded():
+        problems = toy.generate_problems(16_384, "train", seed=30_000 + seed)
+        data = __import__("datasets").Dataset.from_dict({"prompt": conversations(problems)})
+        config = OnPolicyDistillConfig(**common, max_completion_length=LENGTH, max_length=512, temperature=1.0,
+                                       top_k=0, top_p=1.0, lmbda=1.0, loss_type="jsd", beta=0.5,
+                                       max_tool_calling_iterations=8)  # fmt: skip
+        trainer = OnPolicyDistillTrainer(
+            student,
+            teacher_model=teacher,
+            args=config,
+            train_dataset=data,
+            processing_class=tokenizer,
+            tools=[calc],
+            parse_response=parse_calc_turn,
+        )
+        return trainer, None
+
+
+def run_one(method: str, seed: int, workdir: Path) -> dict:
+    from trl_onpolicy import toy
+
+    teacher, student, tokenizer, _, _ = load()
+    problems = toy.generate_problems(EVAL_PROBLEMS, "eval", seed=0)
+    torch.manual_seed(seed)
+    meter = quality.Meter(clock="process")
+    quality.watch(meter, student, teacher)
+    trainer, pool_correct = build_trainer(method, meter, teacher, student, tokenizer, seed, str(workdir))
+    points: list[dict] = []
+    started = time.perf_counter()
+    trainer.add_callback(
+        quality.BudgetCallback(
+            meter,
+            [BUDGET * (i + 1) / EVALS for i in range(EVALS)],
+            lambda model: score(model, tokenizer, problems),
+            points,
+            lambda p: f"  step {p['step']:5d}  {p['cpu_s']:7.1f} CPU-s  {p['accuracy']}  {p['phases']}",
+        )
+    )
+    trainer.train()
+    return {"method": method, "seed": seed, "points": points, "pool_exact_match": pool_correct,
+            "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def prepare(workdir: Path) -> dict:
+    path = workdir / "prep.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from trl_onpolicy import toy
+
+    teacher, student, tokenizer, teacher_info, _ = load()
+    problems = toy.generate_problems(EVAL_PROBLEMS, "eval", seed=0)
+    prep = {"teacher": score(teacher, tokenizer, problems), "student": score(student, tokenizer, problems),
+            "teacher_plain_exact_match": toy.evaluate_exact_match(teacher, tokenizer, problems),
+            "teacher_info": {k: teacher_info[k] for k in ("name", "num_parameters", "recipe")}}  # fmt: skip
+    path.write_text(json.dumps(prep, indent=1))
+    return prep
+
+
+def summarise(prep: dict, runs: list[dict]) -> dict:
+    out = {}
+    for method in METHODS:
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        n = min(len(r["points"]) for r in mine)
+        out[method] = {
+            "seeds": [r["seed"] for r in mine],
+            "points": [{"cpu_s": statistics.mean(r["points"][i]["cpu_s"] for r in mine),
+                        **{key: quality.spread([r["points"][i]["accuracy"][key] for r in mine])
+                           for key in ("exact_match", "calls_per_problem", "malformed_per_problem")},
+                        "per_seed": [r["points"][i]["accuracy"]["exact_match"] for r in mine]} for i in range(n)],
+            "steps": statistics.mean(r["points"][n - 1]["step"] for r in mine),
+            "phases_s": {k: statistics.mean(r["points"][n - 1]["phases"].get(k, 0.0) for r in mine)
+                         for k in ("teacher_generation", "generation", "teacher", "update")},
+            "pool_exact_match": [r["pool_exact_match"] for r in mine],
+        }  # fmt: skip
+    return {"setup": {"budget": BUDGET, "evals": EVALS, "eval_problems": EVAL_PROBLEMS, "seeds": SEEDS, "pool": POOL,
+                      "tool_fraction": TOOL_FRACTION}, "environment": quality.environment(), "prep": prep,
+            "methods": out, "runs": runs}  # fmt: skip
+
+
+def print_table(result: dict) -> None:
+    prep = result["prep"]
+    print(f"teacher with calc: {prep['teacher']}; warm student with calc: {prep['student']}")
+    print(
+        "method | @120 s exact match | @240 s exact match (per seed) | calls/problem @240 | malformed/problem @240 | "
+        "steps | phases (CPU-s)"
+    )
+    for method, s in result["methods"].items():
+        first, last = s["points"][0], s["points"][-1]
+        print(" | ".join([method, f"{first['exact_match']['mean']:.3f}",
+                          f"{last['exact_match']['mean']:.3f} ({' / '.join(f'{a:.3f}' for a in last['per_seed'])})",
+                          f"{last['calls_per_problem']['mean']:.2f}", f"{last['malformed_per_problem']['mean']:.2f}",
+                          f"{s['steps']:.0f}", json.dumps({k: round(v) for k, v in s["phases_s"].items()})]))  # fmt: skip
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prep = result["prep"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, s in result["methods"].items():
+        xs = [0.0] + [p["cpu_s"] for p in s["points"]]
+        for ax, key, start in ((left, "exact_match", prep["student"]["exact_match"]),
+                               (right, "calls_per_problem", prep["student"]["calls_per_problem"])):  # fmt: skip
+            ys = [start] + [p[key]["mean"] for p in s["points"]]
+            lo = [start] + [p[key]["min"] for p in s["points"]]
+            hi = [start] + [p[key]["max"] for p in s["points"]]
+            line = ax.plot(xs, ys, "-o", label=method)[0]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    left.axhline(prep["teacher"]["exact_match"], color="k", lw=1, label="teacher")
+    right.axhline(prep["teacher"]["calls_per_problem"], color="k", lw=1, label="teacher")
+    left.set(title="exact match with the calculator (200 problems)", xlabel="charged CPU-seconds", ylim=(0, 1.05))
+    right.set(title="calc calls per problem", xlabel="charged CPU-seconds")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/trl_onpolicy_tools")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--collect", action="store_true")
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    output = RESULTS / "tools.json"
+    if args.plot_only:
+        result = json.loads(output.read_text())
+        print_table(result)
+        return plot(result, output.with_suffix(".png"))
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        method, seed = args.one[0], int(args.one[1])
+        record = run_one(method, seed, workdir)
+        if len(record["points"]) < EVALS:
+            sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {EVALS} evaluations; not saved.")
+        return (workdir / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))
+    prep = prepare(workdir)
+    if not args.collect:
+        command = [sys.executable, __file__, "--workdir", str(workdir), "--one"]
+        quality.run_processes([((m, s), [*command, m, str(s)], workdir / f"run-{m}-{s}.json") for s in SEEDS
+                               for m in METHODS], args.workers)  # fmt: skip
+    runs = [json.loads(p.read_text()) for p in sorted(workdir.glob("run-*.json"))]
+    result = summarise(prep, runs)
+    output.write_text(json.dumps(result, indent=1))
+    print_table(result)
+    plot(result, output.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
