@@ -19,6 +19,10 @@ Settings, fixed on 2026-12-04 before the first run:
     offline_sft_tools  the teacher writes greedy transcripts with the calculator for 2,048 fresh train prompts (the
                        trainer's multi-turn rollouts, charged as teacher_generation), then trl.SFTTrainer on them as
                        conversations with `assistant_only_loss=True` (the tool's answers are context, as in ours)
+- added after a first look (seed 0 of the two arms above: on-policy made no call in 246 steps, SFT on transcripts 2.96
+  per problem), as the constitution study did for the same reason (teacher-written text teaches a new format):
+    seqkd_tools        OnPolicyDistillTrainer, lmbda 0, seq_kd=True (the teacher writes each step's transcripts with
+                       the calculator, live), loss_type forward_kl, otherwise as onpolicy_tools
 - headline: exact match with the calculator and calls per problem at 240 CPU-s, mean and each seed; the teacher's and
   the warm student's scores with the calculator as the reference lines.
 """
@@ -37,7 +41,7 @@ import quality  # benchmarks/quality.py: the meter, the pair, the runner
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["onpolicy_tools", "offline_sft_tools"]
+METHODS = ["onpolicy_tools", "offline_sft_tools", "seqkd_tools"]
 SEEDS, BUDGET, EVALS, EVAL_PROBLEMS, POOL, LENGTH = (0, 1, 2), 240.0, 2, 200, 2048, 200
 TOOL_FRACTION = 0.5
 
@@ -132,9 +136,10 @@ def build_trainer(method: str, meter, teacher, student, tokenizer, seed: int, wo
     with meter.excluded():
         problems = toy.generate_problems(16_384, "train", seed=30_000 + seed)
         data = __import__("datasets").Dataset.from_dict({"prompt": conversations(problems)})
+        method_kw = {"lmbda": 0.0, "seq_kd": True, "loss_type": "forward_kl"} if method == "seqkd_tools" else {
+            "lmbda": 1.0, "loss_type": "jsd", "beta": 0.5}  # fmt: skip
         config = OnPolicyDistillConfig(**common, max_completion_length=LENGTH, max_length=512, temperature=1.0,
-                                       top_k=0, top_p=1.0, lmbda=1.0, loss_type="jsd", beta=0.5,
-                                       max_tool_calling_iterations=8)  # fmt: skip
+                                       top_k=0, top_p=1.0, max_tool_calling_iterations=8, **method_kw)  # fmt: skip
         trainer = OnPolicyDistillTrainer(
             student,
             teacher_model=teacher,

@@ -274,7 +274,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         asked = prompt_ids if source == "student" else teacher_prompts_of(prompt_ids, extra)  # privileged context
         if self.multi_turn is not None:  # tools or an environment answer between the turns (the student's prompt)
             rollouts = self.multi_turn.rollouts(sampler, prompt_ids, extra, source, self.generation_config)
-            log_multi_turn(self._metrics["train"], rollouts)
+            log_multi_turn(self._metrics["train" if self.model.training else "eval"], rollouts)
             return rollouts
         samples = sampler.sample(asked, self.generation_config, self._tokenizer)
         return Rollouts(prompt_ids, samples.completion_ids, source, samples.truncated, extra, samples.logps)
