@@ -299,6 +299,14 @@ def run_one(method: str, task: str, seed: int, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
+def runs_by_method(runs: list[dict], methods: list[str]):
+    """`(method, its runs in seed order, the evaluation points they all have)` for each method with runs."""
+    for method in methods:
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+        if mine:
+            yield method, mine, min(len(r["points"]) for r in mine)
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}  # fmt: skip

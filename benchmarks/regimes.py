@@ -232,11 +232,7 @@ def summarise_plateau(plateau: dict, runs: list[dict]) -> dict:
     teacher = plateau["teacher_exact_match"]
     start = {"cpu_s": 0.0, "accuracy": plateau["points"][plateau["plateau_index"]]["accuracy"]}
     out = {}
-    for method in PLATEAU_METHODS:
-        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        n = min(len(r["points"]) for r in mine)
+    for method, mine, n in quality.runs_by_method(runs, PLATEAU_METHODS):
         finals = [r["points"][n - 1]["accuracy"] for r in mine]
         hits = [quality.reach([start] + r["points"], 0.9 * teacher) for r in mine]
         out[method] = {

@@ -194,11 +194,7 @@ def prepare(workdir: Path) -> dict:
 
 def summarise(prep: dict, runs: list[dict]) -> dict:
     out = {}
-    for method in METHODS:
-        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        n = min(len(r["points"]) for r in mine)
+    for method, mine, n in quality.runs_by_method(runs, METHODS):
         out[method] = {
             "seeds": [r["seed"] for r in mine],
             "points": [{"cpu_s": statistics.mean(r["points"][i]["cpu_s"] for r in mine),

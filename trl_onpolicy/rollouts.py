@@ -58,23 +58,12 @@ class Rollouts:
                 f"Rollouts fields disagree in length: {n} prompts, {len(self.completion_ids)} completions, "
                 f"{len(self.truncated)} truncation flags, {len(self.rows)} rows."
             )
-        if self.sampling_logps is not None:
-            bad = [i for i, (lp, c) in enumerate(zip(self.sampling_logps, self.completion_ids)) if len(lp) != len(c)]
-            if len(self.sampling_logps) != n or bad:
-                where = f"completions {bad[:5]}" if bad else f"{len(self.sampling_logps)} rows for {n} completions"
-                raise ValueError(
-                    f"`sampling_logps` must hold one log-prob per completion token, got {where}. A callback that "
-                    "edits completions must edit `sampling_logps` alike (NaN for a token the sampler did not draw) "
-                    "or set them to `None` (no importance-sampling correction)."
-                )
-        if self.tool_mask is not None:
-            bad = [i for i, (m, c) in enumerate(zip(self.tool_mask, self.completion_ids)) if len(m) != len(c)]
-            if len(self.tool_mask) != n or bad:
-                where = f"completions {bad[:5]}" if bad else f"{len(self.tool_mask)} rows for {n} completions"
-                raise ValueError(
-                    f"`tool_mask` must hold one 0/1 flag per completion token, got {where}. A callback that edits "
-                    "the completions of multi-turn rollouts must edit `tool_mask` alike."
-                )
+        _check_per_token(self.sampling_logps, self.completion_ids, "`sampling_logps` must hold one log-prob per "
+                         "completion token", "A callback that edits completions must edit `sampling_logps` alike (NaN "
+                         "for a token the sampler did not draw) or set them to `None` (no importance-sampling "
+                         "correction).")  # fmt: skip
+        _check_per_token(self.tool_mask, self.completion_ids, "`tool_mask` must hold one 0/1 flag per completion token",
+                         "A callback that edits the completions of multi-turn rollouts must edit `tool_mask` alike.")
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -104,6 +93,16 @@ class Rollouts:
         prompts = tokenizer.batch_decode(self.prompt_ids, skip_special_tokens=True)
         completions = tokenizer.batch_decode(self.completion_ids, skip_special_tokens=True)
         return prompts, completions
+
+
+def _check_per_token(values: list[list] | None, completions: list[list[int]], what: str, fix: str) -> None:
+    """A `ValueError` "{what}, got {where}. {fix}" unless `values` (None passes) has one entry per completion token."""
+    if values is None:
+        return
+    bad = [i for i, (v, c) in enumerate(zip(values, completions)) if len(v) != len(c)]
+    if len(values) != len(completions) or bad:
+        where = f"completions {bad[:5]}" if bad else f"{len(values)} rows for {len(completions)} completions"
+        raise ValueError(f"{what}, got {where}. {fix}")
 
 
 def pad(sequences: list[list[int]], pad_id: int, side: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
