@@ -5,7 +5,6 @@ written by hand from the chat template: only the tokens the student drew are in 
 """
 
 import asyncio
-import os
 import re
 import time
 
@@ -13,11 +12,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from trl_onpolicy.environments import EnvStep, checked_reset, checked_step, tool_environment_factory
+from trl_onpolicy.environments import EnvStep, tool_environment_factory
 from trl_onpolicy.multi_turn import MultiTurnRollouts, glue_ids
 from trl_onpolicy.rollouts import Rollouts, collate
 from trl_onpolicy.samplers import Samples
-from trl_onpolicy.tool_calls import run_tool_calls, tool_map
 from trl_onpolicy.toy import char_tokenizer
 
 # "#u:" / "#a:" / "#t:" turns; an assistant turn ends with EOS and lists its calls as "call name k=v ..."
@@ -226,26 +224,6 @@ def test_a_failed_call_is_answered_and_the_rollout_goes_on(tok, turn, tools, exp
     assert stats["malformed"] == (1 if "malformed" in expected else 0)
 
 
-def test_tool_results_verbatim():
-    """The tool messages themselves (the char tokenizer above cannot spell every character of them)."""
-    tools = tool_map([add, boom])
-    calls = [{"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
-             {"type": "function", "function": {"name": "boom", "arguments": {"a": 1}}},
-             {"type": "function", "function": {"name": "add", "arguments": "{not json"}},
-             {"type": "function", "function": {"name": "nope", "arguments": {}}}]  # fmt: skip
-    results = run_tool_calls(tools, calls, timeout=1.0)
-    assert [r.message["content"] for r in results] == [
-        "3",
-        "Error: tool 'boom' raised RuntimeError: no such luck",
-        (
-            "Error: malformed tool call: the arguments of 'add' are not JSON (Expecting property name enclosed in "
-            "double quotes)."
-        ),
-        "Error: unknown tool 'nope'; the tools are: add, boom.",
-    ]
-    assert [r.error is None for r in results] == [True, False, False, False]
-
-
 def test_a_conversation_over_the_budget_is_cut_and_flagged(tok):
     # the budget ends inside the second turn: it is cut there, flagged truncated, and nothing follows it
     rollouts, _ = play(tok, [["call add a=1 b=2", "the answer is 3"]], budget=30)
@@ -253,43 +231,6 @@ def test_a_conversation_over_the_budget_is_cut_and_flagged(tok):
     # a tool answer that would not leave room for one more student token ends the conversation, flagged
     rollouts, _ = play(tok, [["call add a=1 b=2", "3"]], budget=22)
     assert rollouts.completion_ids[0] == ids(tok, "call add a=1 b=2") + [2] and rollouts.truncated == [True]
-
-
-class BadEnv:
-    def __init__(self, out):
-        self.out = out
-
-    def reset(self, row):
-        return None
-
-    def step(self, message):
-        return self.out
-
-
-@pytest.mark.parametrize(
-    "out, message",
-    [
-        ("done", "`BadEnv.step` must return an `EnvStep(messages, reward, done)` (or that 3-tuple), got 'done'."),
-        (EnvStep("hi", 0.0, False), ("`BadEnv.step`'s `messages` must be a list of messages, each a dict with a "
-         "string `role` and `content` (e.g. [{'role': 'user', 'content': '...'}]), got 'hi'.")),
-        (EnvStep([], "1", False), "`BadEnv.step`'s `reward` must be a number, got str ('1')."),
-        (EnvStep([], 1.0, 0), "`BadEnv.step`'s `done` must be a bool, got int (0)."),
-    ],
-)  # fmt: skip
-def test_an_environment_returning_the_wrong_types_is_named(out, message):
-    with pytest.raises(TypeError) as info:
-        checked_step(BadEnv(out), {"role": "assistant", "content": ""})
-    assert str(info.value) == message
-
-
-def test_a_wrong_opening_is_named():
-    class BadOpening(BadEnv):
-        def reset(self, row):
-            return {"role": "user", "content": "hi"}
-
-    with pytest.raises(TypeError) as info:
-        checked_reset(BadOpening(None), {})
-    assert str(info.value).startswith("`BadOpening.reset` must return None or a list of messages, each a dict")
 
 
 def test_the_glue_is_what_the_template_puts_between_turns(tok):
@@ -462,24 +403,3 @@ def test_an_ensemble_scores_the_transcript_as_its_members_mixed(tmp_path, tok):
                            teacher_mixture="weighted", teacher_weights={"a": 0.5, "b": 0.5})  # fmt: skip
     assert one["multi_turn/turns"] > 1 and one["completion_length"] == two["completion_length"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
-
-
-def test_the_python_tool_needs_an_opt_in_and_runs_in_a_subprocess():
-    from trl_onpolicy.tool_calls import PYTHON_TOOL_REFUSAL, python_tool
-
-    with pytest.raises(ValueError) as info:
-        python_tool()
-    assert str(info.value) == PYTHON_TOOL_REFUSAL and "confirm_run_unsafe_code=True" in PYTHON_TOOL_REFUSAL
-    tools = tool_map([python_tool(confirm_run_unsafe_code=True, timeout=2.0)])
-
-    def call(code):
-        return {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
-
-    here = os.getpid()
-    results = run_tool_calls(tools, [call(f"import os; print(os.getpid() != {here})"), call("raise SystemExit('bad')"),
-                                     call("while True: pass")], timeout=5.0)  # fmt: skip
-    assert [r.message["content"] for r in results] == [
-        "True\n",
-        "Error: bad",
-        "Error: the program ran past 2 s and was stopped.",
-    ]
