@@ -30,7 +30,6 @@ Settings, fixed on 2026-12-04 before the first run:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -91,33 +90,20 @@ def transcript_messages(tokenizer, completion_ids: list[int], tool_mask: list[in
 def teacher_transcripts(meter, teacher, tokenizer, seed: int):
     """The teacher's greedy transcripts with the calculator for `POOL` fresh train prompts, as conversations."""
     from datasets import Dataset
-    from transformers import GenerationConfig
     from transformers.utils import get_json_schema
 
     from trl_onpolicy import toy
-    from trl_onpolicy.environments import tool_environment_factory
-    from trl_onpolicy.multi_turn import MultiTurnRollouts
-    from trl_onpolicy.prompts import chat_ids
-    from trl_onpolicy.samplers import GenerateSampler
-    from trl_onpolicy.toy.calculator import calc, parse_calc_turn
+    from trl_onpolicy.tool_evaluation import greedy_tool_rollouts
+    from trl_onpolicy.toy.calculator import calc
 
-    problems = toy.generate_problems(POOL, "train", seed=10_000 + seed)
-    schemas = [get_json_schema(calc)]
-    engine = MultiTurnRollouts(tool_environment_factory([calc], 8, 5.0), tokenizer, 9, LENGTH, schemas,
-                               parse_calc_turn)  # fmt: skip
-    config = GenerationConfig(max_new_tokens=LENGTH, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    sampler = GenerateSampler(lambda: contextlib.nullcontext(teacher))
-    prompts, completions, correct = conversations(problems), [], 0
+    problems, completions, correct = toy.generate_problems(POOL, "train", seed=10_000 + seed), [], 0
     with meter.phase("teacher_generation"):
-        for lo in range(0, POOL, 64):
-            ids = [chat_ids(tokenizer, p, "prompt", tools=schemas) for p in prompts[lo : lo + 64]]
-            rollouts = engine.rollouts(sampler, ids, [{} for _ in ids], "teacher", config)
-            for problem, c, m in zip(problems[lo : lo + 64], rollouts.completion_ids, rollouts.tool_mask):
+        for part, rollouts in greedy_tool_rollouts(teacher, tokenizer, problems, LENGTH, 64, 8, source="teacher"):
+            for problem, c, m in zip(part, rollouts.completion_ids, rollouts.tool_mask):
                 completions.append(transcript_messages(tokenizer, c, m))
                 correct += toy.is_correct(tokenizer.decode(c, skip_special_tokens=True), problem)
-    tools = json.dumps(schemas)
-    data = Dataset.from_dict({"prompt": prompts, "completion": completions, "tools": [tools] * POOL})
+    data = Dataset.from_dict({"prompt": conversations(problems), "completion": completions,
+                              "tools": [json.dumps([get_json_schema(calc)])] * POOL})  # fmt: skip
     return data, correct / POOL
 
 

@@ -30,26 +30,37 @@ def tool_tokenizer(tokenizer):
     return tool
 
 
-def evaluate_with_tools(model, tokenizer, problems: list[dict], max_new_tokens: int = 256, batch_size: int = 64,
-                        max_tool_calling_iterations: int = 12, sampler=None) -> dict[str, float]:  # fmt: skip
+def greedy_tool_rollouts(model, tokenizer, problems: list[dict], max_new_tokens: int, batch_size: int = 64,
+                         max_tool_calling_iterations: int = 12, sampler=None, source: str = "student"):  # fmt: skip
     """
-    Greedy rollouts with `calc` on `problems`; returns `exact_match` (GSM8K's strict match of the final `#### n`),
-    `calls_per_problem`, `malformed_per_problem` and `failed_call_fraction` (calls answered by an error). `sampler`
-    replaces greedy `generate` on `model` (a test's scripted turns).
+    Greedy rollouts with `calc` on `problems`, `batch_size` at a time: yields each batch's problems and their
+    [`~trl_onpolicy.rollouts.Rollouts`]. `tokenizer` carries the calculator's template ([`tool_tokenizer`]);
+    `sampler` replaces greedy `generate` on `model` (a test's scripted turns).
     """
-    tokenizer = tool_tokenizer(tokenizer)
     schemas = [get_json_schema(calc)]
     engine = MultiTurnRollouts(tool_environment_factory([calc], max_tool_calling_iterations, 5.0), tokenizer,
                                max_tool_calling_iterations + 1, max_new_tokens, schemas, parse_calc_turn)  # fmt: skip
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     sampler = sampler or GenerateSampler(lambda: contextlib.nullcontext(model))
-    correct = calls = failures = malformed = 0
     for lo in range(0, len(problems), batch_size):
         part = problems[lo : lo + batch_size]
         prompts = [chat_ids(tokenizer, [{"role": "user", "content": prompt_text(p["question"])}], "prompt",
                             tools=schemas) for p in part]  # fmt: skip
-        rollouts = engine.rollouts(sampler, prompts, [{} for _ in part], "student", config)
+        yield part, engine.rollouts(sampler, prompts, [{} for _ in part], source, config)
+
+
+def evaluate_with_tools(model, tokenizer, problems: list[dict], max_new_tokens: int = 256, batch_size: int = 64,
+                        max_tool_calling_iterations: int = 12, sampler=None) -> dict[str, float]:  # fmt: skip
+    """
+    Greedy rollouts with `calc` on `problems` ([`greedy_tool_rollouts`]); returns `exact_match` (GSM8K's strict match
+    of the final `#### n`), `calls_per_problem`, `malformed_per_problem` and `failed_call_fraction` (calls answered by
+    an error). `sampler` replaces greedy `generate` on `model` (a test's scripted turns).
+    """
+    tokenizer = tool_tokenizer(tokenizer)
+    correct = calls = failures = malformed = 0
+    for part, rollouts in greedy_tool_rollouts(model, tokenizer, problems, max_new_tokens, batch_size,
+                                               max_tool_calling_iterations, sampler):  # fmt: skip
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         for problem, text, row in zip(part, texts, rollouts.rows):
             correct += is_correct(text, problem)
