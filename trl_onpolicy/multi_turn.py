@@ -57,21 +57,25 @@ class Conversation:
             self.logps = None if drawn and logps is None else self.logps + (logps or [float("nan")] * len(ids))
 
 
-def glue_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict) -> list[int]:
+def glue_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict, openings: dict | None = None) -> list[int]:
     """
     The tokens the chat template puts after an assistant turn's end-of-turn token for `messages` (tool or user
     turns) and the next assistant header: the difference of a short conversation rendered with and without them
-    (the same device as TRL's tool loop), the shorter one cut after its last EOS.
+    (the same device as TRL's tool loop), the shorter one cut after its last EOS. `openings` keeps the short
+    conversation's rendering per tool name across calls (it depends on nothing else).
     """
-    calls = [{"type": "function", "function": {"name": m.get("name", "tool"), "arguments": {}}}
-             for m in messages if m["role"] == "tool"][:1]  # fmt: skip
+    name = next((m.get("name", "tool") for m in messages if m["role"] == "tool"), None)
+    calls = [] if name is None else [{"type": "function", "function": {"name": name, "arguments": {}}}]
     opening = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x", **({"tool_calls": calls} if
                calls else {})}]  # fmt: skip
-    prefix = chat_ids(tokenizer, opening, "environment messages", **chat_template_kwargs)
+    openings = {} if openings is None else openings
+    if name not in openings:
+        prefix = chat_ids(tokenizer, opening, "environment messages", **chat_template_kwargs)
+        eos = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
+        openings[name] = prefix[: eos[-1] + 1] if eos else prefix
+    prefix = openings[name]
     full = chat_ids(tokenizer, opening + messages, "environment messages", add_generation_prompt=True,
                     **chat_template_kwargs)  # fmt: skip
-    eos = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
-    prefix = prefix[: eos[-1] + 1] if eos else prefix
     if full[: len(prefix)] != prefix:
         raise ValueError(NOT_PREFIX_PRESERVING)
     return full[len(prefix) :]
@@ -115,6 +119,7 @@ class MultiTurnRollouts:
         self.factory, self.tokenizer, self.max_turns = environment_factory, tokenizer, max_turns
         self.budget, self.tools, self.parse_response = max_completion_length, tools, parse_response
         self.template_kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
+        self._openings: dict = {}  # `glue_ids`' constant half, rendered once per tool name
 
     def rollouts(self, sampler, prompt_ids: list[list[int]], rows: list[dict], source: str,
                  generation_config: GenerationConfig) -> Rollouts:  # fmt: skip
@@ -169,7 +174,7 @@ class MultiTurnRollouts:
         if step.done or talk.turns >= self.max_turns or not step.messages:
             talk.done = True
             return
-        glue = glue_ids(self.tokenizer, step.messages, self.template_kwargs)
+        glue = glue_ids(self.tokenizer, step.messages, self.template_kwargs, self._openings)
         if len(talk.ids) + len(glue) >= self.budget:  # no room left for a student token after the answer
             talk.done, talk.truncated = True, True
             return
