@@ -31,6 +31,8 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from tiny_models import ThreeTurns  # this script's folder is on sys.path
+
 from trl_onpolicy.frozen_models import load_frozen_model
 from trl_onpolicy.toy import char_tokenizer
 from trl_onpolicy import DistillCallback, OnPolicyDistillConfig, OnPolicyDistillTrainer
@@ -60,19 +62,6 @@ def tiny_model(tok, arch: str = "llama", seed: int = 0, hidden: int = 32):
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, **ids,
     )  # fmt: skip
     return LlamaForCausalLM(config)
-
-
-class GoOn:
-    """A multi-turn environment: each student turn is answered "go on" until its third turn (deterministic)."""
-
-    def reset(self, row):
-        self.turns = 0
-
-    def step(self, message):
-        from trl_onpolicy.environments import EnvStep
-
-        self.turns += 1
-        return EnvStep([{"role": "user", "content": "go on"}], 0.0, self.turns == 3)
 
 
 class RecordPrompts(DistillCallback):
@@ -129,7 +118,7 @@ def run(
     student's EMA (rate 0.5) as its teacher, with a privileged context. `launcher`: `"ddp"`, `"fsdp2"` or `"zero3"` (see `cpu_launchers.py`); `teacher_source`:
     see [`placed_teacher`]; `wrap_teacher`: a function of the teacher model giving the teacher backend; `config`:
     more `OnPolicyDistillConfig` fields; `resume`: a checkpoint to resume from; `environment`: multi-turn rollouts
-    with [`GoOn`], sampled greedily (so that the transcripts do not depend on the process that writes them).
+    with `tiny_models.ThreeTurns`, sampled greedily (so that the transcripts do not depend on the process that writes them).
     """
     import cpu_launchers
 
@@ -185,7 +174,7 @@ def run(
         processing_class=tok,
         callbacks=[recorder, *callbacks],
         peft_config=peft,
-        environment_factory=GoOn if environment else None,
+        environment_factory=ThreeTurns if environment else None,
     )
     trained = trainer.accelerator.unwrap_model(trainer.model)  # the student, with a projector or LoRA adapters if any
     initial = {n: p.detach().clone().double() for n, p in trained.named_parameters()}
@@ -226,7 +215,7 @@ def main():
     parser.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
     parser.add_argument("--teachers", default="one", choices=["one", "mixture", "hidden", "ema"])
     parser.add_argument("--steps-per-generation", default="1", help="An integer or 'round' (rollout pools).")
-    parser.add_argument("--environment", action="store_true", help="multi-turn rollouts with `GoOn`, greedy")
+    parser.add_argument("--environment", action="store_true", help="multi-turn rollouts with ThreeTurns, greedy")
     cli = parser.parse_args()
     run(cli.out, cli.per_device_batch_size, cli.lmbda, cli.max_steps, cli.arch, cli.output_dir, cli.teachers,
         steps_per_generation=cli.steps_per_generation, environment=cli.environment)  # fmt: skip
