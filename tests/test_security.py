@@ -36,7 +36,8 @@ from http_server import thread_server
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from trl_onpolicy import CompletionsLogger, OnPolicyDistillConfig, OnPolicyDistillTrainer
-from trl_onpolicy.eval import CODE_OPT_IN, LmEvalCallback, _preserved_rng_and_env
+from trl_onpolicy.eval import CODE_OPT_IN, LmEvalCallback
+from trl_onpolicy.round_evaluation import preserved_rng_and_env
 from trl_onpolicy.tasks.code_eval import (
     CODE_EVAL_REFUSAL,
     HUMANEVAL_UTILS,
@@ -123,10 +124,10 @@ def test_the_metric_lm_eval_calls_refuses_without_the_environment_opt_in(monkeyp
 
 def test_the_opt_in_sets_the_environment_for_the_evaluation_only(monkeypatch):
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
-    with _preserved_rng_and_env(allow_code=True):
+    with preserved_rng_and_env(allow_code=True):
         assert os.environ["HF_ALLOW_CODE_EVAL"] == "1"
     assert "HF_ALLOW_CODE_EVAL" not in os.environ
-    with _preserved_rng_and_env(allow_code=False):
+    with preserved_rng_and_env(allow_code=False):
         assert "HF_ALLOW_CODE_EVAL" not in os.environ
 
 

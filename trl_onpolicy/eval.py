@@ -1,14 +1,11 @@
 """lm-eval on the live student: [`LmEvalCallback`] scores the in-memory model after every round of distillation.
 
 After each round (`on_round_end`), optionally every `eval_steps` optimizer steps, and once before training (recorded
-as round 0, step 0), the main process wraps the student in lm-eval's `HFLM(pretrained=model, tokenizer=tokenizer)`
-and runs `lm_eval.simple_evaluate` on the configured tasks. The other processes do not evaluate; they wait at the
-trainer's barrier after the round (and at the callback's own barrier for step and pre-training evaluations), so an
-evaluation must finish within the process-group timeout (`ddp_timeout`, 1800 s by default). A sharded student (FSDP2,
-DeepSpeed ZeRO-3) is different: each forward pass gathers its weights from every process (a collective), so every
-process evaluates, the same requests in the same order (greedy or seeded; generation with `synced_gpus`, as
-transformers sets it for sharded models), and the main process records and logs; each process writes its own copy of
-the run-time task files.
+as round 0, step 0), the student is wrapped in lm-eval's `HFLM(pretrained=model, tokenizer=tokenizer)` and
+`lm_eval.simple_evaluate` runs on the configured tasks. When and on which processes it runs, the history it keeps and
+its checkpointed state are [`~trl_onpolicy.round_evaluation.RoundEvalCallback`]'s; for a sharded student every process
+evaluates (greedy or seeded; generation with `synced_gpus`, as transformers sets it for sharded models) and writes its
+own copy of the run-time task files.
 
 Each evaluation yields one primary score per task (MMLU: `acc`; GSM8K: `exact_match` under the `strict-match`
 filter; HumanEval: `pass@1`; see `trl_onpolicy.tasks.PRIMARY_METRICS`), logged as `eval/<task>/<metric>` and kept in
@@ -25,21 +22,15 @@ logged and recorded in the history, and training goes on.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
-import random
 import re
-import time
 from typing import Any
 
-import numpy as np
 import torch
-from transformers.trainer_callback import ExportableState
 
-from .callbacks import DistillCallback
-from .launchers import SHARDED, launcher
+from .round_evaluation import RoundEvalCallback, preserved_rng_and_env, unwrap_model
 from .tasks import PreparedTasks, check_task_names, is_code_task, is_offline, prepare_tasks, primary_metric
 
 logger = logging.getLogger(__name__)
@@ -66,15 +57,6 @@ def require_lm_eval() -> None:
         raise ImportError(LM_EVAL_MISSING)
 
 
-def unwrap_model(model, trainer=None):
-    """The bare model under accelerate / DDP / `torch.compile` wrappers (a PEFT model stays a PEFT model)."""
-    if trainer is not None and getattr(trainer, "accelerator", None) is not None:
-        model = trainer.accelerator.unwrap_model(model)
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 def make_lm(model, tokenizer, batch_size: int = 8, max_length: int | None = None, warned: set[str] | None = None):
     """lm-eval's `HFLM` around an in-memory model (causal LM or PEFT model), with generation capped to fit the
     model's context (see [`~trl_onpolicy.eval_model.ContextCappedHFLM`]; `warned`: tasks already warned about)."""
@@ -84,27 +66,6 @@ def make_lm(model, tokenizer, batch_size: int = 8, max_length: int | None = None
     return ContextCappedHFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, warned=warned
     )
-
-
-@contextlib.contextmanager
-def _preserved_rng_and_env(allow_code: bool):
-    """simple_evaluate reseeds python/numpy/torch; put the training run's RNG states back afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    previous = os.environ.get("HF_ALLOW_CODE_EVAL")
-    if allow_code:
-        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        if allow_code:
-            if previous is None:
-                os.environ.pop("HF_ALLOW_CODE_EVAL", None)
-            else:
-                os.environ["HF_ALLOW_CODE_EVAL"] = previous
 
 
 def _offline_message(error: Exception, tasks: list[str]) -> str:
@@ -143,7 +104,7 @@ def score_lm(
     import lm_eval
 
     task_manager = task_manager or prepared.task_manager()
-    with _preserved_rng_and_env(allow_code=confirm_run_unsafe_code):
+    with preserved_rng_and_env(allow_code=confirm_run_unsafe_code):
         try:
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=list(prepared.names), task_manager=task_manager, limit=limit,
@@ -167,7 +128,7 @@ def score_lm(
     return {"scores": scores, "primary": primary, "metrics": metrics}
 
 
-class LmEvalCallback(DistillCallback, ExportableState):
+class LmEvalCallback(RoundEvalCallback):
     """
     Scores the live student with lm-eval after every round (see the module docstring).
 
@@ -204,8 +165,8 @@ class LmEvalCallback(DistillCallback, ExportableState):
         toy_eval_size (`int`, *optional*, defaults to `200`), toy_seed (`int`, *optional*, defaults to `0`):
             Size and seed of the toy tasks' eval split.
 
-    After training, `callback.history` holds one entry per evaluation: `{"round", "step", "kind" ("before", "round"
-    or "step"), "scores": {task: value}, "metrics": {task: {metric: value}}, "seconds"}` plus `"error"` when it failed.
+    After training, `callback.history` holds one entry per evaluation (see
+    [`~trl_onpolicy.round_evaluation.RoundEvalCallback`]).
     """
 
     def __init__(
@@ -229,9 +190,8 @@ class LmEvalCallback(DistillCallback, ExportableState):
         toy_seed: int = 0,
     ):
         require_lm_eval()
+        super().__init__(eval_steps, eval_before_training, tokenizer)
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        if eval_steps is not None and eval_steps < 1:
-            raise ValueError(f"`eval_steps` must be >= 1 or None, got {eval_steps}.")
         if limit is not None and limit <= 0:
             raise ValueError(f"`limit` must be > 0 or None, got {limit}.")
         code_tasks = [t for t in tasks if is_code_task(t)]
@@ -239,17 +199,11 @@ class LmEvalCallback(DistillCallback, ExportableState):
             raise ValueError(CODE_OPT_IN.format(names=code_tasks))
         include_path = [include_path] if isinstance(include_path, str) else include_path
         check_task_names(tasks, include_path)
-        self.tasks, self.limit, self.num_fewshot, self.eval_steps = tasks, limit, num_fewshot, eval_steps
-        self.eval_before_training, self.include_path = eval_before_training, include_path
+        self.tasks, self.limit, self.num_fewshot, self.include_path = tasks, limit, num_fewshot, include_path
         self.confirm_run_unsafe_code, self.apply_chat_template = confirm_run_unsafe_code, apply_chat_template
         self.gen_kwargs, self.batch_size, self.max_length, self.seed = gen_kwargs, batch_size, max_length, seed
-        self.tokenizer, self.task_dir, self.local_data = tokenizer, task_dir, local_data
+        self.task_dir, self.local_data = task_dir, local_data
         self.toy_eval_size, self.toy_seed = toy_eval_size, toy_seed
-        self.trainer = None  # the last trainer an event named (events carry `trainer`), to log through Trainer.log
-        self.history: list[dict[str, Any]] = []
-        self.teacher_scores: dict[str, float] | None = None  # the teacher's scores, for the report and model card
-        self._round = 0  # rounds finished so far
-        self._evaluated_step = None  # the step of the last evaluation, known on every process
         self._prepared: PreparedTasks | None = None
         self._task_manager = None
         self._warned: set[str] = set()  # tasks whose generation length was capped to the model's context
@@ -278,13 +232,7 @@ class LmEvalCallback(DistillCallback, ExportableState):
         }
         if lm is not None:
             return score_lm(lm, prepared, self._task_manager, **kwargs)
-        model = unwrap_model(model, trainer)
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer) or self.tokenizer  # a processor carries a tokenizer
-        if tokenizer is None:
-            raise ValueError(
-                "LmEvalCallback needs a tokenizer: pass `processing_class` to the trainer or "
-                "`LmEvalCallback(tokenizer=...)`."
-            )
+        model, tokenizer = unwrap_model(model, trainer), self._tokenizer(tokenizer, "LmEvalCallback")
         was_training, padding_side = model.training, tokenizer.padding_side
         model.eval()
         try:
@@ -295,82 +243,12 @@ class LmEvalCallback(DistillCallback, ExportableState):
             tokenizer.padding_side = padding_side
             model.train(was_training)
 
-    def _run(self, args, state, kind: str, round_index: int, **kwargs) -> None:
-        """Evaluate, record and log on the main process (under FSDP2 and ZeRO-3 every process evaluates and the main
-        one records, see the module docstring); never raise (the training run must survive)."""
-        trainer = kwargs.pop("trainer", None) or self.trainer
-        accelerator = getattr(trainer, "accelerator", None)
-        self._evaluated_step = state.global_step  # on every process, so that they all take the same branches
-        sharded = accelerator is not None and launcher(accelerator) in SHARDED  # a forward pass is a collective
-        if state.is_world_process_zero or sharded:
-            entry, logs = self._evaluate_entry(args, state, kind, round_index, trainer, **kwargs)
-            if state.is_world_process_zero:
-                self._record(entry, logs, state, trainer)
-        if kind != "round" and accelerator is not None:
-            accelerator.wait_for_everyone()  # the trainer already waits after round ends
-
-    def _evaluate_entry(self, args, state, kind, round_index, trainer, **kwargs) -> tuple[dict, dict]:
-        entry = {"round": round_index, "step": state.global_step, "kind": kind}
-        start = time.perf_counter()
-        logs = {}
-        try:
-            out = self.evaluate(kwargs.get("model"), kwargs.get("processing_class") or kwargs.get("tokenizer"),
-                                output_dir=args.output_dir, trainer=trainer)
-        except Exception as e:  # a failed evaluation must not lose the training run
-            logger.exception(  # the message names the task and the exception; the traceback follows
-                "lm-eval evaluation of tasks %s failed at step %d (round %d), training continues: %s: %s",
-                self.tasks, state.global_step, round_index, type(e).__name__, e,  # noqa: TRY401
-            )
-            entry.update(scores={}, metrics={}, error=f"{type(e).__name__}: {e}")
-        else:
-            if out is not None:  # None: a process that evaluated along with the main one (sharded student)
-                entry.update(scores=out["scores"], metrics=out["metrics"])
-                logs = {f"eval/{t}/{out['primary'][t].split(',')[0]}": v for t, v in out["scores"].items()}
-        entry["seconds"] = round(time.perf_counter() - start, 3)
-        return entry, logs
-
-    def _record(self, entry: dict, logs: dict, state, trainer) -> None:
-        self.history.append(entry)
-        if logs:
-            logs["eval/seconds"] = entry["seconds"]
-            if trainer is not None:
-                trainer.log(logs)
-            else:
-                state.log_history.append({**logs, "step": state.global_step})
-
-    # ------------------------------------------------------------------------------------------------ events
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.eval_before_training and not any(e["kind"] == "before" for e in self.history):
-            self._run(args, state, "before", 0, **kwargs)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        due = self.eval_steps and state.global_step % self.eval_steps == 0
-        if due and self._evaluated_step != state.global_step:  # not the round end's
-            self._run(args, state, "step", self._round, **kwargs)
-
-    def on_round_end(self, args, state, control, round_index: int, **kwargs):
-        self._round = round_index
-        self.trainer = kwargs.get("trainer") or self.trainer
-        if self._evaluated_step == state.global_step:  # evaluated at this very step already (`eval_steps`)
-            if self.history and self.history[-1]["step"] == state.global_step:  # (the main process's record)
-                self.history[-1].update(kind="round", round=round_index)
-            return
-        self._run(args, state, "round", round_index, **kwargs)
-
-    # ------------------------------------------------------------------------------------------------ resume
-
-    def state_dict(self) -> dict:
-        return {"history": [dict(e) for e in self.history], "round": self._round}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history = [dict(e) for e in state.get("history", [])]
-        self._round = int(state.get("round", 0))
+    def describe(self) -> str:
+        return f"lm-eval evaluation of tasks {self.tasks}"
 
     def state(self) -> dict:
         """For `Trainer` checkpoints (`ExportableState`): rebuilt with these args, then these attributes set."""
         names = ("tasks", "limit", "num_fewshot", "eval_steps", "eval_before_training", "include_path",
                  "confirm_run_unsafe_code", "apply_chat_template", "gen_kwargs", "batch_size", "max_length", "seed",
                  "task_dir", "local_data", "toy_eval_size", "toy_seed")
-        args = {name: getattr(self, name) for name in names}
-        return {"args": args, "attributes": {"history": self.history, "_round": self._round}}
+        return self._state(names)
