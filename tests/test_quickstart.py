@@ -100,15 +100,25 @@ def test_a_quickstart_stopped_by_sigterm_does_not_look_finished(capsys):
     )
 
 
-def test_constitution_with_smollm2_is_refused_at_once(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--constitution", "--teacher", "smollm2"],
+         "--constitution needs the toy teacher (trained to read the toy rule): drop --teacher smollm2."),
+        (["--tools", "--teacher", "smollm2"],
+         "--tools needs the toy teacher (trained to call the toy calculator): drop --teacher smollm2."),
+        (["--tools", "--constitution"], "--tools and --constitution are two demos: run them one at a time."),
+        (["--tools", "--rounds", "1"], ("--tools needs --rounds >= 2: the first round trains on the teacher's "
+                                        "transcripts, the last on the student's own.")),
+    ],
+)  # fmt: skip
+def test_demos_that_do_not_combine_are_refused_at_once(tmp_path, flags, message):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "trl_onpolicy.commands.cli", "quickstart", "--output-dir", str(out),
-               "--constitution", "--teacher", "smollm2"]  # fmt: skip
+    command = [sys.executable, "-m", "trl_onpolicy.commands.cli", "quickstart", "--output-dir", str(out), *flags]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines()[0] == ("trl-onpolicy quickstart: error: --constitution needs the toy teacher "
-                                           "(trained to read the toy rule): drop --teacher smollm2.")
+    assert proc.stderr.splitlines()[0] == f"trl-onpolicy quickstart: error: {message}"
     assert not out.exists()
 
 
@@ -156,3 +166,52 @@ def test_constitutional_quickstart_scores_refusal(tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out
     assert "The teacher line is the teacher without its rule" in printed
     assert printed.rstrip().splitlines()[-1].endswith("--tasks toy_refusal,toy_allowed,toy_gsm8k")
+
+
+def test_tools_give_the_calculator_and_a_schedule_from_the_teachers_transcripts_to_the_students():
+    """`--tools`: conversational prompts (the calculator's template adds the tools line), lmbda 0 -> 1 by round with
+    the teacher writing the first round, forward KL unless asked otherwise, the calculator's scores as columns."""
+    import argparse
+
+    from trl_onpolicy import tool_evaluation
+    from trl_onpolicy.commands import quickstart
+    from trl_onpolicy.toy import build_tokenizer, make_dataset, prompt_text
+    from trl_onpolicy.toy.calculator import calc, parse_calc_turn
+
+    parser = argparse.ArgumentParser()
+    quickstart.add_arguments(parser)
+    args = parser.parse_args(["--tools", "--rounds", "2", "--steps-per-round", "2", "--batch-size", "3"])
+    dataset, length = quickstart._prompts(args, build_tokenizer(), smollm2=False)
+    assert length == 200 and dataset.column_names == ["prompt"] and len(dataset) == 12
+    questions = make_dataset(12, "train", seed=args.seed + 1)["question"]
+    assert dataset["prompt"] == [[{"role": "user", "content": prompt_text(q)}] for q in questions]
+    config = quickstart._config(args, False, length)
+    assert (config.lmbda_schedule, config.lmbda_start, config.lmbda_end, config.seq_kd) == ("step", 0.0, 1.0, True)
+    assert config.loss_type == "forward_kl" and config.max_tool_calling_iterations == 8
+    assert quickstart._tool_arguments(args) == {"tools": [calc], "parse_response": parse_calc_turn}
+    assert quickstart.TOOL_TASKS == [tool_evaluation.TOOL_TASK, tool_evaluation.CALLED]
+    jsd = parser.parse_args(["--tools", "--loss-type", "jsd"])
+    assert quickstart._config(jsd, False, length).loss_type == "jsd"
+    plain = parser.parse_args([])
+    assert quickstart._config(plain, False, length).loss_type == "jsd" and quickstart._tool_arguments(plain) == {}
+
+
+@pytest.mark.slow
+def test_tool_quickstart_scores_with_the_calculator(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRL_ONPOLICY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = main([
+        "quickstart", "--tools", "--output-dir", str(out), "--rounds", "2", "--steps-per-round", "2",
+        "--batch-size", "4", "--teacher-steps", "40", "--student-sft-steps", "20", "--eval-limit", "6",
+        "--max-completion-length", "60",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["teacher"]["scores"]) == {"toy_tools", "toy_tools_called"}
+    assert [(r["round"], r["step"], set(r["scores"])) for r in report["rounds"]] == [
+        (i, 2 * i, {"toy_tools", "toy_tools_called"}) for i in range(3)]  # fmt: skip
+    info = json.loads(next((tmp_path / "cache").glob("teacher-*/info.json")).read_text())
+    assert info["recipe"]["tool_fraction"] == 0.5
+    printed = capsys.readouterr().out
+    assert "Scored with the calculator" in printed and "| student, round 2 |" in printed
+    assert (out / "model.safetensors").is_file()

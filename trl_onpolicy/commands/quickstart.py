@@ -12,6 +12,12 @@ follow a rule written before the question, is given "refuse problems about food"
 student never sees the rule, and is scored on `toy_refusal` (food problems it refuses), `toy_allowed` (exact match
 on the others) and `toy_gsm8k`.
 
+`--tools` runs agentic distillation instead (`trl_onpolicy.toy.calculator`): the teacher learned to call
+`calc(expression)`, the student has never seen a call. The rollouts are multi-turn (the student writes, the calculator
+answers, the student goes on; the answers are context, not trained on), `lmbda` steps from 0 in the first round (the
+teacher writes the transcripts, `seq_kd`) to 1 in the last (the student's own), with forward KL; scored with the
+calculator on `toy_tools` (exact match) and `toy_tools_called` (problems with a call that ran).
+
 Every flag is checked when the command line is parsed, before anything loads: a bad value fails in a second.
 """
 
@@ -25,6 +31,8 @@ import time
 
 TASKS = ["toy_gsm8k", "toy_mmlu"]
 CONSTITUTION_TASKS = ["toy_refusal", "toy_allowed", "toy_gsm8k"]
+TOOL_TASKS = ["toy_tools", "toy_tools_called"]  # `tool_evaluation.TOOL_TASK`, `CALLED` (a test checks them)
+TOOL_COMPLETION_LENGTH = 200  # the model's turns and the calculator's answers (benchmarks/tools.py's)
 # `OnPolicyDistillConfig`'s loss types, written out so that parsing needs neither TRL nor torch (a test checks them)
 LOSS_TYPES = ("jsd", "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
 MAX_LENGTH = 512  # prompt + completion tokens
@@ -63,13 +71,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--constitution", action="store_true",
         help="Constitutional distillation: the toy teacher is told to refuse problems about food (a rule the "
              "student never sees); scored on toy_refusal, toy_allowed and toy_gsm8k. Toy teacher only.")
+    add("--tools", action="store_true",
+        help="Agentic distillation with a calculator: the toy teacher that learned to call calc(expression), "
+             "multi-turn rollouts, lmbda from 0 (the teacher's transcripts) in the first round to 1 in the last; "
+             "scored with the calculator on toy_tools and toy_tools_called. Toy teacher only; --rounds >= 2.")
     add("--student-keep-layers", type=_number(int, 1, SMOLLM2_LAYERS), default=10,
         help="--teacher smollm2: decoder layers the student keeps (evenly spaced, of 30).")
     add("--max-completion-length", type=_number(int, 1, MAX_LENGTH - 1), default=None,
         help="Tokens generated per prompt (default: toy: from the answers' length; smollm2: 96).")
     add("--learning-rate", type=_number(float, 0.0, low_open=True), default=None,
         help="Student learning rate (default: 1e-3 for the toy teacher, 5e-5 for smollm2).")
-    add("--loss-type", choices=LOSS_TYPES, default="jsd", help="Divergence between the teacher and the student.")
+    add("--loss-type", choices=LOSS_TYPES, default=None,
+        help="Divergence between the teacher and the student (default: jsd; forward_kl with --tools, where a call "
+             "the student gives ~0 probability must rise, and JSD's gradient there scales with that probability).")
     add("--beta", type=_number(float, 0.0, 1.0), default=0.5, help="Generalized JSD interpolation.")
     add("--student-layers", type=COUNT, default=None, help="Student depth (default: the toy's).")
     add("--student-hidden", type=COUNT, default=None, help="Student width (default: the toy's).")
@@ -86,15 +100,13 @@ def run(args: argparse.Namespace) -> dict | int:
     it before its last step (see [`stopped_by_sigterm`])."""
     smollm2 = getattr(args, "teacher", "toy") == "smollm2"
     constitution = getattr(args, "constitution", False)
-    if smollm2 and constitution:  # before torch loads: a second, not a minute
-        raise ValueError("--constitution needs the toy teacher (trained to read the toy rule): drop --teacher smollm2.")
+    _check_modes(args, smollm2)  # before torch loads: a second, not a minute
     import torch
 
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     from .. import checkpoints
-    from ..eval import LmEvalCallback
     from ..step_log import use_step_lines
     from ..trainer import OnPolicyDistillTrainer
 
@@ -105,9 +117,7 @@ def run(args: argparse.Namespace) -> dict | int:
     teacher, tokenizer, student = _teacher_and_student(args, smollm2)
 
     print("[2/4] Teacher scores (reference line" + (", without the rule: the student's view)" if constitution else ")"))
-    hook = LmEvalCallback(tasks=_tasks(args), limit=args.eval_limit, tokenizer=tokenizer, toy_eval_size=args.eval_limit,
-                          task_dir=os.path.join(args.output_dir, "lm_eval_tasks"),
-                          apply_chat_template=smollm2)  # an instruct model: prompts in its chat template; fmt: skip
+    hook = _eval_hook(args, tokenizer, smollm2)
     teacher_scores = hook.evaluate(teacher, tokenizer, output_dir=args.output_dir)["scores"]
     hook.teacher_scores = teacher_scores
 
@@ -115,7 +125,7 @@ def run(args: argparse.Namespace) -> dict | int:
     dataset, max_completion_length = _prompts(args, tokenizer, smollm2)
     trainer = OnPolicyDistillTrainer(
         model=student, teacher_model=teacher, args=_config(args, smollm2, max_completion_length),
-        train_dataset=dataset, processing_class=tokenizer, callbacks=[hook],
+        train_dataset=dataset, processing_class=tokenizer, callbacks=[hook], **_tool_arguments(args),
     )  # fmt: skip
     use_step_lines(trainer)
     trainer.train()
@@ -123,6 +133,43 @@ def run(args: argparse.Namespace) -> dict | int:
         return stopped_by_sigterm(stop)
     trainer.save_model(args.output_dir)  # the final student (and tokenizer), where `trl-onpolicy eval` finds it
     return _report(args, hook.history, teacher_scores, started)
+
+
+def _check_modes(args: argparse.Namespace, smollm2: bool) -> None:
+    """Refuse the demos that do not combine, naming the fix."""
+    constitution, tools = getattr(args, "constitution", False), getattr(args, "tools", False)
+    if smollm2 and constitution:
+        raise ValueError("--constitution needs the toy teacher (trained to read the toy rule): drop --teacher smollm2.")
+    if smollm2 and tools:
+        raise ValueError("--tools needs the toy teacher (trained to call the toy calculator): drop --teacher smollm2.")
+    if constitution and tools:
+        raise ValueError("--tools and --constitution are two demos: run them one at a time.")
+    if tools and args.rounds < 2:
+        raise ValueError("--tools needs --rounds >= 2: the first round trains on the teacher's transcripts, the last "
+                         "on the student's own.")  # fmt: skip
+
+
+def _eval_hook(args: argparse.Namespace, tokenizer, smollm2: bool):
+    """The per-round evaluation: lm-eval on the toy tasks, or the toy task with the calculator (`--tools`)."""
+    if getattr(args, "tools", False):
+        from ..tool_evaluation import ToolEvalCallback
+
+        length = args.max_completion_length or TOOL_COMPLETION_LENGTH
+        return ToolEvalCallback(eval_size=args.eval_limit, max_new_tokens=length, tokenizer=tokenizer)
+    from ..eval import LmEvalCallback
+
+    return LmEvalCallback(tasks=_tasks(args), limit=args.eval_limit, tokenizer=tokenizer, toy_eval_size=args.eval_limit,
+                          task_dir=os.path.join(args.output_dir, "lm_eval_tasks"),
+                          apply_chat_template=smollm2)  # an instruct model: prompts in its chat template; fmt: skip
+
+
+def _tool_arguments(args: argparse.Namespace) -> dict:
+    """The trainer's `tools` and `parse_response` with `--tools` (the calculator and its turn parser), else none."""
+    if not getattr(args, "tools", False):
+        return {}
+    from ..toy.calculator import calc, parse_calc_turn
+
+    return {"tools": [calc], "parse_response": parse_calc_turn}
 
 
 def _teacher_and_student(args: argparse.Namespace, smollm2: bool):
@@ -134,7 +181,13 @@ def _teacher_and_student(args: argparse.Namespace, smollm2: bool):
     teacher_overrides = {} if args.teacher_steps is None else {"steps": args.teacher_steps}
     if getattr(args, "constitution", False):
         teacher_overrides["constitution_fraction"] = toy.CONSTITUTION_FRACTION
+    if getattr(args, "tools", False):
+        teacher_overrides["tool_fraction"] = toy.TOOL_FRACTION
     teacher, tokenizer, _ = toy.load_or_train_teacher(**teacher_overrides)
+    if getattr(args, "tools", False):
+        from ..tool_evaluation import tool_tokenizer
+
+        tokenizer = tool_tokenizer(tokenizer)  # the calculator's chat template: tool calls and answers as turns
     student_kwargs = {
         k: v
         for k, v in (
@@ -157,6 +210,9 @@ def _prompts(args: argparse.Namespace, tokenizer, smollm2: bool):
     if smollm2:  # conversational prompts, rendered with the chat template as the eval renders "Question: ...":
         dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
         max_completion_length = args.max_completion_length or 96
+    elif getattr(args, "tools", False):  # conversational prompts: the calculator's template adds the tools line
+        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": toy.prompt_text(row["question"])}]})
+        max_completion_length = args.max_completion_length or TOOL_COMPLETION_LENGTH
     else:
         max_completion_length = args.max_completion_length or toy.models.default_max_new_tokens(
             tokenizer, [dataset[i] for i in range(min(256, len(dataset)))])
@@ -168,6 +224,8 @@ def _prompts(args: argparse.Namespace, tokenizer, smollm2: bool):
 
 
 def _tasks(args: argparse.Namespace) -> list[str]:
+    if getattr(args, "tools", False):
+        return TOOL_TASKS
     return CONSTITUTION_TASKS if getattr(args, "constitution", False) else TASKS
 
 
@@ -179,9 +237,13 @@ def _config(args: argparse.Namespace, smollm2: bool, max_completion_length: int)
     from ..toy.constitution import CONSTITUTION_TEMPLATE
 
     learning_rate = args.learning_rate if args.learning_rate is not None else (5e-5 if smollm2 else 1e-3)
-    rule = {"teacher_prompt_template": CONSTITUTION_TEMPLATE} if getattr(args, "constitution", False) else {}
+    tools = getattr(args, "tools", False)
+    mode = {"teacher_prompt_template": CONSTITUTION_TEMPLATE} if getattr(args, "constitution", False) else {}
+    if tools:  # round 1 on the teacher's transcripts, the last round on the student's own (`lmbda_schedule`)
+        mode = {"lmbda_schedule": "step", "lmbda_start": 0.0, "lmbda_end": 1.0, "seq_kd": True,
+                "max_tool_calling_iterations": 8}  # fmt: skip
     return OnPolicyDistillConfig(
-        **rule,
+        **mode,
         output_dir=args.output_dir,
         max_steps=args.rounds * args.steps_per_round,
         num_rounds=args.rounds,
@@ -189,7 +251,7 @@ def _config(args: argparse.Namespace, smollm2: bool, max_completion_length: int)
         learning_rate=learning_rate,
         lr_scheduler_type="cosine",  # one schedule over all rounds; warm-up keeps fresh Adam moments from overshooting
         warmup_steps=min(30, max(1, args.rounds * args.steps_per_round // 10)),
-        loss_type=args.loss_type,
+        loss_type=args.loss_type or ("forward_kl" if tools else "jsd"),
         beta=args.beta,
         max_completion_length=max_completion_length,
         max_length=MAX_LENGTH,
@@ -212,11 +274,16 @@ def _report(args: argparse.Namespace, history: list, teacher_scores: dict, start
     if getattr(args, "constitution", False):
         print("The teacher line is the teacher without its rule (the student's view): it refuses nothing there. "
               "toy_refusal is the share of food problems refused; toy_allowed the exact match on the others.")
+    elif getattr(args, "tools", False):
+        print("Scored with the calculator: toy_tools is the exact match, toy_tools_called the share of problems with a "
+              "call that ran. Round 1 trained on the teacher's transcripts, the last round on the student's own.")
     else:
         print("toy_mmlu asks for the answer without a chain of thought (2-4 steps of arithmetic in one forward pass); "
               "models this small stay near chance (0.25) there, the teacher included.")
     print(f"Wrote report.json, report.md and scores.png to {args.output_dir} in {time.perf_counter() - started:.0f} s.")
     again = f"trl-onpolicy eval {shlex.quote(args.output_dir)} --tasks {','.join(_tasks(args))}"
+    if getattr(args, "tools", False):  # not an lm-eval task: the calculator runs inside the rollouts
+        again = "trl_onpolicy.tool_evaluation.evaluate_with_tools (Python)"
     print(f"Saved the final student to {args.output_dir}; score it again with: {again}")
     return report
 
