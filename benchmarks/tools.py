@@ -23,6 +23,13 @@ Settings, fixed on 2026-12-04 before the first run:
   per problem), as the constitution study did for the same reason (teacher-written text teaches a new format):
     seqkd_tools        OnPolicyDistillTrainer, lmbda 0, seq_kd=True (the teacher writes each step's transcripts with
                        the calculator, live), loss_type forward_kl, otherwise as onpolicy_tools
+- added on 2026-12-05 after the table above (on-policy JSD taught no call in any seed; teacher transcripts did), to
+  test the two explanations the note gave, settings fixed before their first run:
+    onpolicy_fkl_tools as onpolicy_tools with loss_type forward_kl: the likely reason given was that JSD's gradient on
+                       a logit scales with the student's own probability of the token; forward KL's (q - p) does not
+    two_stage_tools    offline_sft_tools on a pool of 1,024 transcripts (the pool and its SFT charged) until 160
+                       CPU-s, then onpolicy_tools from that student (a fresh optimizer, as a second command would have)
+                       until 240 CPU-s; scored at 120, 160 (the switch) and 240
 - headline: exact match with the calculator and calls per problem at 240 CPU-s, mean and each seed; the teacher's and
   the warm student's scores with the calculator as the reference lines.
 """
@@ -40,8 +47,9 @@ import quality  # benchmarks/quality.py: the meter, the pair, the runner
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["onpolicy_tools", "offline_sft_tools", "seqkd_tools"]
+METHODS = ["onpolicy_tools", "offline_sft_tools", "seqkd_tools", "onpolicy_fkl_tools", "two_stage_tools"]
 SEEDS, BUDGET, EVALS, EVAL_PROBLEMS, POOL, LENGTH = (0, 1, 2), 240.0, 2, 200, 2048, 200
+SWITCH, SWITCH_POOL = 160.0, 1024  # two_stage_tools: CPU-s at which SFT on transcripts hands over to on-policy
 TOOL_FRACTION = 0.5
 
 
@@ -87,8 +95,8 @@ def transcript_messages(tokenizer, completion_ids: list[int], tool_mask: list[in
     return messages
 
 
-def teacher_transcripts(meter, teacher, tokenizer, seed: int):
-    """The teacher's greedy transcripts with the calculator for `POOL` fresh train prompts, as conversations."""
+def teacher_transcripts(meter, teacher, tokenizer, seed: int, size: int = POOL):
+    """The teacher's greedy transcripts with the calculator for `size` fresh train prompts, as conversations."""
     from datasets import Dataset
     from transformers.utils import get_json_schema
 
@@ -96,18 +104,18 @@ def teacher_transcripts(meter, teacher, tokenizer, seed: int):
     from trl_onpolicy.tool_evaluation import greedy_tool_rollouts
     from trl_onpolicy.toy.calculator import calc
 
-    problems, completions, correct = toy.generate_problems(POOL, "train", seed=10_000 + seed), [], 0
+    problems, completions, correct = toy.generate_problems(size, "train", seed=10_000 + seed), [], 0
     with meter.phase("teacher_generation"):
         for part, rollouts in greedy_tool_rollouts(teacher, tokenizer, problems, LENGTH, 64, 8, source="teacher"):
             for problem, c, m in zip(part, rollouts.completion_ids, rollouts.tool_mask):
                 completions.append(transcript_messages(tokenizer, c, m))
                 correct += toy.is_correct(tokenizer.decode(c, skip_special_tokens=True), problem)
     data = Dataset.from_dict({"prompt": conversations(problems), "completion": completions,
-                              "tools": [json.dumps([get_json_schema(calc)])] * POOL})  # fmt: skip
-    return data, correct / POOL
+                              "tools": [json.dumps([get_json_schema(calc)])] * size})  # fmt: skip
+    return data, correct / size
 
 
-def build_trainer(method: str, meter, teacher, student, tokenizer, seed: int, workdir: str):
+def build_trainer(method: str, meter, teacher, student, tokenizer, seed: int, workdir: str, pool_size: int = POOL):
     import trl
 
     from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer, toy
@@ -115,15 +123,16 @@ def build_trainer(method: str, meter, teacher, student, tokenizer, seed: int, wo
 
     common = quality.common_args(f"{workdir}/out-{method}-{seed}", seed, 1e-3)
     if method == "offline_sft_tools":
-        pool, pool_correct = teacher_transcripts(meter, teacher, tokenizer, seed)
+        pool, pool_correct = teacher_transcripts(meter, teacher, tokenizer, seed, pool_size)
         with meter.excluded():
             config = trl.SFTConfig(**common, max_length=512, assistant_only_loss=True)
             return trl.SFTTrainer(student, args=config, train_dataset=pool, processing_class=tokenizer), pool_correct
     with meter.excluded():
         problems = toy.generate_problems(16_384, "train", seed=30_000 + seed)
         data = __import__("datasets").Dataset.from_dict({"prompt": conversations(problems)})
-        method_kw = {"lmbda": 0.0, "seq_kd": True, "loss_type": "forward_kl"} if method == "seqkd_tools" else {
-            "lmbda": 1.0, "loss_type": "jsd", "beta": 0.5}  # fmt: skip
+        method_kw = {"seqkd_tools": {"lmbda": 0.0, "seq_kd": True, "loss_type": "forward_kl"},
+                     "onpolicy_fkl_tools": {"lmbda": 1.0, "loss_type": "forward_kl"}}.get(
+            method, {"lmbda": 1.0, "loss_type": "jsd", "beta": 0.5})  # fmt: skip
         config = OnPolicyDistillConfig(**common, max_completion_length=LENGTH, max_length=512, temperature=1.0,
                                        top_k=0, top_p=1.0, max_tool_calling_iterations=8, **method_kw)  # fmt: skip
         trainer = OnPolicyDistillTrainer(
@@ -146,19 +155,25 @@ def run_one(method: str, seed: int, workdir: Path) -> dict:
     torch.manual_seed(seed)
     meter = quality.Meter(clock="process")
     quality.watch(meter, student, teacher)
-    trainer, pool_correct = build_trainer(method, meter, teacher, student, tokenizer, seed, str(workdir))
     points: list[dict] = []
+    checkpoints = [BUDGET * (i + 1) / EVALS for i in range(EVALS)]
+
+    def train(trainer, checkpoints):
+        trainer.add_callback(quality.BudgetCallback(
+            meter, checkpoints, lambda model: score(model, tokenizer, problems), points,
+            lambda p: f"  step {p['step']:5d}  {p['cpu_s']:7.1f} CPU-s  {p['accuracy']}  {p['phases']}"))  # fmt: skip
+        trainer.train()
+
     started = time.perf_counter()
-    trainer.add_callback(
-        quality.BudgetCallback(
-            meter,
-            [BUDGET * (i + 1) / EVALS for i in range(EVALS)],
-            lambda model: score(model, tokenizer, problems),
-            points,
-            lambda p: f"  step {p['step']:5d}  {p['cpu_s']:7.1f} CPU-s  {p['accuracy']}  {p['phases']}",
-        )
-    )
-    trainer.train()
+    if method == "two_stage_tools":  # SFT on transcripts until the switch, then on-policy on the same student
+        checkpoints = sorted({*checkpoints, SWITCH})
+        first, pool_correct = build_trainer("offline_sft_tools", meter, teacher, student, tokenizer, seed,
+                                            str(workdir), SWITCH_POOL)  # fmt: skip
+        train(first, [c for c in checkpoints if c <= SWITCH])
+        trainer, _ = build_trainer("onpolicy_tools", meter, teacher, student, tokenizer, seed, f"{workdir}/stage2")
+    else:
+        trainer, pool_correct = build_trainer(method, meter, teacher, student, tokenizer, seed, str(workdir))
+    train(trainer, checkpoints)
     return {"method": method, "seed": seed, "points": points, "pool_exact_match": pool_correct,
             "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
 
@@ -259,8 +274,9 @@ def main():
     if args.one:
         method, seed = args.one[0], int(args.one[1])
         record = run_one(method, seed, workdir)
-        if len(record["points"]) < EVALS:
-            sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {EVALS} evaluations; not saved.")
+        evals = EVALS + (method == "two_stage_tools")
+        if len(record["points"]) < evals:
+            sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {evals} evaluations; not saved.")
         return (workdir / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))
     prep = prepare(workdir)
     if not args.collect:
