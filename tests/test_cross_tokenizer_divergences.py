@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from trl_onpolicy.cross_tokenizer_divergences import hybrid_uld, matched_vocabulary, merge_spans, token_texts, uld
+from trl_onpolicy.cross_tokenizer_divergences import hybrid_uld, merge_spans, uld
+from trl_onpolicy.token_alignment import matched_vocabulary, token_texts
 from trl_onpolicy.toy import build_tokenizer, char_tokenizer
 
 

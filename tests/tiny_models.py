@@ -26,6 +26,21 @@ def tokenizer(pad: bool = True, chat_template: bool = True) -> PreTrainedTokeniz
     return char_tokenizer(pad=pad, chat_template=CHAT_TEMPLATE if chat_template else None)
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges (4 special tokens + 256 bytes = 260 ids): every text round-trips, and it
+    cuts text unlike any BPE with merges (a teacher of another tokenizer for the toy's BPE student)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[c] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")  # fmt: skip
+
+
 def model(tok, layers: int = 1, hidden: int = 16, seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:
     """A randomly initialised Llama (`vocab_size` defaults to the tokenizer's; larger = padded embeddings)."""
     torch.manual_seed(seed)

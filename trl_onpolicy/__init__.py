@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {  # public name -> the module that defines it
     "CompletionsLogger": "callbacks",
+    "CrossTokenizerTeacher": "teachers",
     "DistillCallback": "callbacks",
     "EnsembleTeacher": "teachers",
     "LmEvalCallback": "eval",

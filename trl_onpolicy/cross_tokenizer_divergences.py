@@ -5,23 +5,25 @@ Two tokenizations of one completion are aligned into spans of the same character
 ([`~trl_onpolicy.token_alignment.align`]); span `k` covers student tokens `[a, b)` and teacher tokens `[c, d)`. With
 `q_i` the student's next-token distribution that predicts token `i` and `y_i` the token written there:
 
-- `merge_spans` ("observed" strategy, GOLD's default): the span's student measure is the distribution of its first
-  token scaled by the probability of the rest of the span as written, Q_k(v) = q_a(v) * prod_{i=a+1}^{b-1} q_i(y_i);
-  the teacher's P_k likewise. A one-token span is that token's distribution; a longer one is a sub-probability
+- `merge_spans` (GOLD's "observed" strategy, its default): the span's student measure is the distribution of its
+  first token scaled by the probability of the rest of the span as written, Q_k(v) = q_a(v) * prod_{i=a+1}^{b-1}
+  q_i(y_i); the teacher's P_k likewise. (GOLD reads each distribution one position late in this strategy, the one
+  after the token it is paired with; here `q_i` is the distribution that predicts token `i`.) A one-token span is that token's distribution; a longer one is a sub-probability
   measure whose mass is the probability of finishing the span as written.
 - `uld` (Universal Logit Distillation, Boizard et al. 2024, arXiv 2402.12030): the L1 distance between the two
   measures' values sorted in decreasing order, the shorter vector padded with zeros, sum_r |sort(Q_k)_r - sort(P_k)_r|
   (the closed form of a Wasserstein distance when every token is one unit from every other). With `top_k`, only the
   k largest values of each side are compared (what a teacher that returns its top-k allows); the tails are left out.
 - `hybrid_uld` (GOLD's `uld_use_hybrid_loss`): on the tokens whose strings are the same in both vocabularies
-  ([`matched_vocabulary`]), the generalized JSD of the two measures restricted to them, column against column; on the
+  ([`~trl_onpolicy.token_alignment.matched_vocabulary`]), the generalized JSD of the two measures restricted to them, column against column; on the
   rest, `uld`: w_m * JSD_beta(P_k|M, Q_k|M) + w_u * ULD(P_k|rest, Q_k|rest). The restricted measures are not
   renormalised (GOLD's choice); for 0 < beta < 1 the JSD of two sub-probability measures is still >= 0 and 0 only where
   they agree (convexity of x log x), which is why the endpoints beta = 0 and 1 (plain KLs, negative on such measures)
   are refused.
 
 Every function takes LOG-probabilities (log-measures for spans), returns one value per span `(K,)`, unreduced, in
-float32 (float64 stays float64); the caller sums and divides by the number of spans scored.
+float32 (float64 stays float64); the caller reduces them (`trl_onpolicy.span_loss`: the sum over spans, divided by
+the step's completion tokens).
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ import torch
 from torch import Tensor
 
 from .divergences import _upcast, generalized_jsd
-
-REPLACEMENT = "\ufffd"  # a byte-level token that is not a whole character decodes to this
 
 
 def merge_spans(logps: Tensor, token_ids: Tensor, spans: Tensor) -> Tensor:
@@ -98,7 +98,7 @@ def hybrid_uld(
         student_logps: Student span log-measures `(K, Vs)`.
         teacher_logps: Teacher span log-measures `(K, Vt)`.
         student_ids, teacher_ids: The matched vocabulary, long `(M,)` each: `student_ids[m]` is the same string as
-            `teacher_ids[m]` ([`matched_vocabulary`]).
+            `teacher_ids[m]` ([`~trl_onpolicy.token_alignment.matched_vocabulary`]).
         beta: JSD interpolation, in `(0, 1)`.
         matched_weight, unmatched_weight: The two terms' weights.
         top_k: As for [`uld`], on the unmatched columns.
@@ -113,36 +113,3 @@ def hybrid_uld(
     q_rest = q.index_fill(-1, student_ids, float("-inf"))  # (K, Vs) matched columns hold no mass: sorted last
     p_rest = p.index_fill(-1, teacher_ids, float("-inf"))  # (K, Vt)
     return matched_weight * matched + unmatched_weight * uld(q_rest, p_rest, top_k)  # (K,)
-
-
-def token_texts(tokenizer) -> list[str | None]:
-    """Each id's text as it reads inside a sequence (after "a": SentencePiece's leading space is kept); None for an
-    id that is not a whole character (a byte of one) or decodes to nothing."""
-    anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
-    prefix = tokenizer.decode(anchor)
-    texts: list[str | None] = []
-    for i in range(len(tokenizer)):
-        text = tokenizer.decode([*anchor, i])
-        piece = text[len(prefix) :] if text.startswith(prefix) else None
-        texts.append(piece if piece and REPLACEMENT not in piece else None)
-    return texts
-
-
-def matched_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], list[int]]:
-    """
-    The pairs of ids, one per vocabulary, whose texts ([`token_texts`]) are the same and occur once in each
-    vocabulary, plus (student EOS, teacher EOS); as `(student_ids, teacher_ids)`, ordered by student id.
-    """
-    def unique(texts: list[str | None]) -> dict[str, int]:
-        seen: dict[str, list[int]] = {}
-        for i, text in enumerate(texts):
-            if text is not None:
-                seen.setdefault(text, []).append(i)
-        return {text: ids[0] for text, ids in seen.items() if len(ids) == 1}
-
-    student, teacher = unique(token_texts(student_tokenizer)), unique(token_texts(teacher_tokenizer))
-    s_eos, t_eos = student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
-    pairs = {student[t]: teacher[t] for t in student.keys() & teacher.keys() if student[t] != s_eos and teacher[t] != t_eos}
-    pairs[s_eos] = t_eos  # the ends of a completion mean the same, whatever their text
-    ordered = sorted(pairs.items())
-    return [s for s, _ in ordered], [t for _, t in ordered]

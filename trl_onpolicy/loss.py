@@ -30,6 +30,7 @@ from . import divergences as D
 from . import precision
 from .fused_divergence import TILED_LOSS_TYPES, tiled_divergence
 from .heads import CHUNK_SIZE, LinearHead
+from .span_loss import SpanLoss, span_bounds
 
 if TYPE_CHECKING:  # annotations only
     from .teachers.base import TeacherScores
@@ -82,9 +83,11 @@ def _chunk_terms(
     clip_max: float | None,
     vocab_size: int,
     advantages: torch.Tensor | None = None,
+    span_loss: SpanLoss | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-token loss `(n,)` (differentiable: the divergence, plus the task-reward term when `advantages` are given);
-    the per-token divergence, student and teacher entropy and sampled-token log-probs `(n,)`, detached."""
+    """Per-token loss `(n,)` (differentiable: the divergence, plus the task-reward term when `advantages` are given;
+    against a teacher of another tokenizer, `span_loss`'s per span); the per-token divergence, student and teacher
+    entropy and sampled-token log-probs `(n,)`, detached."""
     temperature = teacher.temperature
     s_logps = torch.log_softmax(student_head(student_hidden).float()[:, :vocab_size] / temperature, -1)  # (n, V)
     with torch.no_grad():
@@ -93,7 +96,7 @@ def _chunk_terms(
             t_logps = torch.log_softmax(teacher.logits(start, end) / temperature, -1)  # (n, V)
         elif teacher.form == "topk":
             t_logps = D.append_tail(teacher.topk_logps[start:end])  # (n, K + 1)
-        else:
+        else:  # sampled tokens only, or spans of another tokenizer: no distribution per student token
             t_logps = None
         t_entropy = D.entropy(t_logps) if t_logps is not None else torch.full_like(s_entropy, float("nan"))  # (n,)
         if teacher.token_logps is not None:
@@ -105,7 +108,10 @@ def _chunk_terms(
     s_token = s_logps.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     old = None if behaviour_logps is None else behaviour_logps[start:end]
     mu = None if sampler_logps is None else sampler_logps[start:end]
-    if loss_type == "sampled_reverse_kl":
+    if teacher.form == "spans":
+        per_token = (span_loss or SpanLoss()).per_token(s_logps, targets, teacher.topk_ids[start:end],
+                                                        teacher.topk_logps[start:end], teacher.span_length[start:end])
+    elif loss_type == "sampled_reverse_kl":
         ref = None if ref_token_logps is None else ref_token_logps[start:end]
         per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref, old, mu, clip_max)  # (n,)
     else:
@@ -251,6 +257,7 @@ class _ChunkLoss:
     chunk_size: int | None
     params: list[torch.Tensor] | None  # the head's parameters that need gradients
     vocab_tile: int | None
+    span_loss: SpanLoss | None = None  # ULD / hybrid ULD against a teacher of another tokenizer
 
     def __post_init__(self):
         if type(self.head) is torch.nn.Linear:
@@ -267,6 +274,8 @@ class _ChunkLoss:
             self.params = [p for p in self.head.parameters() if p.requires_grad]
         size = self.chunk_size
         self.bounds = [(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size)]
+        if self.teacher.form == "spans":  # a chunk holds whole spans
+            self.bounds = span_bounds(self.teacher.span_length, size)
 
     def chunkwise_backward(self) -> bool:
         """A gradient is wanted and the head's parameters are known: each chunk's gradient is taken in the forward pass
@@ -278,7 +287,7 @@ class _ChunkLoss:
         per_token, divergence, *terms = _chunk_terms(
             hidden, start, end, self.head, self.teacher, self.targets[start:end], self.loss_type, self.beta,
             self.skew_alpha, self.reward_scale, self.ref_token_logps, self.behaviour_logps, self.sampler_logps,
-            self.clip_max, self.vocab_size, self.advantages,
+            self.clip_max, self.vocab_size, self.advantages, self.span_loss,
         )  # fmt: skip
         self.stats.record(start, divergence, *terms)
         return per_token.sum() * self.scale / self.divisor
@@ -338,6 +347,7 @@ def distillation_loss(
     chunk_size: int | None = None,
     head_params: list[torch.Tensor] | None = None,
     vocab_tile: int | None = None,
+    span_loss: SpanLoss | None = None,
 ) -> LossSums:
     """
     Sum of per-token divergences over the completion tokens, normalised by the global token count.
@@ -370,10 +380,12 @@ def distillation_loss(
             is an `nn.Module` or a `LinearHead`). With them, each chunk's gradient is taken right after its loss (see
             [`_ChunkwiseBackward`]); without them, chunks run under activation checkpointing.
         vocab_tile: Vocabulary columns per tile of the tiled loss; 0 turns it off; None: [`default_vocab_tile`].
+        span_loss: With a teacher of another tokenizer (spans form): ULD or hybrid ULD ([`~trl_onpolicy.span_loss`]);
+            None: plain ULD.
     """
     chunks = _ChunkLoss(student_hidden, student_head, teacher, targets, loss_type, beta, skew_alpha, reward_scale,
                         ref_token_logps, behaviour_logps, sampler_logps, importance_sampling_clip_max, vocab_size,
-                        advantages, num_items, scale, chunk_size, head_params, vocab_tile)  # fmt: skip
+                        advantages, num_items, scale, chunk_size, head_params, vocab_tile, span_loss)  # fmt: skip
     if chunks.chunkwise_backward():
         step = chunks.tiled_chunk if chunks.tiled else _autograd_step(chunks.autograd_chunk, chunks.params)
         loss = _ChunkwiseBackward.apply(student_hidden, step, chunks.bounds, *chunks.params)

@@ -38,12 +38,14 @@ class StudentLoss:
         hidden_pairs (`list[tuple[int, int]]`, *optional*): `(student layer, teacher layer)` pairs of hidden-state
             matching.
         weigh_sampler (`bool`): Weigh the tokens by the sampler's (vLLM's) log-probs (importance-sampling correction).
+        span_loss ([`~trl_onpolicy.span_loss.SpanLoss`], *optional*): The loss against a teacher of another tokenizer.
     """
 
-    def __init__(self, args, accelerator, vocab_size: int, pad_token_id: int, hidden_pairs=None, weigh_sampler=False):
+    def __init__(self, args, accelerator, vocab_size: int, pad_token_id: int, hidden_pairs=None, weigh_sampler=False,
+                 span_loss=None):  # fmt: skip
         self.args, self.accelerator = args, accelerator
         self.vocab_size, self.pad_token_id = vocab_size, pad_token_id
-        self.hidden_pairs, self.weigh_sampler = hidden_pairs, weigh_sampler
+        self.hidden_pairs, self.weigh_sampler, self.span_loss = hidden_pairs, weigh_sampler, span_loss
 
     def __call__(self, student, batch: StepBatch, num_items: float, temperature: float) -> tuple[torch.Tensor, LossSums]:
         """Runs inside the wrapper's forward (DDP/FSDP see the whole computation): student pass + chunked loss."""
@@ -101,6 +103,7 @@ class StudentLoss:
             chunk_size=args.loss_chunk_size,
             head_params=[p for p in causal_lm.get_output_embeddings().parameters() if p.requires_grad],
             vocab_tile=args.loss_vocab_tile,
+            span_loss=self.span_loss,
         )
 
     def _empty_loss(self, causal_lm) -> LossSums:

@@ -13,7 +13,8 @@ A token's end is found by decoding it after a few tokens of context (as vLLM's i
 text that `decode(context + token)` adds to `decode(context)`), so that leading-space rules (SentencePiece strips the
 first token's space) and partial characters (decoded as U+FFFD) behave as in a decode of the whole sequence. The
 special tokens that end a completion (EOS) are not text: [`teacher_completion`] aligns the text before them and pairs
-the student's EOS with the teacher's as a span of their own. Student tokens that end a completion inside a character
+the student's EOS with the teacher's as a span of their own. [`matched_vocabulary`] pairs the tokens of the two
+vocabularies that are the same text (the hybrid loss compares them column by column). Student tokens that end a completion inside a character
 (a completion cut at `max_completion_length` mid-character) have no teacher tokens: their span is empty on the
 teacher's side, and the loss leaves it out.
 """
@@ -153,3 +154,36 @@ def teacher_completion(student_tokenizer, teacher_tokenizer, completion_ids: lis
         teacher.append((len(teacher_ids), len(teacher_ids) + 1))
         teacher_ids.append(teacher_eos_id)
     return teacher_ids, Alignment(student, teacher)
+
+
+def token_texts(tokenizer) -> list[str | None]:
+    """Each id's text as it reads inside a sequence (after "a": SentencePiece's leading space is kept); None for an
+    id that is not a whole character (a byte of one) or decodes to nothing."""
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
+    prefix = tokenizer.decode(anchor)
+    texts: list[str | None] = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([*anchor, i])
+        piece = text[len(prefix) :] if text.startswith(prefix) else None
+        texts.append(piece if piece and REPLACEMENT not in piece else None)
+    return texts
+
+
+def matched_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], list[int]]:
+    """
+    The pairs of ids, one per vocabulary, whose texts ([`token_texts`]) are the same and occur once in each
+    vocabulary, plus (student EOS, teacher EOS); as `(student_ids, teacher_ids)`, ordered by student id.
+    """
+    def unique(texts: list[str | None]) -> dict[str, int]:
+        seen: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            if text is not None:
+                seen.setdefault(text, []).append(i)
+        return {text: ids[0] for text, ids in seen.items() if len(ids) == 1}
+
+    student, teacher = unique(token_texts(student_tokenizer)), unique(token_texts(teacher_tokenizer))
+    s_eos, t_eos = student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
+    pairs = {student[t]: teacher[t] for t in student.keys() & teacher.keys() if student[t] != s_eos and teacher[t] != t_eos}
+    pairs[s_eos] = t_eos  # the ends of a completion mean the same, whatever their text
+    ordered = sorted(pairs.items())
+    return [s for s, _ in ordered], [t for _, t in ordered]

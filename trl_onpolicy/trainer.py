@@ -183,7 +183,7 @@ class OnPolicyDistillTrainer(SFTTrainer):
         weighted = self.vllm is not None and applies_correction(args)  # the loss weighs vLLM's tokens
         self._importance = ImportanceSamplingStats(args.vllm_importance_sampling_clip_max) if weighted else None
         self.student_loss = StudentLoss(args, self.accelerator, self.vocab_size, self._tokenizer.pad_token_id,
-                                        self.hidden_pairs, weighted)  # fmt: skip
+                                        self.hidden_pairs, weighted, trainer_setup.span_loss(self.teacher, args))  # fmt: skip
         self._forward_redirection = ForwardRedirection()
         self.step_stats = StepStatistics()
         self.nonfinite = NonfiniteGuard(args.max_nonfinite_steps)
@@ -245,6 +245,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
             )
         t1 = time.perf_counter()
         batch = self.score(rollouts)
+        if getattr(self.teacher, "alignment_rate", None) is not None:  # a teacher of another tokenizer
+            self._metrics["train"]["alignment_rate"].append(self.teacher.alignment_rate)
         if self.rewards is not None:
             self.rewards.attach(batch, rollouts, self._metrics["train"], self.accelerator)
         return batch, rollouts, (t1 - t0, time.perf_counter() - t1)

@@ -16,8 +16,16 @@ from .lmbda_schedule import describe, lmbda_range
 from .multi_turn import MultiTurnRollouts
 from .prompts import column_names, prepare_dataset
 from .rewards import Rewards
+from .span_loss import SpanLoss
 from .teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, has_privileged_columns
-from .teachers import EnsembleTeacher, LocalTeacher, load_teacher_model, local_models, micro_batch_rows
+from .teachers import (
+    CrossTokenizerTeacher,
+    EnsembleTeacher,
+    LocalTeacher,
+    load_teacher_model,
+    local_models,
+    micro_batch_rows,
+)
 from .tool_calls import tool_map, tool_schemas
 
 logger = logging.getLogger(__name__)
@@ -196,6 +204,12 @@ def check_multi_turn_sources(multi_turn, teacher, args) -> None:
     completion is the dataset's never writes one."""
     if multi_turn is None:
         return
+    if isinstance(teacher, CrossTokenizerTeacher):
+        raise ValueError(
+            "A teacher of another tokenizer (`CrossTokenizerTeacher`) scores single-turn completions only: a "
+            "multi-turn transcript (`tools`, `environment_factory`) cannot be re-tokenized turn by turn yet. Use a "
+            "teacher that shares the student's tokenizer."
+        )
     if not teacher.scores_any_completion:
         raise ValueError(
             "A teacher cache holds the scores of the dataset's own completions, but with `tools` or "
@@ -208,3 +222,27 @@ def check_multi_turn_sources(multi_turn, teacher, args) -> None:
             ", `seq_kd=False`), so no rollout is ever multi-turn. Set `lmbda` > 0 (the student writes) or "
             "`seq_kd=True` (the teacher writes, calling the tools too)."
         )
+
+
+def span_loss(teacher, args) -> SpanLoss | None:
+    """The loss against a teacher of another tokenizer ([`CrossTokenizerTeacher`]), else None; refuses the
+    sampled-token loss (the teacher's tokens are not the student's). Hidden-state matching is refused where every
+    backend without hidden states is."""
+    if not isinstance(teacher, CrossTokenizerTeacher):
+        return None
+    if args.seq_kd:
+        raise ValueError("`seq_kd=True` has the teacher write completions, but a teacher of another tokenizer writes "
+                         "in its own tokens, which the student cannot train on. Set `seq_kd=False` (the student's or "
+                         "the dataset's completions).")  # fmt: skip
+    if args.loss_type == "sampled_reverse_kl":
+        raise ValueError("`loss_type='sampled_reverse_kl'` scores the student's sampled tokens, which a teacher of "
+                         "another tokenizer does not have: the loss is ULD over aligned spans. Use another `loss_type` "
+                         "(it is not used; `beta` is, by the hybrid loss).")  # fmt: skip
+    if not teacher.hybrid:
+        return SpanLoss()
+    if not 0.0 < args.beta < 1.0:
+        raise ValueError(f"The hybrid loss's JSD compares sub-probability measures and needs 0 < beta < 1, got "
+                         f"beta={args.beta}.")  # fmt: skip
+    student_ids, teacher_ids = teacher.matched
+    return SpanLoss(True, args.beta, teacher.matched_weight, teacher.unmatched_weight, student_ids, teacher_ids,
+                    len(teacher.teacher_tokenizer))  # fmt: skip

@@ -15,6 +15,7 @@ from .base import Teacher, TeacherScores
 from .cache import TeacherCache
 from .cache_build import build_teacher_cache
 from .cache_format import CacheError, is_teacher_cache
+from .cross_tokenizer import CrossTokenizerTeacher
 from .ensemble import EnsembleTeacher
 from .local import LocalTeacher
 from .self_teacher import SelfTeacher, SelfTeacherUpdate
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CacheError",
+    "CrossTokenizerTeacher",
     "EnsembleTeacher",
     "LocalTeacher",
     "SelfTeacher",
@@ -91,6 +93,7 @@ def micro_batch_rows(args) -> int:
 def local_models(teacher: Teacher) -> list:
     """The models a teacher runs in this process (its own, not a LoRA student's base network), for checks."""
     members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
+    members = [m.teacher if isinstance(m, CrossTokenizerTeacher) else m for m in members]  # its model, in its tokens
     return [m.model for m in members if isinstance(m, LocalTeacher) and not m.own_student]
 
 

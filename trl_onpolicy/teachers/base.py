@@ -8,7 +8,10 @@ form is data (tensors and numbers), which a checkpoint saves and restores withou
   inside the loss (never a `(B, C, V)` tensor); or a mixture of several such scores (`members`, several teachers);
 - top-k: the teacher's `k` most likely tokens and their log-probs per position; the rest of the mass is one tail
   bucket (the form a remote server or an offline cache returns);
-- sampled token only: the log-prob of each completion token (enough for `sampled_reverse_kl`).
+- sampled token only: the log-prob of each completion token (enough for `sampled_reverse_kl`);
+- spans: a teacher of another tokenizer ([`~trl_onpolicy.teachers.CrossTokenizerTeacher`]): at the first student
+  token of each aligned span, the top-k of the teacher's span measure (teacher token ids and log-values) and the
+  span's length in student tokens; the loss compares the student's span measure with it (ULD, hybrid ULD).
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class TeacherScores:
             completion positions, for hidden-state matching (local teachers only).
         members (`list[TeacherScores]`, *optional*): A mixture: the `T` teachers' full-form scores, whose target is
             `p = sum_k w_k p_k` with `w = teacher_weights` (see [`~trl_onpolicy.teachers.EnsembleTeacher`]).
+        span_length (`torch.Tensor`, *optional*): `(B, C)` long, the spans form: at the first student token of an
+            aligned span, its length in student tokens; 0 elsewhere. `topk_ids` `(B, C, K)` are then the teacher's own
+            token ids and `topk_logps` the log-values of its span measure there (see
+            [`~trl_onpolicy.cross_tokenizer_divergences`]).
     """
 
     temperature: float = 1.0
@@ -58,8 +65,9 @@ class TeacherScores:
     teacher_names: list[str] | None = None
     layer_hidden: torch.Tensor | None = None
     members: list[TeacherScores] | None = None
+    span_length: torch.Tensor | None = None
 
-    _TENSORS = ("token_logps", "hidden", "topk_ids", "topk_logps", "teacher_weights", "layer_hidden")
+    _TENSORS = ("token_logps", "hidden", "topk_ids", "topk_logps", "teacher_weights", "layer_hidden", "span_length")
 
     def __post_init__(self):
         if type(self.head) is torch.nn.Linear:
@@ -67,7 +75,9 @@ class TeacherScores:
 
     @property
     def form(self) -> str:
-        """`"full"`, `"topk"` or `"token"`."""
+        """`"full"`, `"topk"`, `"token"` or `"spans"`."""
+        if self.span_length is not None:
+            return "spans"
         if self.hidden is not None or self.members is not None:
             return "full"
         if self.topk_ids is not None:
