@@ -199,3 +199,56 @@ def test_multi_turn_rollouts_are_refused_up_front(tmp_path, toks):
         tm.OnPolicyDistillTrainer(model=tm.model(student_tok), teacher_model=cross, args=tm.config(tmp_path),
                                   train_dataset=make_dataset(4).select_columns(["prompt"]), processing_class=student_tok,
                                   environment_factory=tm.ThreeTurns)  # fmt: skip
+
+
+def test_the_config_field_wraps_the_teacher_and_its_loss(tmp_path, toks):
+    """`teacher_tokenizer_name_or_path` (GOLD's name): the teacher model is wrapped, the hybrid settings reach the
+    loss, and the run trains."""
+    student_tok, teacher_tok = toks
+    teacher_tok.save_pretrained(tmp_path / "teacher-tokenizer")
+    args = tm.config(tmp_path / "out", teacher_tokenizer_name_or_path=str(tmp_path / "teacher-tokenizer"),
+                     uld_use_hybrid_loss=True, uld_hybrid_matched_weight=0.3, uld_hybrid_unmatched_weight=0.7,
+                     per_device_train_batch_size=4, max_completion_length=6, max_length=96, teacher_top_k=9)  # fmt: skip
+    tr = tm.OnPolicyDistillTrainer(model=tm.model(student_tok), teacher_model=tm.model(teacher_tok, seed=2), args=args,
+                                   train_dataset=make_dataset(4, seed=1).select_columns(["prompt"]),
+                                   processing_class=student_tok)  # fmt: skip
+    assert isinstance(tr.teacher, CrossTokenizerTeacher) and tr.teacher.top_k == 9
+    assert len(tr.teacher.teacher_tokenizer) == 260
+    loss = tr.student_loss.span_loss
+    assert loss.hybrid and loss.weights() == (0.3, 0.7) and len(loss.student_ids) == len(loss.teacher_ids) > 0
+    tr.train()
+    assert 0.0 <= tm.step_logs(tr)[0]["alignment_rate"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"uld_use_hybrid_loss": True}, "`uld_use_hybrid_loss` set, but there is no teacher of another tokenizer: set "
+                                        "`teacher_tokenizer_name_or_path`"),
+        ({"teacher_tokenizer_name_or_path": "t", "uld_hybrid_matched_weight": 0.5},
+         "`uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` must be both None or both >= 0, got (0.5, None)."),
+        ({"teacher_tokenizer_name_or_path": "t", "uld_min_alignment_rate": 1.5},
+         "`uld_min_alignment_rate` must be in [0, 1], got 1.5."),
+    ],
+)  # fmt: skip
+def test_uld_settings_are_checked_in_the_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError) as error:
+        tm.config(tmp_path, **overrides)
+    assert message in str(error.value)
+
+
+def test_a_teacher_the_field_cannot_wrap_is_refused(tmp_path, toks):
+    student_tok, teacher_tok = toks
+    args = tm.config(tmp_path, teacher_tokenizer_name_or_path="unused")
+    with pytest.raises(ValueError, match=r"^`teacher_tokenizer_name_or_path` wraps one teacher model or server of "
+                                         r"another tokenizer, got dict\."):  # fmt: skip
+        tm.OnPolicyDistillTrainer(model=tm.model(student_tok), teacher_model={"a": tm.model(teacher_tok)}, args=args,
+                                  train_dataset=make_dataset(4).select_columns(["prompt"]), processing_class=student_tok)
+
+
+def test_a_vocabulary_mismatch_names_the_field(tmp_path, toks):
+    student_tok, teacher_tok = toks
+    with pytest.raises(ValueError, match="or set `teacher_tokenizer_name_or_path` to the teacher's tokenizer"):
+        tm.OnPolicyDistillTrainer(model=tm.model(student_tok), teacher_model=tm.model(teacher_tok),
+                                  args=tm.config(tmp_path), train_dataset=make_dataset(4).select_columns(["prompt"]),
+                                  processing_class=student_tok)  # fmt: skip

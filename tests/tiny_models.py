@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trl_onpolicy import OnPolicyDistillConfig, OnPolicyDistillTrainer
 from trl_onpolicy.toy import char_tokenizer
+from trl_onpolicy.toy.tokenizer import byte_tokenizer  # noqa: F401 (tests take it from here)
 
 
 # One line per turn, "#u:" / "#a:" / "#s:" + content; the generation prompt opens an assistant turn.
@@ -24,21 +25,6 @@ CHAT_TEMPLATE = (
 def tokenizer(pad: bool = True, chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: 4 special tokens + 47 characters = 51 ids; no BOS/EOS added on encode."""
     return char_tokenizer(pad=pad, chat_template=CHAT_TEMPLATE if chat_template else None)
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with no merges (4 special tokens + 256 bytes = 260 ids): every text round-trips, and it
-    cuts text unlike any BPE with merges (a teacher of another tokenizer for the toy's BPE student)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[c] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")  # fmt: skip
 
 
 def model(tok, layers: int = 1, hidden: int = 16, seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:

@@ -56,6 +56,21 @@ class OnPolicyDistillConfig(SFTConfig):
             it); a `teacher_prompt` column gives the teacher's whole prompt instead. See
             [`~trl_onpolicy.teacher_prompts`].
 
+        > Parameters that control a teacher of another tokenizer (cross-tokenizer distillation, TRL GOLD's names)
+
+        teacher_tokenizer_name_or_path (`str`, *optional*):
+            The teacher's tokenizer, when it differs from the student's: the teacher (a model or a server) is then
+            wrapped in a [`~trl_onpolicy.teachers.CrossTokenizerTeacher`], which re-tokenizes each rollout and aligns
+            the two tokenizations, and the loss is ULD over aligned spans (`loss_type` is not used).
+        uld_use_hybrid_loss (`bool`, *optional*, defaults to `False`):
+            The hybrid loss: the generalized JSD (`beta`) on the tokens whose text is the same in both vocabularies,
+            ULD on the rest.
+        uld_hybrid_matched_weight (`float`, *optional*), uld_hybrid_unmatched_weight (`float`, *optional*):
+            The hybrid loss's two weights, both or neither; neither: the matched vocabulary's share of the teacher's.
+        uld_min_alignment_rate (`float`, *optional*, defaults to `0.0`):
+            Refuse a batch whose fraction of student tokens in one-to-one spans is below this floor (a warning is
+            logged once below 0.5).
+
         > Parameters that control a teacher server
 
         teacher_server_model (`str`, *optional*):
@@ -309,6 +324,17 @@ class OnPolicyDistillConfig(SFTConfig):
     teacher_prompt_template: str = field(
         default="{prompt}\n\n{privileged_context}",
         metadata={"help": "Joins a row's `privileged_context` to its prompt into the teacher's prompt."},
+    )
+
+    # A teacher of another tokenizer
+    teacher_tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher's tokenizer when it differs from the student's (ULD loss)."}
+    )
+    uld_use_hybrid_loss: bool = field(default=False, metadata={"help": "JSD on the shared vocabulary, ULD on the rest."})
+    uld_hybrid_matched_weight: float | None = field(default=None, metadata={"help": "Weight of the hybrid's JSD."})
+    uld_hybrid_unmatched_weight: float | None = field(default=None, metadata={"help": "Weight of the hybrid's ULD."})
+    uld_min_alignment_rate: float = field(
+        default=0.0, metadata={"help": "Refuse batches with fewer student tokens in one-to-one spans."}
     )
 
     # Teacher server

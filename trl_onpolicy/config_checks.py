@@ -254,6 +254,7 @@ def check_teachers(config) -> None:
         config.teacher_mixture in MIXTURES,
         f"`teacher_mixture` must be one of {MIXTURES}, got {config.teacher_mixture!r}.",
     )
+    check_cross_tokenizer(config)
     if config.teacher_weights is not None:
         check(isinstance(config.teacher_weights, dict), "`teacher_weights` must be a dict of teacher name -> weight.")
         weights = list(config.teacher_weights.values())
@@ -262,6 +263,25 @@ def check_teachers(config) -> None:
             f"`teacher_weights` must be non-negative and sum to 1, got {config.teacher_weights} (sum "
             f"{sum(weights):.6g}). Divide each weight by the sum.",
         )
+
+
+def check_cross_tokenizer(config) -> None:
+    """The ULD settings of a teacher of another tokenizer: only with one, the hybrid's weights both or neither."""
+    uld = [name for name in ("uld_use_hybrid_loss", "uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight")
+           if getattr(config, name) not in (None, False)] + (["uld_min_alignment_rate"] if config.uld_min_alignment_rate
+                                                              else [])  # fmt: skip
+    check(
+        config.teacher_tokenizer_name_or_path is not None or not uld,
+        f"{', '.join(f'`{n}`' for n in uld)} set, but there is no teacher of another tokenizer: set "
+        "`teacher_tokenizer_name_or_path` to the teacher's tokenizer, or leave the ULD settings at their defaults.",
+    )
+    weights = (config.uld_hybrid_matched_weight, config.uld_hybrid_unmatched_weight)
+    check(
+        (weights[0] is None) == (weights[1] is None) and all(w is None or w >= 0 for w in weights),
+        f"`uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` must be both None or both >= 0, got {weights}.",
+    )
+    check(0.0 <= config.uld_min_alignment_rate <= 1.0,
+          f"`uld_min_alignment_rate` must be in [0, 1], got {config.uld_min_alignment_rate}.")  # fmt: skip
 
 
 def check_loss_temperature(config) -> None:

@@ -58,7 +58,8 @@ def compared_vocab_size(student_vocab: int, teacher_vocab: int | None, tokenizer
         f"Vocabulary mismatch: the student's output layer has {student_vocab} tokens and the teacher's "
         f"{teacher_vocab}, and the tokenizer has {tokenizer_vocab}. Distillation compares the two distributions token "
         "by token, so the teacher and the student must share a tokenizer: pick a teacher from the student's model "
-        "family. (Cross-tokenizer distillation is not supported yet.)"
+        "family, or set `teacher_tokenizer_name_or_path` to the teacher's tokenizer (cross-tokenizer distillation: ULD "
+        "over aligned spans)."
     )
 
 
@@ -71,7 +72,9 @@ def _check_tokenizer(path: str, tokenizer, revision: str | None, trust_remote_co
         raise ValueError(
             f"The teacher at {path!r} uses a different tokenizer than the student ({len(teacher_tokenizer)} vs "
             f"{len(tokenizer)} tokens, or the same size with other token ids). Distillation compares the two "
-            "distributions token by token: pick a teacher that shares the student's tokenizer."
+            "distributions token by token: pick a teacher that shares the student's tokenizer, or set "
+            "`teacher_tokenizer_name_or_path` to the teacher's tokenizer (cross-tokenizer distillation: ULD over aligned "
+            "spans)."
         )
 
 
@@ -140,6 +143,26 @@ def _one_teacher(spec, args, tokenizer, chunk_size: int) -> Teacher:
     )
 
 
+def _teacher_tokenizer(teacher_model, args):
+    """`teacher_tokenizer_name_or_path` loaded (None when unset); refused with a teacher it cannot wrap."""
+    path = args.teacher_tokenizer_name_or_path
+    if path is None:
+        return None
+    if args.teacher_model_kind != "separate" or isinstance(teacher_model, (dict, Teacher)) or teacher_model is None:
+        kind = "the student itself" if args.teacher_model_kind != "separate" else type(teacher_model).__name__
+        raise ValueError(
+            f"`teacher_tokenizer_name_or_path` wraps one teacher model or server of another tokenizer, got {kind}. "
+            "Give a model id, path, model or server URL as the teacher (several teachers of other tokenizers, a "
+            "teacher cache in another tokenizer and self-teachers are not supported), or wrap a `Teacher` yourself "
+            "in `CrossTokenizerTeacher`."
+        )
+    if isinstance(teacher_model, (str, os.PathLike)) and not _is_url(teacher_model) and is_teacher_cache(teacher_model):
+        raise ValueError("A teacher cache holds scores in the student's tokens; it cannot serve a teacher of another "
+                         "tokenizer yet. Give the teacher model or its server instead.")  # fmt: skip
+    return AutoTokenizer.from_pretrained(path, revision=args.teacher_model_revision,
+                                         trust_remote_code=args.trust_remote_code)  # fmt: skip
+
+
 def check_cached_rows(teacher: Teacher, dataset, args) -> None:
     """A teacher cache must hold every row of a map-style training set, as this run cuts them (see
     [`TeacherCache.check_rows`]); checked when the trainer is built, not at the first step that misses one."""
@@ -166,6 +189,7 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
     if teacher_model is None:
         teacher_model = args.teacher_model_name_or_path
     chunk_size = args.loss_chunk_size or CHUNK_SIZE
+    teacher_tokenizer = _teacher_tokenizer(teacher_model, args)
     if args.teacher_model_kind != "separate":
         if teacher_model is not None:
             raise ValueError(
@@ -191,7 +215,13 @@ def build_teacher(teacher_model, args, student, tokenizer) -> tuple[Teacher, int
             "(or train a LoRA student, whose base network can serve as its own teacher)."
         )
     else:
-        teacher = _one_teacher(teacher_model, args, tokenizer, chunk_size)
+        teacher = _one_teacher(teacher_model, args, teacher_tokenizer or tokenizer, chunk_size)
+    if teacher_tokenizer is not None:
+        teacher = CrossTokenizerTeacher(
+            teacher, tokenizer, teacher_tokenizer, args.teacher_top_k, args.uld_min_alignment_rate,
+            hybrid=args.uld_use_hybrid_loss, matched_weight=args.uld_hybrid_matched_weight,
+            unmatched_weight=args.uld_hybrid_unmatched_weight,
+        )  # fmt: skip
     student_vocab = vocab_size(student)  # from the config: a ZeRO-3 partitioned weight reads shape (0,)
     members = teacher.members if isinstance(teacher, EnsembleTeacher) else [teacher]
     vocab = min(compared_vocab_size(student_vocab, t.vocab_size, len(tokenizer)) for t in members)

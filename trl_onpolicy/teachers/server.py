@@ -264,7 +264,8 @@ class ServerTeacher(Teacher):
             raise ValueError(
                 f"The teacher server at {self.url} (model {self.model!r}) uses a different tokenizer than the student: "
                 f"{found}. Distillation compares the two distributions token by token: serve a teacher from the "
-                "student's model family (one that shares its tokenizer)."
+                "student's model family (one that shares its tokenizer), or set `teacher_tokenizer_name_or_path` to "
+                "the served model's tokenizer (cross-tokenizer distillation: ULD over aligned spans)."
             )
 
     def _probe_temperature(self) -> bool:

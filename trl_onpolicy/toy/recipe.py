@@ -44,7 +44,9 @@ from .models import (
 )
 from .slips import RECOVERY_STYLES, slip_row
 from .task import generate_problems, to_mc_prompt_completion, to_prompt_completion
-from .tokenizer import build_tokenizer
+from .tokenizer import build_tokenizer, byte_tokenizer
+
+TOKENIZERS = {"bpe": build_tokenizer, "bytes": byte_tokenizer}  # `Recipe.tokenizer`
 
 RECIPE_VERSION = "2"
 EVAL_PROBLEMS = 500  # eval split, seed 0: the accuracy recorded in info.json
@@ -74,6 +76,7 @@ class Recipe:
     constitution_fraction: float = 0.0
     # of each batch written with the calculator (`calculator.tool_row`; the tool's answers are masked out of the loss)
     tool_fraction: float = 0.0
+    tokenizer: str = "bpe"  # "bpe": the toy's (`build_tokenizer`); "bytes": one token per byte (`byte_tokenizer`)
 
     def __post_init__(self):
         if (self.steps is None) == (self.seconds is None):
@@ -96,6 +99,8 @@ class Recipe:
                 f"tool_fraction must be in [0, 1 - mc_fraction - correction_fraction - constitution_fraction], got "
                 f"{self.tool_fraction}"
             )
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {tuple(TOKENIZERS)}, got {self.tokenizer!r}")
         if self.recovery_style not in RECOVERY_STYLES:
             raise ValueError(f"recovery_style must be one of {RECOVERY_STYLES}, got {self.recovery_style!r}")
 
@@ -246,7 +251,7 @@ def load_or_train(name: str, recipe: Recipe, progress: bool = True, force: bool 
         return _load(path)
 
     torch.manual_seed(recipe.seed)
-    tokenizer = build_tokenizer()
+    tokenizer = TOKENIZERS[recipe.tokenizer]()
     model = build_model(recipe.num_layers, recipe.hidden_size, tokenizer, seed=recipe.seed)
     run = train_on_task(model, tokenizer, recipe, progress=progress)
     eval_problems = generate_problems(EVAL_PROBLEMS, "eval", seed=0,
@@ -294,7 +299,7 @@ def load_or_train(name: str, recipe: Recipe, progress: bool = True, force: bool 
 # Fields added after RECIPE_VERSION "2", with the value that leaves a recipe as it was: left out of the key at that
 # value, so that every recipe cached before they existed keeps its name.
 _LATER_FIELDS = {"correction_fraction": 0.0, "recovery_style": "correction", "constitution_fraction": 0.0,
-                 "tool_fraction": 0.0}
+                 "tool_fraction": 0.0, "tokenizer": "bpe"}
 
 
 def _key(recipe: Recipe) -> str:

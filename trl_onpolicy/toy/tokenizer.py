@@ -87,6 +87,24 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """
+    A byte-level tokenizer with no merges: the toy's four special tokens (same ids), then the 256 bytes (260 ids).
+    Every text round-trips, and it cuts text unlike the toy's BPE (one token per byte, against a token per word or
+    number): the tokenizer of a teacher of another family (issue 20). With the toy's chat template.
+    """
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[c] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, clean_up_tokenization_spaces=False, model_max_length=4096)  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?:+-*=#\n"
 
 
