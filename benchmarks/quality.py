@@ -307,6 +307,13 @@ def runs_by_method(runs: list[dict], methods: list[str]):
             yield method, mine, min(len(r["points"]) for r in mine)
 
 
+def last_point_means(runs: list[dict], n: int, phases: tuple[str, ...]) -> dict:
+    """Over `runs` (one method's seeds): the mean steps made by evaluation `n - 1` and the mean CPU-s of each phase."""
+    last = [r["points"][n - 1] for r in runs]
+    return {"steps": statistics.mean(p["step"] for p in last),
+            "phases_s": {k: statistics.mean(p["phases"].get(k, 0.0) for p in last) for k in phases}}  # fmt: skip
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}  # fmt: skip
@@ -470,6 +477,47 @@ def run_processes(jobs: list[tuple[tuple, list[str], Path]], workers: int) -> No
                 running.remove((proc, job))
                 print(f"{'done' if job[2].exists() else 'FAILED'} {job[0]} (log: {job[2].with_suffix('.log')})",
                       flush=True)
+
+
+def study_main(doc: str, script: str, workdir: str, output: Path, methods: list[str], seeds, study) -> None:
+    """
+    The command line of a study of (method, seed) runs at a compute budget (tools.py, cross_tokenizer.py): the runs not
+    yet in `--workdir`, `--workers` at a time, each in its own process (`--one METHOD SEED`), then the summary, table
+    and plot; `--collect` summarises the finished runs, `--plot-only` redraws from `output`.
+
+    `study` holds the script's functions: `run_one(method, seed, workdir) -> record`, `evaluations(method) -> int` (the
+    points a finished run has), `prepare(workdir) -> prep`, `summarise(prep, runs)`, `print_table(result)` and
+    `plot(result, path)`.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--collect", action="store_true")
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plot_only:
+        result = json.loads(output.read_text())
+        study.print_table(result)
+        return study.plot(result, output.with_suffix(".png"))
+    folder = Path(args.workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        method, seed = args.one[0], int(args.one[1])
+        record, wanted = study.run_one(method, seed, folder), study.evaluations(method)
+        if len(record["points"]) < wanted:
+            sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {wanted} evaluations; not saved.")
+        return (folder / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))
+    prep = study.prepare(folder)
+    if not args.collect:
+        command = [sys.executable, script, "--workdir", str(folder), "--one"]
+        run_processes([((m, s), [*command, m, str(s)], folder / f"run-{m}-{s}.json") for s in seeds for m in methods],
+                      args.workers)  # fmt: skip
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("run-*.json"))]
+    result = study.summarise(prep, runs)
+    output.write_text(json.dumps(result, indent=1))
+    study.print_table(result)
+    study.plot(result, output.with_suffix(".png"))
 
 
 def run_all(jobs: list[tuple[str, str, int]], args) -> None:

@@ -36,7 +36,6 @@ Settings, fixed on 2026-12-04 before the first run:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -202,9 +201,7 @@ def summarise(prep: dict, runs: list[dict]) -> dict:
                         **{key: quality.spread([r["points"][i]["accuracy"][key] for r in mine])
                            for key in ("exact_match", "calls_per_problem", "malformed_per_problem")},
                         "per_seed": [r["points"][i]["accuracy"]["exact_match"] for r in mine]} for i in range(n)],
-            "steps": statistics.mean(r["points"][n - 1]["step"] for r in mine),
-            "phases_s": {k: statistics.mean(r["points"][n - 1]["phases"].get(k, 0.0) for r in mine)
-                         for k in ("teacher_generation", "generation", "teacher", "update")},
+            **quality.last_point_means(mine, n, ("teacher_generation", "generation", "teacher", "update")),
             "pool_exact_match": [r["pool_exact_match"] for r in mine],
         }  # fmt: skip
     return {"setup": {"budget": BUDGET, "evals": EVALS, "eval_problems": EVAL_PROBLEMS, "seeds": SEEDS, "pool": POOL,
@@ -256,38 +253,13 @@ def plot(result: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def evaluations(method: str) -> int:
+    """The evaluation points of a finished run."""
+    return EVALS + (method == "two_stage_tools")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/trl_onpolicy_tools")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--collect", action="store_true")
-    parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    output = RESULTS / "tools.json"
-    if args.plot_only:
-        result = json.loads(output.read_text())
-        print_table(result)
-        return plot(result, output.with_suffix(".png"))
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if args.one:
-        method, seed = args.one[0], int(args.one[1])
-        record = run_one(method, seed, workdir)
-        evals = EVALS + (method == "two_stage_tools")
-        if len(record["points"]) < evals:
-            sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {evals} evaluations; not saved.")
-        return (workdir / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))
-    prep = prepare(workdir)
-    if not args.collect:
-        command = [sys.executable, __file__, "--workdir", str(workdir), "--one"]
-        quality.run_processes([((m, s), [*command, m, str(s)], workdir / f"run-{m}-{s}.json") for s in SEEDS
-                               for m in METHODS], args.workers)  # fmt: skip
-    runs = [json.loads(p.read_text()) for p in sorted(workdir.glob("run-*.json"))]
-    result = summarise(prep, runs)
-    output.write_text(json.dumps(result, indent=1))
-    print_table(result)
-    plot(result, output.with_suffix(".png"))
+    quality.study_main(__doc__, __file__, "/tmp/trl_onpolicy_tools", RESULTS / "tools.json", METHODS, SEEDS, sys.modules[__name__])
 
 
 if __name__ == "__main__":
