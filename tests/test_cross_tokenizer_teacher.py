@@ -86,6 +86,40 @@ def test_the_loss_is_uld_of_the_span_measures_over_the_steps_tokens(toks):
     assert sums.loss.item() == pytest.approx(expected / int(mask.sum()), rel=1e-4)
 
 
+def test_the_sampled_loss_is_the_reverse_kl_of_each_spans_text(toks):
+    """`loss_type="sampled_reverse_kl"`: per span, log q(text) - log p(text), each model's log-prob of the span's
+    text in its own tokens (from the two forward passes), put on the span's first token; its gradient is
+    (log q - log p) grad log q(text)."""
+    student_tok, teacher_tok = toks
+    student, teacher = tm.model(student_tok, seed=0), tm.model(teacher_tok, seed=5)
+    prompt = student_tok("Question: 12 + 3?", add_special_tokens=False)["input_ids"]
+    completion = student_tok(" 12 + 3 = 15. Café", add_special_tokens=False)["input_ids"] + [student_tok.eos_token_id]
+    batch = batch_of(student_tok, [prompt], [completion])
+    scores = CrossTokenizerTeacher(LocalTeacher(teacher), student_tok, teacher_tok, top_k=3).score(batch)
+    t_prompt = teacher_tok(student_tok.decode(prompt), add_special_tokens=False)["input_ids"]
+    t_completion, alignment = teacher_completion(student_tok, teacher_tok, completion, {student_tok.eos_token_id},
+                                                 teacher_tok.eos_token_id)  # fmt: skip
+    t_logps = teacher_logps(teacher, t_prompt, t_completion)
+    logits = student(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
+    s_logps = torch.log_softmax(logits, -1)  # (C, V_s)
+    expected, surrogate = 0.0, 0.0
+    for (a, b), (c, d) in zip(alignment.student, alignment.teacher):
+        log_q = sum(s_logps[i, completion[i]] for i in range(a, b))
+        log_p = sum(t_logps[j, t_completion[j]].item() for j in range(c, d))
+        expected += log_q.item() - log_p
+        surrogate = surrogate + (log_q.detach() - log_p) * log_q  # its gradient is the loss's
+    mask = batch["completion_mask"].bool()
+    hidden = student.model(batch["input_ids"]).last_hidden_state[:, -len(completion) - 1 : -1][mask]
+    hidden.retain_grad()
+    sums = distillation_loss(hidden, student.lm_head, scores.flatten(mask), batch["completion_ids"][mask],
+                             loss_type="sampled_reverse_kl", vocab_size=len(student_tok), num_items=len(completion),
+                             span_loss=SpanLoss(sampled=True))  # fmt: skip
+    assert sums.loss.item() == pytest.approx(expected / len(completion), rel=1e-5)
+    grads = torch.autograd.grad(sums.loss, student.lm_head.weight)[0]
+    reference = torch.autograd.grad(surrogate / len(completion), student.lm_head.weight)[0]
+    torch.testing.assert_close(grads, reference, rtol=1e-4, atol=1e-6)
+
+
 def test_chunks_hold_whole_spans():
     length = torch.tensor([2, 0, 1, 3, 0, 0, 1, 0, 0, 0])  # spans at 0, 2, 3, 6 (the tail 7-9: a partial character)
     assert span_bounds(length, 1) == [(0, 2), (2, 3), (3, 6), (6, 10)]
@@ -105,13 +139,13 @@ def trainer(tmp_path, toks, steps=2, hybrid=False, columns=("prompt",), **overri
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_the_trainer_distills_from_a_teacher_of_another_tokenizer(tmp_path, toks, hybrid):
-    tr = trainer(tmp_path, toks, hybrid=hybrid)
+@pytest.mark.parametrize(("hybrid", "loss_type"), [(False, "jsd"), (True, "jsd"), (False, "sampled_reverse_kl")])
+def test_the_trainer_distills_from_a_teacher_of_another_tokenizer(tmp_path, toks, hybrid, loss_type):
+    tr = trainer(tmp_path, toks, hybrid=hybrid, loss_type=loss_type)
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     tr.train()
     logs = tm.step_logs(tr)
-    assert all(math.isfinite(log["loss"]) and log["loss"] > 0 for log in logs)
+    assert all(math.isfinite(log["loss"]) and (log["loss"] > 0 or loss_type == "sampled_reverse_kl") for log in logs)
     assert all(0.0 <= log["alignment_rate"] <= 1.0 for log in logs)
     assert any(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
 
@@ -132,7 +166,10 @@ def test_gradient_accumulation_gives_the_step_of_one_big_batch(tmp_path, toks):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"loss_type": "sampled_reverse_kl"}, "`loss_type='sampled_reverse_kl'` scores the student's sampled tokens"),
+        ({"num_iterations": 2}, r"^The loss against a teacher of another tokenizer is per span, and takes no per-token "
+                                r"importance weight yet: set `num_iterations=1`"),
+        ({"loss_type": "sampled_reverse_kl", "hybrid": True},
+         r"^`uld_use_hybrid_loss` compares distributions; `loss_type='sampled_reverse_kl'` compares the sampled text"),
         ({"hidden_state_weight": 1.0}, "the CrossTokenizerTeacher backend returns log-probs only"),
         ({"seq_kd": True, "lmbda": 0.0}, r"^`seq_kd=True` has the teacher write completions, but a teacher of another"),
     ],

@@ -61,7 +61,8 @@ class OnPolicyDistillConfig(SFTConfig):
         teacher_tokenizer_name_or_path (`str`, *optional*):
             The teacher's tokenizer, when it differs from the student's: the teacher (a model or a server) is then
             wrapped in a [`~trl_onpolicy.teachers.CrossTokenizerTeacher`], which re-tokenizes each rollout and aligns
-            the two tokenizations, and the loss is ULD over aligned spans (`loss_type` is not used).
+            the two tokenizations, and the loss is ULD over aligned spans, or with `loss_type="sampled_reverse_kl"` the
+            sampled reverse KL of each span's text (the other loss types are not used).
         uld_use_hybrid_loss (`bool`, *optional*, defaults to `False`):
             The hybrid loss: the generalized JSD (`beta`) on the tokens whose text is the same in both vocabularies,
             ULD on the rest.

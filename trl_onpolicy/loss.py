@@ -110,7 +110,8 @@ def _chunk_terms(
     mu = None if sampler_logps is None else sampler_logps[start:end]
     if teacher.form == "spans":
         per_token = (span_loss or SpanLoss()).per_token(s_logps, targets, teacher.topk_ids[start:end],
-                                                        teacher.topk_logps[start:end], teacher.span_length[start:end])
+                                                        teacher.topk_logps[start:end], teacher.span_length[start:end],
+                                                        teacher.token_logps[start:end])  # fmt: skip
     elif loss_type == "sampled_reverse_kl":
         ref = None if ref_token_logps is None else ref_token_logps[start:end]
         per_token = D.sampled_reverse_kl(s_token, t_token, reward_scale, ref, old, mu, clip_max)  # (n,)

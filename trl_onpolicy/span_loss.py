@@ -8,7 +8,11 @@ must hold whole spans: [`span_bounds`] cuts the tokens at span starts. The span'
 the loss is the sum over spans divided by the step's completion tokens, as every other loss here (accumulation- and
 process-invariant); TRL's GOLD averages per group, then per sequence.
 
-ULD compares the top-k of the two measures (k: the teacher's). The hybrid loss compares, on the teacher's top-k tokens
+ULD compares the top-k of the two measures (k: the teacher's). With `loss_type="sampled_reverse_kl"` the loss is
+instead the sampled reverse KL of each span's text, which both models give a probability to whatever their tokens:
+the advantage `reward_scale * log p(span) - log q(span)` on the student's log-prob of the span as written (the
+per-token loss of `divergences.sampled_reverse_kl`, one span at a time). Unlike ULD it says which text is right. The
+hybrid loss compares, on the teacher's top-k tokens
 that have a twin in the student's vocabulary, the two measures column by column (generalized JSD with `beta`), and
 ULD on the rest; the teacher's matched mass outside its top-k is not seen (exact as k reaches the vocabulary).
 """
@@ -21,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .cross_tokenizer_divergences import merge_spans, uld
-from .divergences import generalized_jsd
+from .divergences import generalized_jsd, sampled_reverse_kl
 
 
 def span_bounds(span_length: Tensor, size: int) -> list[tuple[int, int]]:
@@ -49,6 +53,8 @@ class SpanLoss:
             vocabulary's share of the teacher's (GOLD's default).
         student_ids, teacher_ids (`list[int]`): The matched vocabulary.
         teacher_vocab (`int`): The teacher's vocabulary size.
+        sampled (`bool`): The sampled reverse KL of each span's text instead (`loss_type="sampled_reverse_kl"`).
+        reward_scale (`float`): Its weight of the teacher's log-prob (`reward_scale`).
     """
 
     hybrid: bool = False
@@ -58,6 +64,8 @@ class SpanLoss:
     student_ids: list[int] | None = None
     teacher_ids: list[int] | None = None
     teacher_vocab: int = 0
+    sampled: bool = False
+    reward_scale: float = 1.0
 
     def weights(self) -> tuple[float, float]:
         if self.matched_weight is not None:
@@ -66,7 +74,7 @@ class SpanLoss:
         return share, 1.0 - share
 
     def per_token(self, student_logps: Tensor, targets: Tensor, topk_ids: Tensor, topk_logps: Tensor,
-                  span_length: Tensor) -> Tensor:  # fmt: skip
+                  span_length: Tensor, text_logps: Tensor | None = None) -> Tensor:  # fmt: skip
         """
         The chunk's per-token loss `(n,)`: each span's at its first token, 0 elsewhere.
 
@@ -75,9 +83,16 @@ class SpanLoss:
             targets: `(n,)` the tokens written.
             topk_ids, topk_logps: `(n, K)` the teacher's span measures at span starts.
             span_length: `(n,)` spans' lengths at their starts, 0 elsewhere.
+            text_logps: `(n,)` the teacher's log-prob of each span's text at its start (the sampled loss).
         """
         starts = torch.nonzero(span_length > 0)[:, 0]  # (S,)
         spans = torch.stack([starts, starts + span_length[starts]], -1)  # (S, 2)
+        if self.sampled:
+            written = student_logps.gather(-1, targets[:, None])[:, 0].float()  # (n,)
+            before = torch.cat([written.new_zeros(1), written.cumsum(0)])  # (n + 1,)
+            student_text = before[spans[:, 1]] - before[starts]  # (S,) log q(span), differentiable
+            per_span = sampled_reverse_kl(student_text, text_logps[starts], self.reward_scale)  # (S,)
+            return torch.zeros_like(written).index_put((starts,), per_span)  # (n,)
         student = merge_spans(student_logps, targets, spans)  # (S, V_s)
         teacher_ids, teacher = topk_ids[starts], topk_logps[starts].float()  # (S, K) each
         if self.hybrid:

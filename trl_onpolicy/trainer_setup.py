@@ -225,19 +225,24 @@ def check_multi_turn_sources(multi_turn, teacher, args) -> None:
 
 
 def span_loss(teacher, args) -> SpanLoss | None:
-    """The loss against a teacher of another tokenizer ([`CrossTokenizerTeacher`]), else None; refuses the
-    sampled-token loss (the teacher's tokens are not the student's). Hidden-state matching is refused where every
-    backend without hidden states is."""
+    """The loss against a teacher of another tokenizer ([`CrossTokenizerTeacher`]), else None: the sampled reverse
+    KL of each span's text (`loss_type="sampled_reverse_kl"`), else ULD or the hybrid loss. Hidden-state matching is
+    refused where every backend without hidden states is."""
     if not isinstance(teacher, CrossTokenizerTeacher):
         return None
     if args.seq_kd:
         raise ValueError("`seq_kd=True` has the teacher write completions, but a teacher of another tokenizer writes "
                          "in its own tokens, which the student cannot train on. Set `seq_kd=False` (the student's or "
                          "the dataset's completions).")  # fmt: skip
+    if args.num_iterations > 1 or args.use_vllm and args.vllm_importance_sampling_correction:
+        raise ValueError("The loss against a teacher of another tokenizer is per span, and takes no per-token "
+                         "importance weight yet: set `num_iterations=1`, and `vllm_importance_sampling_correction="
+                         "False` with vLLM.")  # fmt: skip
     if args.loss_type == "sampled_reverse_kl":
-        raise ValueError("`loss_type='sampled_reverse_kl'` scores the student's sampled tokens, which a teacher of "
-                         "another tokenizer does not have: the loss is ULD over aligned spans. Use another `loss_type` "
-                         "(it is not used; `beta` is, by the hybrid loss).")  # fmt: skip
+        if teacher.hybrid:
+            raise ValueError("`uld_use_hybrid_loss` compares distributions; `loss_type='sampled_reverse_kl'` compares "
+                             "the sampled text only. Pick one.")  # fmt: skip
+        return SpanLoss(sampled=True, reward_scale=args.reward_scale)
     if not teacher.hybrid:
         return SpanLoss()
     if not 0.0 < args.beta < 1.0:

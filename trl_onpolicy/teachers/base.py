@@ -51,7 +51,8 @@ class TeacherScores:
         span_length (`torch.Tensor`, *optional*): `(B, C)` long, the spans form: at the first student token of an
             aligned span, its length in student tokens; 0 elsewhere. `topk_ids` `(B, C, K)` are then the teacher's own
             token ids and `topk_logps` the log-values of its span measure there (see
-            [`~trl_onpolicy.cross_tokenizer_divergences`]).
+            [`~trl_onpolicy.cross_tokenizer_divergences`]), and `token_logps` the teacher's log-prob of the span's
+            text (NaN off span starts).
     """
 
     temperature: float = 1.0

@@ -142,6 +142,7 @@ class CrossTokenizerTeacher(Teacher):
         ids = torch.zeros((*shape, k), dtype=torch.long)  # (B, C, K)
         logps = torch.full((*shape, k), float("-inf"))  # (B, C, K)
         length = torch.zeros(shape, dtype=torch.long)  # (B, C)
+        text_logps = torch.full(shape, float("nan"))  # (B, C) the teacher's log-prob of each span's text
         topk_ids, topk_logps, token_logps = scores.topk_ids.cpu(), scores.topk_logps.float().cpu(), scores.token_logps
         token_logps = token_logps.float().cpu()
         for row, alignment in enumerate(alignments):
@@ -150,7 +151,8 @@ class CrossTokenizerTeacher(Teacher):
                     continue
                 rest = token_logps[row, c + 1 : d].sum()  # the rest of the teacher's span as written
                 ids[row, a], logps[row, a], length[row, a] = topk_ids[row, c], topk_logps[row, c] + rest, b - a
-        return TeacherScores(temperature, topk_ids=ids, topk_logps=logps, span_length=length)
+                text_logps[row, a] = token_logps[row, c] + rest
+        return TeacherScores(temperature, token_logps=text_logps, topk_ids=ids, topk_logps=logps, span_length=length)
 
 
 def _layout(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
