@@ -20,6 +20,11 @@ Settings, fixed on 2026-12-04 before the first run:
     cross_hybrid        the same with `uld_use_hybrid_loss`: JSD beta 0.5 on the 132 tokens both vocabularies have
                         with the same text (the ASCII characters and the special tokens), ULD on the rest; GOLD's
                         default weights (132 / 260 and the rest)
+- added after a first look (seed 0 at 240 CPU-s: same_uld 0.000 against same_jsd 0.480; ULD compares how peaked the
+  two distributions are, not which token each puts its mass on, so nothing tells the student which text is right), the
+  cross-tokenizer loss that does compare texts, settings fixed before it ran:
+    same_srkl           the BPE teacher, `loss_type="sampled_reverse_kl"` (per token): the reference for the next
+    cross_srkl          the byte-level teacher, `loss_type="sampled_reverse_kl"`: per span, log q(text) - log p(text)
 - charged: everything, the re-tokenization and alignment included (its CPU-s are also reported as `alignment`).
 - headline: exact match at 240 CPU-s per method (mean and each seed), steps made, where the CPU-s went.
 """
@@ -36,7 +41,7 @@ import quality  # benchmarks/quality.py: the meter, the pair, the runner
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["same_jsd", "same_uld", "cross_uld", "cross_hybrid"]
+METHODS = ["same_jsd", "same_uld", "cross_uld", "cross_hybrid", "same_srkl", "cross_srkl"]
 SEEDS, BUDGET, EVALS, EVAL_PROBLEMS, TOP_K = (0, 1, 2), 240.0, 2, 200, 64
 
 
@@ -69,6 +74,8 @@ def build_trainer(method, meter, teacher, teacher_tokenizer, student, tokenizer,
             teacher_tokenizer.save_pretrained(folder)
             ours.update(teacher_tokenizer_name_or_path=str(folder), teacher_top_k=TOP_K,
                         uld_use_hybrid_loss=method == "cross_hybrid")  # fmt: skip
+        if method.endswith("srkl"):
+            ours["loss_type"] = "sampled_reverse_kl"
         config = OnPolicyDistillConfig(**common, **ours)
         trainer = OnPolicyDistillTrainer(student, teacher_model=teacher_model, args=config,
                                          train_dataset=quality.prompts("standard", seed), processing_class=tokenizer)
