@@ -166,8 +166,8 @@ def test_gradient_accumulation_gives_the_step_of_one_big_batch(tmp_path, toks):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num_iterations": 2}, r"^The loss against a teacher of another tokenizer is per span, and takes no per-token "
-                                r"importance weight yet: set `num_iterations=1`"),
+        ({"num_iterations": 2}, (r"^The loss against a teacher of another tokenizer is per span, and takes no "
+                                 r"per-token importance weight yet: set `num_iterations=1`")),
         ({"loss_type": "sampled_reverse_kl", "hybrid": True},
          r"^`uld_use_hybrid_loss` compares distributions; `loss_type='sampled_reverse_kl'` compares the sampled text"),
         ({"hidden_state_weight": 1.0}, "the CrossTokenizerTeacher backend returns log-probs only"),
@@ -260,8 +260,8 @@ def test_the_config_field_wraps_the_teacher_and_its_loss(tmp_path, toks):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"uld_use_hybrid_loss": True}, "`uld_use_hybrid_loss` set, but there is no teacher of another tokenizer: set "
-                                        "`teacher_tokenizer_name_or_path`"),
+        ({"uld_use_hybrid_loss": True}, ("`uld_use_hybrid_loss` set, but there is no teacher of another tokenizer: "
+                                         "set `teacher_tokenizer_name_or_path`")),
         ({"teacher_tokenizer_name_or_path": "t", "uld_hybrid_matched_weight": 0.5},
          "`uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` must be both None or both >= 0, got (0.5, None)."),
         ({"teacher_tokenizer_name_or_path": "t", "uld_min_alignment_rate": 1.5},

@@ -204,8 +204,8 @@ def check_multi_turn_sources(multi_turn, teacher, args) -> None:
     completion is the dataset's never writes one."""
     if multi_turn is None:
         return
-    if isinstance(teacher, CrossTokenizerTeacher):
-        raise ValueError(
+    if isinstance(teacher, CrossTokenizerTeacher):  # a settings conflict, refused as the others here are
+        raise ValueError(  # noqa: TRY004
             "A teacher of another tokenizer (`CrossTokenizerTeacher`) scores single-turn completions only: a "
             "multi-turn transcript (`tools`, `environment_factory`) cannot be re-tokenized turn by turn yet. Use a "
             "teacher that shares the student's tokenizer."
