@@ -11,7 +11,7 @@ import torch
 
 from trl_onpolicy import CrossTokenizerTeacher, LocalTeacher
 from trl_onpolicy.loss import distillation_loss
-from trl_onpolicy.span_loss import SpanLoss, span_bounds
+from trl_onpolicy.span_loss import SpanLoss
 from trl_onpolicy.token_alignment import teacher_completion
 from trl_onpolicy.toy import build_tokenizer, make_dataset
 from trl_onpolicy.trainer_setup import span_loss
@@ -118,13 +118,6 @@ def test_the_sampled_loss_is_the_reverse_kl_of_each_spans_text(toks):
     grads = torch.autograd.grad(sums.loss, student.lm_head.weight)[0]
     reference = torch.autograd.grad(surrogate / len(completion), student.lm_head.weight)[0]
     torch.testing.assert_close(grads, reference, rtol=1e-4, atol=1e-6)
-
-
-def test_chunks_hold_whole_spans():
-    length = torch.tensor([2, 0, 1, 3, 0, 0, 1, 0, 0, 0])  # spans at 0, 2, 3, 6 (the tail 7-9: a partial character)
-    assert span_bounds(length, 1) == [(0, 2), (2, 3), (3, 6), (6, 10)]
-    assert span_bounds(length, 4) == [(0, 6), (6, 10)]
-    assert span_bounds(length, 100) == [(0, 10)]
 
 
 def trainer(tmp_path, toks, steps=2, hybrid=False, columns=("prompt",), **overrides):
