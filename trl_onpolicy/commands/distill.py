@@ -41,6 +41,7 @@ from ..model_paths import check_model_names
 from .distill_parser import DistillParser
 
 TOY = "toy"
+TOY_DOMAINS = "toy_domains"  # the toy task as two domains: "standard" (2-4 equations) and "hard" (5-8)
 DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 
 
@@ -58,6 +59,10 @@ class DistillScriptArguments(ScriptArguments):
             and after every round (`--num_rounds`); the report lands in `output_dir`.
         eval_limit (`int`, *optional*): Examples per eval task.
         num_threads (`int`, *optional*): torch CPU threads (tiny models are fastest on one).
+        domain_column (`str`, *optional*): A column naming each row's domain: one specialised student per domain, each
+            from its teacher, and a router beside them (see `trl_onpolicy.commands.distill_domains`).
+        router (`str`, *optional*, defaults to `"classifier"`): With `domain_column`: `"classifier"` (trained on the
+            prompts) or `"column"` (the caller names each prompt's domain).
     """
 
     system_prompt: str | None = field(
@@ -69,6 +74,12 @@ class DistillScriptArguments(ScriptArguments):
     )
     eval_limit: int | None = field(default=None, metadata={"help": "Examples per eval task."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    domain_column: str | None = field(
+        default=None, metadata={"help": "Column naming each row's domain: one student per domain, and a router."}
+    )
+    router: str = field(
+        default="classifier", metadata={"help": "With --domain_column: 'classifier' (trained on the prompts) or 'column'."}
+    )
 
 
 USAGE_NOTE = """\
@@ -126,6 +137,8 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
 
         train = make_dataset(script_args.max_train_samples or 640, split="train")
         return train.select_columns(["prompt", "completion"]), None
+    if name == TOY_DOMAINS:
+        return toy_domains(script_args.max_train_samples or 640), None
     refuse_empty_source(name, script_args.dataset_train_split)
     if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
         dataset = load_from_disk(name)  # a Dataset or DatasetDict written by `save_to_disk`
@@ -143,12 +156,27 @@ def load_datasets(script_args: DistillScriptArguments, need_eval: bool = False):
         train = train.take(n) if script_args.dataset_streaming else train.select(range(min(n, len(train))))
     columns = set(train.column_names or [])
     if {"question", "answer"} <= columns and not columns & {"prompt", "messages"}:  # GSM8K's format
+        kept = {script_args.domain_column}
         train, test = (
             None if d is None else d.map(to_conversational, fn_kwargs={"system_prompt": script_args.system_prompt},
-                                         remove_columns=d.column_names)
+                                         remove_columns=[c for c in d.column_names if c not in kept])
             for d in (train, test)
         )  # fmt: skip
     return train, test
+
+
+def toy_domains(n: int):
+    """`n` toy rows in two domains (the `domain` column), alternating: "standard" problems (2-4 equations) and "hard"
+    ones (5-8)."""
+    from datasets import Dataset
+
+    from ..toy import make_dataset
+
+    parts = {"standard": make_dataset((n + 1) // 2, split="train"),
+             "hard": make_dataset(n // 2, split="train", min_steps=5, max_steps=8)}  # fmt: skip
+    rows = [{"prompt": parts[d][i]["prompt"], "completion": parts[d][i]["completion"], "domain": d}
+            for i in range((n + 1) // 2) for d in parts if i < len(parts[d])]  # fmt: skip
+    return Dataset.from_list(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------- run
@@ -274,6 +302,10 @@ def main(
 
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
+    if script_args.domain_column:  # one student per domain, and a router
+        from .distill_domains import distill_domains
+
+        return distill_domains(script_args, training_args, model_args, command or ["python", *sys.argv])
     check_arguments(model_args, training_args)
     resume = checkpoints.resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     callbacks = eval_callbacks(script_args)
@@ -291,7 +323,8 @@ def run(argv: list[str] | None = None, prog: str = "trl-onpolicy distill") -> in
     parser = make_parser(prog=prog)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     trainer = main(script_args, training_args, model_args, command=[*shlex.split(prog), *argv])
-    return checkpoints.SIGTERM_EXIT_STATUS if checkpoints.sigterm_stop(trainer) else 0
+    stopped = trainer is not None and checkpoints.sigterm_stop(trainer)  # None: every domain was already trained
+    return checkpoints.SIGTERM_EXIT_STATUS if stopped else 0
 
 
 if __name__ == "__main__":  # accelerate launch -m trl_onpolicy.commands.distill --config recipe.yaml
