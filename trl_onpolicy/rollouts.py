@@ -142,12 +142,16 @@ def teacher_inputs(rollouts: Rollouts, student_inputs: dict[str, Any], pad_id: i
     What the teacher scores: the same completions after each rollout's teacher prompt
     ([`Rollouts.teacher_prompt_ids`]), laid out as [`collate`] lays them out (teacher prompts padded on the left to
     their own `P_t`), so `completion_ids` and `completion_mask` are the student's; `student_inputs` itself when no
-    rollout has a teacher prompt of its own.
+    rollout has a teacher prompt of its own. Rows with `teacher_native_prompt_ids` (a teacher of another tokenizer,
+    see `teacher_prompts.add_native_teacher_prompt_ids`) add them as a list under that key.
     """
+    native = {}  # a teacher of another tokenizer: its own rendering of each prompt, in its tokens ([] where none)
+    if any(row.get("teacher_native_prompt_ids") for row in rollouts.rows):
+        native = {"teacher_native_prompt_ids": [list(row.get("teacher_native_prompt_ids") or []) for row in rollouts.rows]}
     if not rollouts.has_teacher_prompts:
-        return student_inputs
+        return {**student_inputs, **native} if native else student_inputs
     inputs = collate(rollouts, pad_id, device, rollouts.teacher_prompt_ids())
-    return {**student_inputs, "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    return {**student_inputs, "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], **native}
 
 
 def collate(

@@ -154,3 +154,31 @@ def add_teacher_prompt_ids(
             sum(dataset["teacher_prompt_truncated"]), len(dataset), name, max_prompt_length,
         )  # fmt: skip
     return dataset
+
+
+def add_native_teacher_prompt_ids(dataset, teacher_tokenizer, template: str, name: str = "train",
+                                  num_proc: int | None = None):  # fmt: skip
+    """
+    For a teacher of another tokenizer: add a `teacher_native_prompt_ids` column, each conversational prompt (the
+    teacher prompt where a row gives one, else the student's) rendered with the *teacher's* chat template and tokenized
+    by the teacher's tokenizer, so a Llama teacher reads Llama's turn markers where the student reads Qwen's. A plain
+    text prompt gets `[]` (the teacher reads the student's text), and so does every row when the teacher's tokenizer
+    has no chat template (with one warning).
+    """
+    if getattr(teacher_tokenizer, "chat_template", None) is None:
+        if isinstance(dataset, Dataset) and len(dataset) and isinstance(_student_prompt(dataset[0]), list):
+            logger.warning("The teacher's tokenizer has no chat template: the teacher reads each conversational "
+                           "prompt as the student's chat template renders it.")  # fmt: skip
+        return dataset
+
+    def tokenize(row):
+        prompt = teacher_prompt(row, template)
+        field = "teacher_prompt" if row.get("teacher_prompt") is not None else "prompt"
+        prompt = _student_prompt(row) if prompt is None else prompt
+        if not isinstance(prompt, list):
+            return {"teacher_native_prompt_ids": []}
+        return {"teacher_native_prompt_ids": chat_ids(teacher_tokenizer, prompt, field, add_generation_prompt=True)}
+
+    kwargs = {"num_proc": num_proc, "desc": f"Tokenizing {name} prompts for the teacher"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(tokenize, **kwargs)
+

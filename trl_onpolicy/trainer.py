@@ -159,6 +159,8 @@ class OnPolicyDistillTrainer(SFTTrainer):
         quantized.keep_trainable(student)  # before any forward (see quantized.py)
         merge.check_merge(self, student)
         self.teacher, self.vocab_size = build_teacher(teacher_model, args, student, self._tokenizer)
+        self.train_dataset, self.eval_dataset = trainer_setup.native_teacher_prompts(self.teacher, args,
+                                                                                    self.train_dataset, self.eval_dataset)  # fmt: skip
         check_cached_rows(self.teacher, self.train_dataset, args)
         self.teacher.prepare(self.accelerator)  # sharded where the launcher shards (see frozen_models.py)
         trainer_setup.check_teacher_columns(self.teacher, args, train_dataset, student)

@@ -17,7 +17,12 @@ from .multi_turn import MultiTurnRollouts
 from .prompts import column_names, prepare_dataset
 from .rewards import Rewards
 from .span_loss import SpanLoss
-from .teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, has_privileged_columns
+from .teacher_prompts import (
+    DEFAULT_TEACHER_PROMPT_TEMPLATE,
+    add_native_teacher_prompt_ids,
+    add_teacher_prompt_ids,
+    has_privileged_columns,
+)
 from .teachers import (
     CrossTokenizerTeacher,
     EnsembleTeacher,
@@ -57,6 +62,21 @@ def prepare(dataset, processing_class, args, formatting_func, dataset_name, chat
                               args.dataset_num_proc, chat_template_kwargs)  # fmt: skip
     return add_teacher_prompt_ids(dataset, tokenizer, args.teacher_prompt_template, args.max_prompt_length,
                                   dataset_name, args.dataset_num_proc)  # fmt: skip
+
+
+def native_teacher_prompts(teacher, args, train_dataset, eval_dataset):
+    """The datasets with each conversational prompt in a teacher of another tokenizer's own chat template (see
+    `teacher_prompts.add_native_teacher_prompt_ids`); unchanged for any other teacher."""
+    if not isinstance(teacher, CrossTokenizerTeacher):
+        return train_dataset, eval_dataset
+
+    def add(dataset, name):
+        return None if dataset is None else add_native_teacher_prompt_ids(
+            dataset, teacher.teacher_tokenizer, args.teacher_prompt_template, name, args.dataset_num_proc)
+
+    if isinstance(eval_dataset, dict):
+        return add(train_dataset, "train"), {k: add(v, k) for k, v in eval_dataset.items()}
+    return add(train_dataset, "train"), add(eval_dataset, "eval")
 
 
 def check_completion_sources(args, dataset, prepared) -> None:

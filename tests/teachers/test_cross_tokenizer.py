@@ -282,3 +282,31 @@ def test_a_vocabulary_mismatch_names_the_field(tmp_path, toks):
         tm.OnPolicyDistillTrainer(model=tm.model(student_tok), teacher_model=tm.model(teacher_tok),
                                   args=tm.config(tmp_path), train_dataset=make_dataset(4).select_columns(["prompt"]),
                                   processing_class=student_tok)  # fmt: skip
+
+
+def test_a_conversational_prompt_reaches_the_teacher_in_its_own_chat_template(tmp_path):
+    """The student reads `#u:...` (its template); the teacher of another tokenizer reads its own `<|user|>` markers,
+    in its own tokens: exactly `apply_chat_template` of the teacher's tokenizer, never the student's rendering."""
+    student_tok, teacher_tok = tm.tokenizer(), tm.byte_tokenizer()
+    teacher_tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+    inner = LocalTeacher(tm.model(teacher_tok, seed=1))
+    seen, score = [], inner.score
+
+    def recording(inputs, **kwargs):
+        width = inputs["input_ids"].shape[1] - inputs["completion_ids"].shape[1]
+        for ids, mask in zip(inputs["input_ids"][:, :width].tolist(), inputs["attention_mask"][:, :width].tolist()):
+            seen.append([t for t, m in zip(ids, mask) if m])
+        return score(inputs, **kwargs)
+
+    inner.score = recording
+    cross = CrossTokenizerTeacher(inner, student_tok, teacher_tok)
+    questions = ["add 2 and 3", "say hi", "count to 4", "name a color"]
+    data = tm.Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in questions]})
+    args = tm.config(tmp_path, per_device_train_batch_size=4, max_completion_length=4, max_length=96)
+    tm.OnPolicyDistillTrainer(model=tm.model(student_tok), teacher_model=cross, args=args, train_dataset=data,
+                              processing_class=student_tok).train()  # fmt: skip
+    expected = {tuple(teacher_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                      tokenize=True)["input_ids"]) for q in questions}  # fmt: skip
+    assert len(seen) == 4 and {tuple(p) for p in seen} <= expected
+    assert teacher_tok.decode(seen[0]).startswith("<|user|>")

@@ -3,9 +3,11 @@
 [`CrossTokenizerTeacher`] wraps a backend that scores sequences in the teacher's own tokens (a [`LocalTeacher`] of the
 teacher model, or a teacher server) and turns its scores into the student's positions:
 
-1. each rollout's prompt and completion are decoded to text with the student's tokenizer and encoded with the
-   teacher's (the prompt as the student saw it, chat-template markers included, as TRL's GOLD does; the completion
-   aligned with the student's tokens by [`~trl_onpolicy.token_alignment.teacher_completion`]);
+1. each rollout's completion is decoded to text with the student's tokenizer and encoded with the teacher's, aligned
+   with the student's tokens by [`~trl_onpolicy.token_alignment.teacher_completion`]; a conversational prompt is
+   rendered with the teacher's own chat template (the trainer adds `teacher_native_prompt_ids` to the data, see
+   `teacher_prompts.add_native_teacher_prompt_ids`), a plain one is the student's text re-encoded (as TRL's GOLD
+   re-encodes every prompt, chat-template markers included);
 2. the backend returns, at every teacher position, its top-k tokens and log-probs and the log-prob of the token there;
 3. for each aligned span the teacher's span measure is its first token's top-k scaled by the probability of the rest
    of the span as written ([`~trl_onpolicy.cross_tokenizer_divergences.merge_spans`]; scaling keeps the order, so the
@@ -103,15 +105,18 @@ class CrossTokenizerTeacher(Teacher):
         n_completion = batch["completion_ids"].shape[1]
         eos = {self.student_tokenizer.eos_token_id}
         rows, one_to_one, tokens = [], 0, 0
+        native = iter(batch.get("teacher_native_prompt_ids") or [[]] * len(batch["input_ids"]))
         for ids, mask, completion, real in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(),
                                                batch["completion_ids"].tolist(), batch["completion_mask"].tolist()):  # fmt: skip
             if 0 in real[: sum(real)]:
                 raise ValueError("Cross-tokenizer distillation scores single-turn completions only: a completion "
                                  "with environment tokens (`tools`, `environment_factory`) cannot be re-tokenized "
                                  "turn by turn yet.")  # fmt: skip
-            prompt = [t for t, m in zip(ids[: len(ids) - n_completion], mask) if m]
-            text = self.student_tokenizer.decode(prompt)
-            teacher_prompt = list(self.teacher_tokenizer(text, add_special_tokens=False)["input_ids"])
+            teacher_prompt = next(native)
+            if not teacher_prompt:  # a plain prompt: the student's text, re-encoded
+                prompt = [t for t, m in zip(ids[: len(ids) - n_completion], mask) if m]
+                text = self.student_tokenizer.decode(prompt)
+                teacher_prompt = list(self.teacher_tokenizer(text, add_special_tokens=False)["input_ids"])
             completion = completion[: sum(real)]
             teacher_ids, alignment = teacher_completion(self.student_tokenizer, self.teacher_tokenizer, completion,
                                                         eos, self.teacher_tokenizer.eos_token_id)  # fmt: skip
