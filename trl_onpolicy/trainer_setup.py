@@ -27,6 +27,7 @@ from .teachers import (
     CrossTokenizerTeacher,
     EnsembleTeacher,
     LocalTeacher,
+    TeacherCache,
     load_teacher_model,
     local_models,
     micro_batch_rows,
@@ -245,10 +246,12 @@ def check_multi_turn_sources(multi_turn, teacher, args) -> None:
 
 
 def span_loss(teacher, args) -> SpanLoss | None:
-    """The loss against a teacher of another tokenizer ([`CrossTokenizerTeacher`]), else None: the sampled reverse
+    """The loss against a teacher of another tokenizer ([`CrossTokenizerTeacher`], or a teacher cache built for one:
+    ULD only, the hybrid loss needs the live teacher's tokenizer), else None: the sampled reverse
     KL of each span's text (`loss_type="sampled_reverse_kl"`), else ULD or the hybrid loss. Hidden-state matching is
     refused where every backend without hidden states is."""
-    if not isinstance(teacher, CrossTokenizerTeacher):
+    spans_cache = isinstance(teacher, TeacherCache) and teacher.spans  # built for a teacher of another tokenizer
+    if not isinstance(teacher, CrossTokenizerTeacher) and not spans_cache:
         return None
     if args.seq_kd:
         raise ValueError("`seq_kd=True` has the teacher write completions, but a teacher of another tokenizer writes "
@@ -259,11 +262,11 @@ def span_loss(teacher, args) -> SpanLoss | None:
                          "importance weight yet: set `num_iterations=1`, and `vllm_importance_sampling_correction="
                          "False` with vLLM.")  # fmt: skip
     if args.loss_type == "sampled_reverse_kl":
-        if teacher.hybrid:
+        if getattr(teacher, "hybrid", False):
             raise ValueError("`uld_use_hybrid_loss` compares distributions; `loss_type='sampled_reverse_kl'` compares "
                              "the sampled text only. Pick one.")  # fmt: skip
         return SpanLoss(sampled=True, reward_scale=args.reward_scale)
-    if not teacher.hybrid:
+    if spans_cache or not teacher.hybrid:
         return SpanLoss()
     if not 0.0 < args.beta < 1.0:
         raise ValueError(f"The hybrid loss's JSD compares sub-probability measures and needs 0 < beta < 1, got "

@@ -6,7 +6,9 @@ TEACHER is a model path (or Hub id, when online) with its tokenizer. DATASET is 
 written by `Dataset.save_to_disk`, a `.json`/`.jsonl`/`.csv`/`.parquet` file, or a Hub id (`--split`, `--subset`);
 its rows are prompt-completion or conversational. OUTPUT receives the shards and `manifest.json` (see
 [`~trl_onpolicy.teachers.build_teacher_cache`]). Train from it with `teacher_model_name_or_path=OUTPUT`, `lmbda=0.0`
-and the same `max_length` / `max_completion_length`: the flags default to `OnPolicyDistillConfig`'s.
+and the same `max_length` / `max_completion_length`: the flags default to `OnPolicyDistillConfig`'s. With
+`--student-tokenizer` (a student of another model family), each completion is re-tokenized for the teacher and the
+cache holds the teacher's scores per aligned span, in the student's positions (cross-tokenizer distillation).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="Teacher dtype: auto, float32, bfloat16 or float16.")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own Python code.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a cache already in OUTPUT.")
+    parser.add_argument(
+        "--student-tokenizer",
+        default=None,
+        help="The student's tokenizer, when it is not the teacher's (another model family): the cache holds the "
+        "teacher's scores aligned to the student's tokens (cross-tokenizer).",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 
 
@@ -80,12 +88,20 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"--max-length ({args.max_length}) must exceed --max-completion-length.")
     dataset = load_rows(args.dataset, args.split, args.subset, args.num_rows)  # a bad dataset fails before loading
     model, tokenizer = load_model(args.teacher, args.dtype, args.trust_remote_code)
+    teacher_tokenizer = None
+    if args.student_tokenizer:  # a teacher of another family: rows in the student's tokens, scores in the teacher's
+        from transformers import AutoTokenizer
+
+        check_model_name(args.student_tokenizer, "student tokenizer", "--student-tokenizer")
+        teacher_tokenizer = tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.student_tokenizer, trust_remote_code=args.trust_remote_code)
     max_prompt = None if args.max_length is None else args.max_length - args.max_completion_length
     start = time.perf_counter()
     cache = build_teacher_cache(
         model, dataset, tokenizer, args.output, top_k=args.top_k, temperature=args.temperature,
         max_prompt_length=max_prompt, max_completion_length=args.max_completion_length, batch_size=args.batch_size,
         shard_tokens=args.shard_tokens, teacher_name=args.teacher, overwrite=args.overwrite,
+        teacher_tokenizer=teacher_tokenizer,
     )  # fmt: skip
     manifest = cache.manifest
     print(

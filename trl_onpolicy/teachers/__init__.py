@@ -157,8 +157,10 @@ def _teacher_tokenizer(teacher_model, args):
             "in `CrossTokenizerTeacher`."
         )
     if isinstance(teacher_model, (str, os.PathLike)) and not _is_url(teacher_model) and is_teacher_cache(teacher_model):
-        raise ValueError("A teacher cache holds scores in the student's tokens; it cannot serve a teacher of another "
-                         "tokenizer yet. Give the teacher model or its server instead.")  # fmt: skip
+        raise ValueError("`teacher_tokenizer_name_or_path` wraps a live teacher, but the teacher is a cache. A cache "
+                         "for a teacher of another tokenizer is built with the teacher's tokenizer (`trl-onpolicy "
+                         "cache-teacher ... --student-tokenizer`, `build_teacher_cache(..., teacher_tokenizer=)`) and "
+                         "then holds the aligned spans: train from it without `teacher_tokenizer_name_or_path`.")  # fmt: skip
     return AutoTokenizer.from_pretrained(path, revision=args.teacher_model_revision,
                                          trust_remote_code=args.trust_remote_code)  # fmt: skip
 

@@ -105,6 +105,11 @@ class _Shard:
             return None, None, token_logps
         return handle.get_slice("topk_ids")[start:end], handle.get_slice("topk_logps")[start:end], token_logps
 
+    def read_spans(self, row: int) -> torch.Tensor:
+        """`(n,)` span lengths of row `row` (a cache built for a teacher of another tokenizer)."""
+        handle = self.open()
+        return handle.get_slice("span_length")[int(self.offsets[row]) : int(self.offsets[row + 1])]
+
 
 def _collated_rows(batch: dict[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each row's real prompt and completion ids from the [`collate`] layout (prompts left-, completions right-padded)."""
@@ -139,6 +144,7 @@ class TeacherCache(Teacher):
         self.path = os.fspath(path)
         self.manifest = self._read_manifest()
         self.top_k, self.temperature = self.manifest["top_k"], self.manifest["temperature"]
+        self.spans = bool(self.manifest.get("spans"))  # built for a teacher of another tokenizer: the spans form
         if tokenizer is not None:
             self._check_tokenizer(tokenizer)
         if expected_teacher is not None:
@@ -284,8 +290,9 @@ class TeacherCache(Teacher):
         self._check_temperature(temperature)
         k = self._check_top_k(top_k)
         batch_size, n_completion = batch["completion_ids"].shape
-        need_topk = need != "token"
-        token_logps = torch.zeros(batch_size, n_completion)  # (B, C)
+        need_topk = need != "token" or self.spans
+        token_logps = torch.full((batch_size, n_completion), float("nan") if self.spans else 0.0)  # (B, C)
+        span_length = torch.zeros(batch_size, n_completion, dtype=torch.long) if self.spans else None  # (B, C)
         topk_ids = torch.zeros(batch_size, n_completion, k, dtype=torch.long)  # (B, C, K) filler: token 0 ...
         topk_logps = torch.full((batch_size, n_completion, k), -math.log(k))  # (B, C, K) ... a uniform distribution
         for i, (prompt, completion) in enumerate(_collated_rows(batch)):
@@ -299,6 +306,8 @@ class TeacherCache(Teacher):
             if tokens.shape[0] != len(completion):
                 raise shard._error(f"gives {tokens.shape[0]} tokens for a row of {len(completion)}")
             token_logps[i, : len(completion)] = tokens
+            if self.spans:
+                span_length[i, : len(completion)] = shard.read_spans(found[1]).long()
             if need_topk:
                 topk_ids[i, : len(completion)] = ids[:, :k].long()
                 topk_logps[i, : len(completion)] = logps[:, :k]
@@ -306,6 +315,9 @@ class TeacherCache(Teacher):
         scores = TeacherScores(temperature, token_logps=token_logps.to(device), vocab_size=self.vocab_size)
         if need_topk:
             scores.topk_ids, scores.topk_logps = topk_ids.to(device), topk_logps.to(device)
+        if self.spans:  # off a span's first token nothing is compared: no top-k mass there, as the live teacher gives
+            topk_logps.masked_fill_((span_length == 0)[..., None], float("-inf"))
+            scores.topk_logps, scores.span_length = topk_logps.to(device), span_length.to(device)
         return scores
 
     # -------------------------------------------------------------- from a training config

@@ -17,11 +17,17 @@ from tqdm.auto import tqdm
 
 from ..prompts import check_columns, column_names, prepare_dataset
 from ..rollouts import Rollouts, collate, teacher_inputs
-from ..teacher_prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE, add_teacher_prompt_ids, check_template
+from ..teacher_prompts import (
+    DEFAULT_TEACHER_PROMPT_TEMPLATE,
+    add_native_teacher_prompt_ids,
+    add_teacher_prompt_ids,
+    check_template,
+)
 from . import cache_format as fmt
 from .base import Teacher
 from .cache import TeacherCache
 from .cache_format import CacheError
+from .cross_tokenizer import CrossTokenizerTeacher
 from .local import LocalTeacher
 
 
@@ -40,11 +46,12 @@ class _ShardWriter:
     def __init__(self, folder: str, shard_tokens: int):
         self.folder, self.shard_tokens = folder, shard_tokens
         self.entries: list[dict] = []
-        self._rows: list[tuple[bytes, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._rows: list[tuple[bytes, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._tokens = 0
 
-    def add(self, key: bytes, topk_ids: torch.Tensor, topk_logps: torch.Tensor, token_logps: torch.Tensor) -> None:
-        self._rows.append((key, topk_ids, topk_logps, token_logps))
+    def add(self, key: bytes, topk_ids: torch.Tensor, topk_logps: torch.Tensor, token_logps: torch.Tensor,
+            span_length: torch.Tensor | None = None) -> None:  # fmt: skip
+        self._rows.append((key, topk_ids, topk_logps, token_logps, span_length))
         self._tokens += token_logps.shape[0]
         if self._tokens >= self.shard_tokens:
             self.flush()
@@ -52,7 +59,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self._rows:
             return
-        keys, ids, logps, tokens = zip(*self._rows)
+        keys, ids, logps, tokens, spans = zip(*self._rows)
         lengths = torch.tensor([0] + [t.shape[0] for t in tokens], dtype=torch.int64)
         tensors = {
             "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), 16),  # (R, 16)
@@ -61,6 +68,8 @@ class _ShardWriter:
             "topk_logps": torch.cat(logps).to(torch.float32).contiguous(),  # (N, K)
             "token_logps": torch.cat(tokens).to(torch.float32).contiguous(),  # (N,)
         }
+        if spans[0] is not None:  # a teacher of another tokenizer: each span's length in student tokens at its start
+            tensors["span_length"] = torch.cat(spans).to(torch.int32).contiguous()  # (N,)
         data = save_safetensors(tensors, metadata={"format": fmt.FORMAT, "version": str(fmt.VERSION)})
         name = fmt.SHARD_PATTERN.format(len(self.entries))
         _write_atomic(os.path.join(self.folder, name), data)
@@ -113,7 +122,8 @@ def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batc
     total = len(rows) if hasattr(rows, "__len__") else None
     if hasattr(rows, "select_columns"):
         rows = rows.select_columns(
-            [c for c in ("prompt_ids", "completion_ids", "teacher_prompt_ids") if c in rows.column_names]
+            [c for c in ("prompt_ids", "completion_ids", "teacher_prompt_ids", "teacher_native_prompt_ids")
+             if c in rows.column_names]  # fmt: skip
         )
     for row in tqdm(rows, total=total, desc="Teacher cache", unit="row"):
         key, teacher_prompt = (
@@ -125,7 +135,8 @@ def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batc
         if not row["completion_ids"] or key in seen:  # nothing to score, or scored already
             continue
         seen[key] = list(teacher_prompt)
-        pending.append((key, list(row["prompt_ids"]), list(row["completion_ids"]), list(teacher_prompt)))
+        native = list(row.get("teacher_native_prompt_ids") or [])  # a teacher of another tokenizer: its own template
+        pending.append((key, list(row["prompt_ids"]), list(row["completion_ids"]), (list(teacher_prompt), native)))
         if len(pending) == batch_size:
             k = _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer)
             pending = []
@@ -138,19 +149,20 @@ def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batc
 def _score_batch(teacher, pending, pad_id, device, temperature, top_k, writer) -> int:
     """Score `pending` `(key, prompt_ids, completion_ids, teacher_prompt_ids)` rows (each after its teacher prompt
     when it has one), hand each row's scores to `writer`; returns K."""
-    rows = [{"teacher_prompt_ids": t} for *_, t in pending]
+    rows = [{"teacher_prompt_ids": t, "teacher_native_prompt_ids": native} for *_, (t, native) in pending]
     rollouts = Rollouts([p for _, p, _, _ in pending], [c for _, _, c, _ in pending], "dataset", rows=rows)
     batch = teacher_inputs(rollouts, collate(rollouts, pad_id, device), pad_id, device)
     scores = teacher.score(batch, temperature=temperature, top_k=top_k)
-    if scores.form != "topk" or scores.token_logps is None:
+    if scores.form not in ("topk", "spans") or scores.token_logps is None:
         raise CacheError(
             f"The teacher returned {scores.form!r} scores for `top_k={top_k}`; a cache needs the top-k form with the "
             "sampled tokens' log-probs."
         )
     ids, logps, tokens = scores.topk_ids.cpu(), scores.topk_logps.float().cpu(), scores.token_logps.float().cpu()
+    spans = None if scores.span_length is None else scores.span_length.cpu()  # (B, C): the spans form
     for i, (key, _, completion, _) in enumerate(pending):
         n = len(completion)
-        writer.add(key, ids[i, :n], logps[i, :n], tokens[i, :n])  # (n, K), (n, K), (n,)
+        writer.add(key, ids[i, :n], logps[i, :n], tokens[i, :n], None if spans is None else spans[i, :n])
     return ids.shape[-1]
 
 
@@ -174,7 +186,9 @@ def _check_arguments(dataset, top_k: int, temperature: float, batch_size: int, s
 def _manifest(
     teacher, name, fingerprint, tokenizer, k, temperature, entries, max_prompt_length, max_completion_length
 ) -> dict:
-    """The manifest of a cache whose shards `entries` describe."""
+    """The manifest of a cache whose shards `entries` describe (with a teacher of another tokenizer: its
+    tokenizer's fingerprint, and `spans`)."""
+    cross = isinstance(teacher, CrossTokenizerTeacher)
     return {
         "format": fmt.FORMAT,
         "version": fmt.VERSION,
@@ -182,7 +196,9 @@ def _manifest(
         "tokenizer": {"fingerprint": fmt.tokenizer_fingerprint(tokenizer)},
         "top_k": k,
         "temperature": float(temperature),
-        "vocab_size": getattr(teacher, "compare_vocab", None) or teacher.vocab_size,
+        "vocab_size": None if cross else getattr(teacher, "compare_vocab", None) or teacher.vocab_size,
+        "spans": cross,
+        "teacher_tokenizer": {"fingerprint": fmt.tokenizer_fingerprint(teacher.teacher_tokenizer)} if cross else None,
         "rows": sum(e["rows"] for e in entries),
         "tokens": sum(e["tokens"] for e in entries),
         "max_prompt_length": max_prompt_length,
@@ -207,6 +223,7 @@ def build_teacher_cache(
     vocab_size: int | None = None,
     overwrite: bool = False,
     teacher_prompt_template: str = DEFAULT_TEACHER_PROMPT_TEMPLATE,
+    teacher_tokenizer=None,
 ) -> TeacherCache:
     """
     Score a dataset's own completions with `teacher` once and store the top-k log-probs as a teacher cache.
@@ -232,6 +249,11 @@ def build_teacher_cache(
         teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`): With a
             `privileged_context` or `teacher_prompt` column, the teacher scores each completion after its own prompt
             (see [`~trl_onpolicy.teacher_prompts`]); rows are still found by the student's prompt and completion.
+        teacher_tokenizer (*optional*): The teacher's tokenizer, when it is not the student's (cross-tokenizer
+            distillation): each completion is re-tokenized for the teacher (a conversational prompt in the teacher's
+            own chat template), scored in the teacher's tokens, and stored as [`CrossTokenizerTeacher`] hands it to
+            the loss: per aligned span, the teacher's top-k over its own vocabulary at the span's first student token,
+            with the span's length. Training from it needs no teacher and no `teacher_tokenizer_name_or_path`.
 
     Returns:
         [`TeacherCache`]: The new cache, opened with `tokenizer`.
@@ -240,10 +262,14 @@ def build_teacher_cache(
     check_template(teacher_prompt_template)
     teacher, name, fingerprint = _as_local(teacher, teacher_name, vocab_size)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if teacher_tokenizer is not None:
+        teacher = CrossTokenizerTeacher(teacher, tokenizer, teacher_tokenizer, top_k=top_k)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     _prepare_folder(output_dir, overwrite)
     rows = prepare_dataset(dataset, tokenizer, max_prompt_length, max_completion_length, name="cache")
     rows = add_teacher_prompt_ids(rows, tokenizer, teacher_prompt_template, max_prompt_length, name="cache")
+    if teacher_tokenizer is not None:
+        rows = add_native_teacher_prompt_ids(rows, teacher_tokenizer, teacher_prompt_template, name="cache")
     writer = _ShardWriter(output_dir, shard_tokens)
     k = _score_rows(teacher, rows, pad_id, float(temperature), top_k, batch_size, writer)
     if k is None:
