@@ -4,7 +4,7 @@ A recipe over `distill`, not a framework: the rows of each value of the column a
 domains' sorted order, each with the same flags, its own teacher (`--teacher_model_name_or_path` as a JSON object
 `{"math": "...", "code": "..."}`, or one name for every domain) and its own folder `output_dir/<domain>` (checkpoints,
 the saved student, its eval report). Then a router is saved beside them (`--router classifier`: a
-[`~trl_onpolicy.domain_router.PromptClassifier`] trained on the training prompts, its accuracy on a held-out tenth of
+[`~trl_onpolicy.domain_router.PromptClassifier`] trained on the training prompts, its accuracy on a held out tenth of
 them printed and kept in `router.json`; `--router column`: the caller names each prompt's domain), and
 [`~trl_onpolicy.RoutedStudents.from_pretrained`] loads `output_dir` as one object with `generate`.
 
@@ -80,7 +80,7 @@ def is_finished(folder: str) -> bool:
 
 
 def train_router(train, column: str, domains: list[str], kind: str, seed: int):
-    """The router of `kind` and, for a classifier, its accuracy on a held-out tenth of the training prompts."""
+    """The router of `kind` and, for a classifier, its accuracy on a held out tenth of the training prompts."""
     from ..domain_router import DomainRouter, PromptClassifier
 
     if kind == "column":
@@ -135,7 +135,7 @@ def distill_domains(script_args, training_args, model_args, command: list[str]):
         router.save(out)
         with open(os.path.join(out, "router_metrics.json"), "w", encoding="utf-8") as f:
             json.dump({"router": script_args.router, "held_out_accuracy": accuracy, "domains": domains}, f, indent=1)
-    measured = "" if accuracy is None else f"; the classifier routes {accuracy:.1%} of held-out training prompts right"
+    measured = "" if accuracy is None else f"; the classifier routes {accuracy:.1%} of held out training prompts right"
     state.print(f"Saved {len(domains)} students and a {script_args.router} router to {out}{measured}. Load them with "
                 f"trl_onpolicy.RoutedStudents.from_pretrained({out!r}).")  # fmt: skip
     return trainer
