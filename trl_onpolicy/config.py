@@ -68,6 +68,11 @@ class OnPolicyDistillConfig(SFTConfig):
             ULD on the rest.
         uld_hybrid_matched_weight (`float`, *optional*), uld_hybrid_unmatched_weight (`float`, *optional*):
             The hybrid loss's two weights, both or neither; neither: the matched vocabulary's share of the teacher's.
+        uld_crossentropy_weight (`float`, *optional*, defaults to `0.0`), uld_distillation_weight (`float`, *optional*, defaults to `1.0`):
+            GOLD's weights of the loss against a teacher of another tokenizer: `uld_distillation_weight` times the span
+            loss plus `uld_crossentropy_weight` times the student's negative log-likelihood of every completion token
+            (at the loss temperature), the cross-entropy that anchors ULD to the text in Boizard et al.; useful on
+            dataset completions (`lmbda=0`), where the text is the reference.
         uld_min_alignment_rate (`float`, *optional*, defaults to `0.0`):
             Refuse a batch whose fraction of student tokens in one-to-one spans is below this floor (a warning is
             logged once below 0.5).
@@ -334,6 +339,8 @@ class OnPolicyDistillConfig(SFTConfig):
     uld_use_hybrid_loss: bool = field(default=False, metadata={"help": "JSD on the shared vocabulary, ULD on the rest."})
     uld_hybrid_matched_weight: float | None = field(default=None, metadata={"help": "Weight of the hybrid's JSD."})
     uld_hybrid_unmatched_weight: float | None = field(default=None, metadata={"help": "Weight of the hybrid's ULD."})
+    uld_crossentropy_weight: float = field(default=0.0, metadata={"help": "Weight of the completion's NLL (GOLD)."})
+    uld_distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the span loss (GOLD)."})
     uld_min_alignment_rate: float = field(
         default=0.0, metadata={"help": "Refuse batches with fewer student tokens in one-to-one spans."}
     )

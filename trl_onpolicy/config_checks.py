@@ -282,6 +282,9 @@ def check_cross_tokenizer(config) -> None:
     )
     check(0.0 <= config.uld_min_alignment_rate <= 1.0,
           f"`uld_min_alignment_rate` must be in [0, 1], got {config.uld_min_alignment_rate}.")  # fmt: skip
+    gold = (config.uld_crossentropy_weight, config.uld_distillation_weight)
+    check(min(gold) >= 0 and max(gold) > 0,
+          f"`uld_crossentropy_weight` and `uld_distillation_weight` must be >= 0 and not both 0, got {gold}.")  # fmt: skip
 
 
 def check_loss_temperature(config) -> None:

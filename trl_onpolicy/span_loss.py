@@ -55,6 +55,9 @@ class SpanLoss:
         teacher_vocab (`int`): The teacher's vocabulary size.
         sampled (`bool`): The sampled reverse KL of each span's text instead (`loss_type="sampled_reverse_kl"`).
         reward_scale (`float`): Its weight of the teacher's log-prob (`reward_scale`).
+        crossentropy_weight, distillation_weight (`float`): GOLD's `uld_crossentropy_weight` and
+            `uld_distillation_weight`: the per-token loss is `distillation_weight` times the span loss plus
+            `crossentropy_weight` times the student's negative log-likelihood of each token written.
     """
 
     hybrid: bool = False
@@ -66,6 +69,8 @@ class SpanLoss:
     teacher_vocab: int = 0
     sampled: bool = False
     reward_scale: float = 1.0
+    crossentropy_weight: float = 0.0
+    distillation_weight: float = 1.0
 
     def weights(self) -> tuple[float, float]:
         if self.matched_weight is not None:
@@ -85,6 +90,17 @@ class SpanLoss:
             span_length: `(n,)` spans' lengths at their starts, 0 elsewhere.
             text_logps: `(n,)` the teacher's log-prob of each span's text at its start (the sampled loss).
         """
+        per_token = self._span_loss(student_logps, targets, topk_ids, topk_logps, span_length, text_logps)  # (n,)
+        if self.distillation_weight != 1.0:
+            per_token = self.distillation_weight * per_token
+        if self.crossentropy_weight:  # GOLD's anchor: the NLL of every token written
+            written = student_logps.gather(-1, targets[:, None])[:, 0].float()  # (n,)
+            per_token = per_token - self.crossentropy_weight * written
+        return per_token
+
+    def _span_loss(self, student_logps: Tensor, targets: Tensor, topk_ids: Tensor, topk_logps: Tensor,
+                   span_length: Tensor, text_logps: Tensor | None) -> Tensor:  # fmt: skip
+        """The span loss alone, `(n,)`: each span's at its first token."""
         starts = torch.nonzero(span_length > 0)[:, 0]  # (S,)
         spans = torch.stack([starts, starts + span_length[starts]], -1)  # (S, 2)
         if self.sampled:

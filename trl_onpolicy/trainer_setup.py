@@ -251,7 +251,12 @@ def span_loss(teacher, args) -> SpanLoss | None:
     KL of each span's text (`loss_type="sampled_reverse_kl"`), else ULD or the hybrid loss. Hidden-state matching is
     refused where every backend without hidden states is."""
     spans_cache = isinstance(teacher, TeacherCache) and teacher.spans  # built for a teacher of another tokenizer
+    gold = {"crossentropy_weight": args.uld_crossentropy_weight, "distillation_weight": args.uld_distillation_weight}
     if not isinstance(teacher, CrossTokenizerTeacher) and not spans_cache:
+        if gold != {"crossentropy_weight": 0.0, "distillation_weight": 1.0}:
+            raise ValueError(f"`uld_crossentropy_weight` and `uld_distillation_weight` weigh the loss against a teacher "
+                             f"of another tokenizer, but this teacher shares the student's ({gold}). Leave them at 0 "
+                             "and 1, or set `teacher_tokenizer_name_or_path`.")  # fmt: skip
         return None
     if args.seq_kd:
         raise ValueError("`seq_kd=True` has the teacher write completions, but a teacher of another tokenizer writes "
@@ -265,12 +270,12 @@ def span_loss(teacher, args) -> SpanLoss | None:
         if getattr(teacher, "hybrid", False):
             raise ValueError("`uld_use_hybrid_loss` compares distributions; `loss_type='sampled_reverse_kl'` compares "
                              "the sampled text only. Pick one.")  # fmt: skip
-        return SpanLoss(sampled=True, reward_scale=args.reward_scale)
+        return SpanLoss(sampled=True, reward_scale=args.reward_scale, **gold)
     if spans_cache or not teacher.hybrid:
-        return SpanLoss()
+        return SpanLoss(**gold)
     if not 0.0 < args.beta < 1.0:
         raise ValueError(f"The hybrid loss's JSD compares sub-probability measures and needs 0 < beta < 1, got "
                          f"beta={args.beta}.")  # fmt: skip
     student_ids, teacher_ids = teacher.matched
     return SpanLoss(True, args.beta, teacher.matched_weight, teacher.unmatched_weight, student_ids, teacher_ids,
-                    len(teacher.teacher_tokenizer))  # fmt: skip
+                    len(teacher.teacher_tokenizer), **gold)  # fmt: skip

@@ -238,6 +238,7 @@ def test_the_config_field_wraps_the_teacher_and_its_loss(tmp_path, toks):
     teacher_tok.save_pretrained(tmp_path / "teacher-tokenizer")
     args = tm.config(tmp_path / "out", teacher_tokenizer_name_or_path=str(tmp_path / "teacher-tokenizer"),
                      uld_use_hybrid_loss=True, uld_hybrid_matched_weight=0.3, uld_hybrid_unmatched_weight=0.7,
+                     uld_crossentropy_weight=0.2, uld_distillation_weight=0.9,
                      per_device_train_batch_size=4, max_completion_length=6, max_length=96, teacher_top_k=9)  # fmt: skip
     tr = tm.OnPolicyDistillTrainer(model=tm.model(student_tok), teacher_model=tm.model(teacher_tok, seed=2), args=args,
                                    train_dataset=make_dataset(4, seed=1).select_columns(["prompt"]),
@@ -246,6 +247,7 @@ def test_the_config_field_wraps_the_teacher_and_its_loss(tmp_path, toks):
     assert len(tr.teacher.teacher_tokenizer) == 260
     loss = tr.student_loss.span_loss
     assert loss.hybrid and loss.weights() == (0.3, 0.7) and len(loss.student_ids) == len(loss.teacher_ids) > 0
+    assert (loss.crossentropy_weight, loss.distillation_weight) == (0.2, 0.9)
     tr.train()
     assert 0.0 <= tm.step_logs(tr)[0]["alignment_rate"] <= 1.0
 
@@ -259,6 +261,8 @@ def test_the_config_field_wraps_the_teacher_and_its_loss(tmp_path, toks):
          "`uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` must be both None or both >= 0, got (0.5, None)."),
         ({"teacher_tokenizer_name_or_path": "t", "uld_min_alignment_rate": 1.5},
          "`uld_min_alignment_rate` must be in [0, 1], got 1.5."),
+        ({"teacher_tokenizer_name_or_path": "t", "uld_crossentropy_weight": 0.0, "uld_distillation_weight": 0.0},
+         "`uld_crossentropy_weight` and `uld_distillation_weight` must be >= 0 and not both 0, got (0.0, 0.0)."),
     ],
 )  # fmt: skip
 def test_uld_settings_are_checked_in_the_config(tmp_path, overrides, message):
@@ -310,3 +314,11 @@ def test_a_conversational_prompt_reaches_the_teacher_in_its_own_chat_template(tm
                                                       tokenize=True)["input_ids"]) for q in questions}  # fmt: skip
     assert len(seen) == 4 and {tuple(p) for p in seen} <= expected
     assert teacher_tok.decode(seen[0]).startswith("<|user|>")
+
+
+def test_gold_weights_need_a_teacher_of_another_tokenizer(tmp_path):
+    tok = tm.tokenizer()
+    with pytest.raises(ValueError, match=r"^`uld_crossentropy_weight` and `uld_distillation_weight` weigh the loss "
+                                         r"against a teacher of another tokenizer, but this teacher shares the "
+                                         r"student's"):
+        tm.trainer(tmp_path, tok=tok, uld_crossentropy_weight=0.5)
