@@ -139,9 +139,7 @@ def summarise(prep: dict, runs: list[dict]) -> dict:
     for method, mine, n in quality.runs_by_method(runs, METHODS):
         out[method] = {
             "seeds": [r["seed"] for r in mine],
-            "points": [{"cpu_s": statistics.mean(r["points"][i]["cpu_s"] for r in mine),
-                        "exact_match": quality.spread([r["points"][i]["accuracy"] for r in mine]),
-                        "per_seed": [r["points"][i]["accuracy"] for r in mine]} for i in range(n)],
+            "points": quality.seed_points(mine, n),
             **quality.last_point_means(mine, n, ("generation", "teacher", "alignment")),
             "alignment_rate": [r["alignment_rate"][-1] for r in mine],
         }  # fmt: skip
@@ -187,11 +185,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
-
-
-def evaluations(method: str) -> int:
-    """The evaluation points of a finished run."""
-    return EVALS
 
 
 def main():

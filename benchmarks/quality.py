@@ -314,6 +314,14 @@ def last_point_means(runs: list[dict], n: int, phases: tuple[str, ...]) -> dict:
             "phases_s": {k: statistics.mean(p["phases"].get(k, 0.0) for p in last) for k in phases}}  # fmt: skip
 
 
+def seed_points(runs: list[dict], n: int) -> list[dict]:
+    """Over `runs` (one method's seeds, each with `n` points of a scalar `accuracy`): per point the mean CPU-s, the
+    exact match's spread and each seed's value."""
+    return [{"cpu_s": statistics.mean(r["points"][i]["cpu_s"] for r in runs),
+             "exact_match": spread([r["points"][i]["accuracy"] for r in runs]),
+             "per_seed": [r["points"][i]["accuracy"] for r in runs]} for i in range(n)]  # fmt: skip
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}  # fmt: skip
@@ -481,13 +489,14 @@ def run_processes(jobs: list[tuple[tuple, list[str], Path]], workers: int) -> No
 
 def study_main(doc: str, script: str, workdir: str, output: Path, methods: list[str], seeds, study) -> None:
     """
-    The command line of a study of (method, seed) runs at a compute budget (tools.py, cross_tokenizer.py): the runs not
+    The command line of a study of (method, seed) runs at a compute budget (tools.py, cross_tokenizer.py,
+    specialists.py): the runs not
     yet in `--workdir`, `--workers` at a time, each in its own process (`--one METHOD SEED`), then the summary, table
     and plot; `--collect` summarises the finished runs, `--plot-only` redraws from `output`.
 
     `study` holds the script's functions: `run_one(method, seed, workdir) -> record`, `evaluations(method) -> int` (the
-    points a finished run has), `prepare(workdir) -> prep`, `summarise(prep, runs)`, `print_table(result)` and
-    `plot(result, path)`.
+    points a finished run has; without it, the script's `EVALS` for every method), `prepare(workdir) -> prep`,
+    `summarise(prep, runs)`, `print_table(result)` and `plot(result, path)`.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=workdir)
@@ -504,7 +513,8 @@ def study_main(doc: str, script: str, workdir: str, output: Path, methods: list[
     folder.mkdir(parents=True, exist_ok=True)
     if args.one:
         method, seed = args.one[0], int(args.one[1])
-        record, wanted = study.run_one(method, seed, folder), study.evaluations(method)
+        record = study.run_one(method, seed, folder)
+        wanted = study.evaluations(method) if hasattr(study, "evaluations") else study.EVALS
         if len(record["points"]) < wanted:
             sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {wanted} evaluations; not saved.")
         return (folder / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))

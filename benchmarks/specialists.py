@@ -195,11 +195,8 @@ def summarise(prep: dict, runs: list[dict]) -> dict:
     for method, mine, n in quality.runs_by_method(runs, METHODS):
         out[method] = {
             "seeds": [r["seed"] for r in mine],
-            "points": [{"cpu_s": statistics.mean(r["points"][i]["cpu_s"] for r in mine),
-                        "exact_match": quality.spread([r["points"][i]["accuracy"] for r in mine]),
-                        "per_seed": [r["points"][i]["accuracy"] for r in mine],
-                        **{d: statistics.mean(r["points"][i]["per_domain"][d] for r in mine) for d in DOMAINS}}
-                       for i in range(n)],
+            "points": [{**point, **{d: statistics.mean(r["points"][i]["per_domain"][d] for r in mine) for d in DOMAINS}}
+                       for i, point in enumerate(quality.seed_points(mine, n))],
             **quality.last_point_means(mine, n, ("generation", "teacher")),
         }  # fmt: skip
         if method == "specialists":
@@ -257,11 +254,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
-
-
-def evaluations(method: str) -> int:
-    """The evaluation points of a finished run."""
-    return EVALS
 
 
 def main():

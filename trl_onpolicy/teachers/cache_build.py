@@ -121,10 +121,8 @@ def _score_rows(teacher, rows, pad_id: int, temperature: float, top_k: int, batc
     seen, pending, k = {}, [], None
     total = len(rows) if hasattr(rows, "__len__") else None
     if hasattr(rows, "select_columns"):
-        rows = rows.select_columns(
-            [c for c in ("prompt_ids", "completion_ids", "teacher_prompt_ids", "teacher_native_prompt_ids")
-             if c in rows.column_names]  # fmt: skip
-        )
+        wanted = ("prompt_ids", "completion_ids", "teacher_prompt_ids", "teacher_native_prompt_ids")
+        rows = rows.select_columns([c for c in wanted if c in rows.column_names])
     for row in tqdm(rows, total=total, desc="Teacher cache", unit="row"):
         key, teacher_prompt = (
             fmt.row_key(row["prompt_ids"], row["completion_ids"]),
