@@ -238,15 +238,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     prep = result["prep"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    for ax, key in zip(axes, ("mean", "hard")):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
+    for ax, key in zip(axes, ("mean", *DOMAINS)):
         for method, s in result["methods"].items():
             start = prep[{"generalist_4x128": "student_4x128", "generalist_4x128_eqflops": "student_4x128_eqflops"}
                          .get(method, "student_2x128")]
             first = statistics.mean(start[d] for d in DOMAINS) if key == "mean" else start[key]
             ys = [first] + [p["exact_match"]["mean"] if key == "mean" else p[key] for p in s["points"]]
             ax.plot([0.0] + [p["cpu_s"] for p in s["points"]], ys, "-o", label=method)
-        ax.set(title="both domains (mean)" if key == "mean" else "hard domain", xlabel="charged CPU-seconds")
+        ax.set(title="both domains (mean)" if key == "mean" else f"{key} domain", xlabel="charged CPU-seconds")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"exact match ({EVAL_PROBLEMS} problems per domain)")
     axes[0].legend(fontsize=8)
