@@ -114,3 +114,14 @@ def test_command_line_errors_are_one_line(assets, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "trl-onpolicy distill: error: `--router oracle`: choose one of classifier, column." in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_toy_domains_alternate_standard_and_hard_problems():
+    from trl_onpolicy.commands.distill import toy_domains
+    from trl_onpolicy.toy import equations
+
+    rows = toy_domains(7)
+    assert rows.column_names == ["prompt", "completion", "domain"] and len(rows) == 7
+    assert rows["domain"] == ["standard", "hard"] * 3 + ["standard"]
+    steps = {d: {len(equations(r["completion"])) for r in rows if r["domain"] == d} for d in ("standard", "hard")}
+    assert steps["standard"] <= {2, 3, 4} and steps["hard"] <= {5, 6, 7, 8}
