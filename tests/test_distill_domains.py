@@ -49,6 +49,7 @@ def test_one_student_per_domain_each_from_its_teacher(assets, tmp_path, capsys):
     for domain in ("chat", "math"):  # each trained on its own rows only, with its own teacher
         saved = torch.load(out / domain / "training_args.bin", weights_only=False)
         assert saved.teacher_model_name_or_path == json.loads(teachers)[domain]
+        assert saved.hub_model_id == f"out-{domain}"  # where --push_to_hub would put it
         assert (out / domain / "model.safetensors").is_file()
     metrics = json.loads((out / "router_metrics.json").read_text())
     assert metrics["router"] == "classifier" and metrics["domains"] == ["chat", "math"]

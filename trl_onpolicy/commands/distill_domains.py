@@ -11,7 +11,8 @@ them printed and kept in `router.json`; `--router column`: the caller names each
 Every domain gets the flags' whole budget (`max_steps`, epochs): equal compute across domains is the user's choice of
 flags, as the data are theirs. A domain whose folder already holds its saved student is not trained again, so a run
 stopped in its third domain resumes there with `--resume_from_checkpoint true` (each unfinished domain from its last
-checkpoint, or fresh) or with the checkpoint path the stop printed.
+checkpoint, or fresh) or with the checkpoint path the stop printed. With `--push_to_hub`, each student is pushed to
+`<hub_model_id>-<domain>` (`hub_model_id` defaults to the output folder's name); the router stays in `output_dir`.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def distill_domains(script_args, training_args, model_args, command: list[str]):
     domains = domains_of(train, column)
     teachers = teacher_of(training_args, domains)
     starts = resume_points(training_args.resume_from_checkpoint, out, domains)
+    hub = training_args.hub_model_id or os.path.basename(os.path.abspath(out))  # with --push_to_hub: <hub>-<domain>
     runs = {d: dataclasses.replace(training_args, output_dir=os.path.join(out, d), teacher_model_name_or_path=teachers[d],
-                                   resume_from_checkpoint=None) for d in domains}  # fmt: skip
+                                   resume_from_checkpoint=None, hub_model_id=f"{hub}-{d}") for d in domains}  # fmt: skip
     for args in runs.values():  # every domain's models checked before anything loads
         check_arguments(model_args, args)
     state, trainer = PartialState(), None
