@@ -126,3 +126,18 @@ def test_toy_domains_alternate_standard_and_hard_problems():
     assert rows["domain"] == ["standard", "hard"] * 3 + ["standard"]
     steps = {d: {len(equations(r["completion"])) for r in rows if r["domain"] == d} for d in ("standard", "hard")}
     assert steps["standard"] <= {2, 3, 4} and steps["hard"] <= {5, 6, 7, 8}
+
+
+def test_the_router_reads_a_messages_rows_prompt_without_its_answer():
+    """A `messages` row's prompt is `split_messages`'s: the turns before a closing assistant turn, or all of them when
+    no assistant turn closes the row (the user's question is then the last message, and must be kept)."""
+    from datasets import Dataset
+
+    from trl_onpolicy.commands.distill_domains import train_router
+
+    math, chat = ["add 1 and 2", "add 4 and 4", "add 3 and 9"], ["tell a joke", "say hello", "sing a song"]
+    rows = [[{"role": "user", "content": q}] for q in math + chat]  # prompt-only conversations
+    rows[0] = [*rows[0], {"role": "assistant", "content": "3"}]  # and one with its answer
+    data = Dataset.from_dict({"messages": rows, "domain": ["math"] * 3 + ["chat"] * 3})
+    router, accuracy = train_router(data, "domain", ["chat", "math"], "classifier", seed=0)
+    assert router.route(["add 5 and 6", "tell a story"]) == ["math", "chat"] and accuracy == 1.0

@@ -83,10 +83,11 @@ def is_finished(folder: str) -> bool:
 def train_router(train, column: str, domains: list[str], kind: str, seed: int):
     """The router of `kind` and, for a classifier, its accuracy on a held out tenth of the training prompts."""
     from ..domain_router import DomainRouter, PromptClassifier
+    from ..prompts import split_messages
 
     if kind == "column":
         return DomainRouter(domains, column), None
-    prompts = train["prompt"] if "prompt" in train.column_names else [m[:-1] for m in train["messages"]]
+    prompts = train["prompt"] if "prompt" in train.column_names else [split_messages(m)[0] for m in train["messages"]]
     rows = list(zip(prompts, (str(v) for v in train[column])))
     random.Random(seed).shuffle(rows)
     cut = max(1, int(len(rows) * HELD_OUT))
