@@ -91,8 +91,7 @@ class SpanLoss:
             text_logps: `(n,)` the teacher's log-prob of each span's text at its start (the sampled loss).
         """
         per_token = self._span_loss(student_logps, targets, topk_ids, topk_logps, span_length, text_logps)  # (n,)
-        if self.distillation_weight != 1.0:
-            per_token = self.distillation_weight * per_token
+        per_token = self.distillation_weight * per_token
         if self.crossentropy_weight:  # GOLD's anchor: the NLL of every token written
             written = student_logps.gather(-1, targets[:, None])[:, 0].float()  # (n,)
             per_token = per_token - self.crossentropy_weight * written

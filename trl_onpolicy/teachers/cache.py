@@ -313,11 +313,11 @@ class TeacherCache(Teacher):
                 topk_logps[i, : len(completion)] = logps[:, :k]
         device = batch["completion_ids"].device
         scores = TeacherScores(temperature, token_logps=token_logps.to(device), vocab_size=self.vocab_size)
-        if need_topk:
-            scores.topk_ids, scores.topk_logps = topk_ids.to(device), topk_logps.to(device)
         if self.spans:  # off a span's first token nothing is compared: no top-k mass there, as the live teacher gives
             topk_logps.masked_fill_((span_length == 0)[..., None], float("-inf"))
-            scores.topk_logps, scores.span_length = topk_logps.to(device), span_length.to(device)
+            scores.span_length = span_length.to(device)
+        if need_topk:
+            scores.topk_ids, scores.topk_logps = topk_ids.to(device), topk_logps.to(device)
         return scores
 
     # -------------------------------------------------------------- from a training config
