@@ -31,7 +31,6 @@ Settings, fixed on 2026-12-04 before the first run:
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -116,10 +115,7 @@ def run_one(method: str, seed: int, workdir: Path) -> dict:
             "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
-def prepare(workdir: Path) -> dict:
-    path = workdir / "prep.json"
-    if path.exists():
-        return json.loads(path.read_text())
+def prepare() -> dict:
     from trl_onpolicy import toy
 
     prep = {}
@@ -130,7 +126,6 @@ def prepare(workdir: Path) -> dict:
         prep[key] = {"exact_match": toy.evaluate_exact_match(teacher, teacher_tokenizer, problems),
                      "info": {k: info[k] for k in ("name", "num_parameters", "recipe")}}  # fmt: skip
         prep["student"] = toy.evaluate_exact_match(student, tokenizer, problems)
-    path.write_text(json.dumps(prep, indent=1))
     return prep
 
 

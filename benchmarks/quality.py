@@ -495,8 +495,9 @@ def study_main(doc: str, script: str, workdir: str, output: Path, methods: list[
     and plot; `--collect` summarises the finished runs, `--plot-only` redraws from `output`.
 
     `study` holds the script's functions: `run_one(method, seed, workdir) -> record`, `evaluations(method) -> int` (the
-    points a finished run has; without it, the script's `EVALS` for every method), `prepare(workdir) -> prep`,
-    `summarise(prep, runs)`, `print_table(result)` and `plot(result, path)`.
+    points a finished run has; without it, the script's `EVALS` for every method), `prepare() -> prep` (the scores
+    before training, computed once and kept in `--workdir`'s prep.json), `summarise(prep, runs)`, `print_table(result)`
+    and `plot(result, path)`.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=workdir)
@@ -518,7 +519,9 @@ def study_main(doc: str, script: str, workdir: str, output: Path, methods: list[
         if len(record["points"]) < wanted:
             sys.exit(f"{method} seed {seed} stopped after {len(record['points'])} of {wanted} evaluations; not saved.")
         return (folder / f"run-{method}-{seed}.json").write_text(json.dumps(record, indent=1))
-    prep = study.prepare(folder)
+    prep_path = folder / "prep.json"  # the teachers' and students' scores before training, computed once
+    prep = json.loads(prep_path.read_text()) if prep_path.exists() else study.prepare()
+    prep_path.write_text(json.dumps(prep, indent=1))
     if not args.collect:
         command = [sys.executable, script, "--workdir", str(folder), "--one"]
         run_processes([((m, s), [*command, m, str(s)], folder / f"run-{m}-{s}.json") for s in seeds for m in methods],

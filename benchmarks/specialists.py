@@ -34,7 +34,6 @@ Settings, fixed on 2026-12-04 before the first run:
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -173,11 +172,8 @@ def combine(points: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------ summary
 
 
-def prepare(workdir: Path) -> dict:
+def prepare() -> dict:
     """Each teacher and warm student scored on both domains (and the parameters of each student)."""
-    path = workdir / "prep.json"
-    if path.exists():
-        return json.loads(path.read_text())
     from trl_onpolicy import toy
 
     teachers, small, tokenizer = load_models("specialists")
@@ -186,7 +182,6 @@ def prepare(workdir: Path) -> dict:
             "student_2x128": {**scores(small, tokenizer), "num_parameters": toy.num_parameters(small)},
             "student_4x128": {**scores(large, tokenizer), "num_parameters": toy.num_parameters(large)},
             "student_4x128_eqflops": scores(load_models("generalist_4x128_eqflops")[1], tokenizer)}  # fmt: skip
-    path.write_text(json.dumps(prep, indent=1))
     return prep
 
 

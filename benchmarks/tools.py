@@ -177,10 +177,7 @@ def run_one(method: str, seed: int, workdir: Path) -> dict:
             "wall_s": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
-def prepare(workdir: Path) -> dict:
-    path = workdir / "prep.json"
-    if path.exists():
-        return json.loads(path.read_text())
+def prepare() -> dict:
     from trl_onpolicy import toy
 
     teacher, student, tokenizer, teacher_info, _ = load()
@@ -188,7 +185,6 @@ def prepare(workdir: Path) -> dict:
     prep = {"teacher": score(teacher, tokenizer, problems), "student": score(student, tokenizer, problems),
             "teacher_plain_exact_match": toy.evaluate_exact_match(teacher, tokenizer, problems),
             "teacher_info": {k: teacher_info[k] for k in ("name", "num_parameters", "recipe")}}  # fmt: skip
-    path.write_text(json.dumps(prep, indent=1))
     return prep
 
 
